@@ -1,0 +1,53 @@
+# cython: language_level=3
+"""C view of the batch table (mc_batch.h) for other kernel modules."""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+cdef extern from "mc_batch.h" nogil:
+    enum:
+        MC_WAITING
+        MC_PENDING
+        MC_INVALID
+        MC_CANCELED
+        MC_COMPLETED
+        MC_TIMEOUT
+        MC_FAILED
+        MC_E_REFUSED
+        MC_E_PEER
+        MC_E_TIMEOUT
+        MC_E_PROTO
+        MC_E_LOCAL
+    ctypedef struct mc_task_t:
+        int64_t total
+    ctypedef struct mc_batch_t:
+        uint32_t ntasks
+    mc_batch_t *mc_batch_new(uint32_t ntasks)
+    void mc_batch_ref(mc_batch_t *b)
+    void mc_batch_unref(mc_batch_t *b)
+    void mc_task_arm(mc_batch_t *b, uint32_t t, int64_t n)
+    void mc_task_fail_now(mc_batch_t *b, uint32_t t, int32_t err)
+    void mc_slice_done(mc_batch_t *b, uint32_t t, int64_t nbytes, int32_t err)
+    int mc_task_status(mc_batch_t *b, uint32_t t)
+    int64_t mc_task_bytes(mc_batch_t *b, uint32_t t)
+    int32_t mc_task_error(mc_batch_t *b, uint32_t t)
+    int64_t mc_open_tasks(mc_batch_t *b)
+    int mc_batch_wait(mc_batch_t *b, double timeout_s, double spin_s)
+    double mc_now()
+
+
+cdef class Batch:
+    cdef mc_batch_t *b
+    cdef readonly uint32_t ntasks
+    cdef int _check(self, uint32_t t) except -1
+
+
+cdef class Slices:
+    """Struct-of-arrays slice list: what a transport receives from the engine."""
+    cdef Batch batch
+    cdef Py_ssize_t n
+    cdef uint32_t *task
+    cdef uint8_t *op
+    cdef uint64_t *local
+    cdef uint64_t *remote
+    cdef uint64_t *length
+    cdef int _alloc(self, Py_ssize_t n) except -1

@@ -1,0 +1,195 @@
+# cython: language_level=3
+"""Batch table: per-task atomic counters, GIL-free wait, and slicing into C arrays."""
+
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memset
+
+ERROR_NAMES = {
+    MC_E_REFUSED: "target refused the range (outside its registered memory)",
+    MC_E_PEER: "connection to the peer was lost",
+    MC_E_TIMEOUT: "aborted after the transfer timeout",
+    MC_E_PROTO: "malformed response from the peer",
+    MC_E_LOCAL: "refused locally before posting",
+}
+STATUS_NAMES = ("WAITING", "PENDING", "INVALID", "CANCELED", "COMPLETED", "TIMEOUT", "FAILED")
+OP_READ = 0
+OP_WRITE = 1
+
+
+cdef class Batch:
+    """Completion counters of one batch of ``ntasks`` requests (owned by the engine)."""
+
+    def __cinit__(self, uint32_t ntasks):
+        self.b = mc_batch_new(ntasks)
+        if self.b == NULL:
+            raise MemoryError("cannot allocate a batch of %d tasks" % ntasks)
+        self.ntasks = ntasks
+
+    def __dealloc__(self):
+        if self.b != NULL:
+            mc_batch_unref(self.b)
+            self.b = NULL
+
+    cdef int _check(self, uint32_t t) except -1:
+        if t >= self.ntasks:
+            raise IndexError("task %d out of range (batch has %d tasks)" % (t, self.ntasks))
+        return 0
+
+    def arm(self, uint32_t t, int64_t nslices):
+        """Declare that task ``t`` will complete after ``nslices`` slices."""
+        self._check(t)
+        mc_task_arm(self.b, t, nslices)
+
+    def fail_now(self, uint32_t t, int32_t err):
+        """Mark task ``t`` failed with ``err`` before anything was posted."""
+        self._check(t)
+        mc_task_fail_now(self.b, t, err)
+
+    def slice_done(self, uint32_t t, int64_t nbytes, int32_t err=0):
+        """Report one finished slice of task ``t`` (for transports written in Python)."""
+        self._check(t)
+        mc_slice_done(self.b, t, nbytes, err)
+
+    def status(self, uint32_t t):
+        """(status code, transferred bytes, error code) of task ``t``."""
+        self._check(t)
+        cdef mc_batch_t *b = self.b
+        return (mc_task_status(b, t), mc_task_bytes(b, t), mc_task_error(b, t))
+
+    def statuses(self):
+        return [self.status(t) for t in range(self.ntasks)]
+
+    @property
+    def done(self):
+        return mc_open_tasks(self.b) == 0
+
+    def wait(self, double timeout, double spin=0.0):
+        """Block (without the GIL) until all tasks finished; False on timeout."""
+        cdef int rc
+        with nogil:
+            rc = mc_batch_wait(self.b, timeout, spin)
+        return rc == 0
+
+
+cdef class Slices:
+    """Slices of one batch as C arrays: task index, opcode, local/remote address, length.
+
+    Built by :func:`slice_requests`; iterate it to get ``(task, op, local, remote, length)``.
+    """
+
+    def __cinit__(self):
+        self.n = 0
+        self.local = NULL
+
+    def __dealloc__(self):
+        if self.local != NULL:  # the start of the one block holding every array
+            PyMem_RawFree(self.local)
+            self.local = NULL
+
+    cdef int _alloc(self, Py_ssize_t n) except -1:
+        # one block: the three u64 arrays, then u32 tasks, then u8 ops
+        cdef size_t sz = <size_t>n * (3 * sizeof(uint64_t) + sizeof(uint32_t) + 1) + 8
+        cdef char *p = <char *>PyMem_RawMalloc(sz)
+        if p == NULL:
+            raise MemoryError()
+        self.local = <uint64_t *>p
+        self.remote = self.local + n
+        self.length = self.remote + n
+        self.task = <uint32_t *>(self.length + n)
+        self.op = <uint8_t *>(self.task + n)
+        self.n = n
+        return 0
+
+    @property
+    def batch(self):
+        return self.batch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            yield (self.task[i], self.op[i], self.local[i], self.remote[i], self.length[i])
+
+    def fail_all(self, int32_t err):
+        """Complete every slice with ``err`` (a transport could not post them)."""
+        cdef Py_ssize_t i
+        cdef mc_batch_t *b = self.batch.b
+        with nogil:
+            for i in range(self.n):
+                mc_slice_done(b, self.task[i], 0, err)
+
+
+cdef inline int64_t _count(uint64_t length, uint64_t slice_size, uint64_t frag) nogil:
+    if length <= slice_size + frag:
+        return 1
+    cdef int64_t n = <int64_t>(length // slice_size)
+    if length % slice_size > frag:
+        n += 1
+    return n
+
+
+def slice_requests(Batch batch, op, local, remote, length, uint64_t slice_size,
+                   uint64_t fragment_ratio, uint32_t first_task=0):
+    """Cut requests into slices and arm the batch's tasks.
+
+    ``op`` is one opcode (0 READ, 1 WRITE) or a sequence; ``local``, ``remote``, ``length`` are
+    equal-length sequences (lists or NumPy arrays).  A request's tail of at most
+    ``slice_size / fragment_ratio`` bytes merges into its previous slice.  Request ``i`` is task
+    ``first_task + i``.
+    """
+    cdef const uint64_t[:] lv = _u64(local)
+    cdef const uint64_t[:] rv = _u64(remote)
+    cdef const uint64_t[:] nv = _u64(length)
+    cdef Py_ssize_t nreq = lv.shape[0], i, j, total = 0
+    if rv.shape[0] != nreq or nv.shape[0] != nreq:
+        raise ValueError("local, remote and length must have equal lengths")
+    if first_task + nreq > batch.ntasks:
+        raise ValueError("batch has %d tasks, got %d requests" % (batch.ntasks, nreq))
+    if slice_size == 0:
+        raise ValueError("slice_size must be > 0")
+    cdef uint64_t frag = slice_size // fragment_ratio if fragment_ratio else 0
+    cdef const uint8_t[:] opv
+    cdef uint8_t op_one = 0
+    cdef bint many_ops = not isinstance(op, int)
+    if many_ops:
+        opv = _u8(op)
+        if opv.shape[0] != nreq:
+            raise ValueError("op must be one opcode or one per request")
+    else:
+        op_one = op
+    for i in range(nreq):
+        total += _count(nv[i], slice_size, frag)
+    cdef Slices s = Slices.__new__(Slices)
+    s.batch = batch
+    s._alloc(total)
+    cdef int64_t cnt
+    cdef uint64_t off, ln
+    cdef Py_ssize_t k = 0
+    with nogil:
+        for i in range(nreq):
+            cnt = _count(nv[i], slice_size, frag)
+            mc_task_arm(batch.b, <uint32_t>(first_task + i), cnt)
+            off = 0
+            for j in range(cnt):
+                ln = slice_size if j < cnt - 1 else nv[i] - off
+                s.task[k] = <uint32_t>(first_task + i)
+                s.op[k] = opv[i] if many_ops else op_one
+                s.local[k] = lv[i] + off
+                s.remote[k] = rv[i] + off
+                s.length[k] = ln
+                off += ln
+                k += 1
+    return s
+
+
+def _u64(x):
+    import numpy as np
+    return np.ascontiguousarray(x, dtype=np.uint64)
+
+
+def _u8(x):
+    import numpy as np
+    return np.ascontiguousarray(x, dtype=np.uint8)

@@ -1,0 +1,160 @@
+"""The transport contract: what a plugin in the ``mooncake.transports`` group implements.
+
+A transport is constructed once per engine with a :class:`TransportContext`.  It publishes the
+fields its peers need (``start`` for the segment, ``register`` per buffer), says whether it can
+reach a peer (``can_reach``), and moves slices (``submit``), reporting each finished slice into
+the batch table (``Slices.batch`` / ``mc_slice_done`` in the kernel).  Data flows one way:
+transports call into ``mooncake`` and ``mooncake._core``, never the reverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from mooncake._core.batch import Slices
+    from mooncake.config import Config
+
+__all__ = ["Region", "BufferDesc", "SegmentDesc", "TransportContext", "Transport"]
+
+
+@dataclass(eq=False)
+class Region:
+    """A registered local range."""
+
+    addr: int
+    length: int
+    location: str = "cpu:0"
+    #: POSIX shm name (``/dev/shm/<name>``) when the memory is a managed, shm-backed buffer
+    shm_name: str | None = None
+    #: the Python object that owns the memory (kept alive while registered)
+    owner: Any = None
+    #: per-transport published fields, filled by ``Transport.register``
+    fields: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+    def contains(self, addr: int, length: int) -> bool:
+        return self.addr <= addr and addr + length <= self.end
+
+    def describe(self) -> dict:
+        d = {"addr": self.addr, "length": self.length, "location": self.location}
+        if self.shm_name:
+            d["shm_name"] = self.shm_name
+        if self.fields:
+            d["transports"] = self.fields
+        return d
+
+
+@dataclass
+class BufferDesc:
+    """A buffer as published in a segment descriptor."""
+
+    addr: int
+    length: int
+    location: str = "cpu:0"
+    shm_name: str | None = None
+    transports: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+
+@dataclass
+class SegmentDesc:
+    """A peer's (or our own) segment descriptor, decoded from JSON."""
+
+    name: str
+    host_id: str = ""
+    pid: int = 0
+    buffers: list[BufferDesc] = field(default_factory=list)
+    transports: dict[str, dict] = field(default_factory=dict)
+    timestamp: float = 0.0
+
+    @property
+    def host(self) -> str:
+        return self.name.rsplit(":", 1)[0]
+
+    def find_buffer(self, addr: int, length: int) -> BufferDesc | None:
+        for b in self.buffers:
+            if b.addr <= addr and addr + length <= b.end:
+                return b
+        return None
+
+
+@dataclass
+class TransportContext:
+    """What the engine lends a transport."""
+
+    config: Config
+    #: our segment name, ``host:rpc_port``
+    segment_name: str
+    #: the host (IP or name) the engine binds to
+    host: str
+    #: same-host identity (boot id + network namespace), published in the descriptor
+    host_id: str
+    #: the engine's region table (``mooncake._core.regions.RegionTable``)
+    regions: Any
+    #: ``add_rpc_handler(method, fn)``: serve ``fn(args: dict) -> dict`` on the engine's RPC port
+    add_rpc_handler: Callable[[str, Callable[[dict], Any]], None]
+    #: ``rpc_call(segment_name, method, args, timeout) -> Any`` to a peer's RPC port
+    rpc_call: Callable[..., Any]
+
+
+class Transport:
+    """Base class of every transport plugin."""
+
+    #: the name users pass as ``protocol`` (set by subclasses)
+    name: ClassVar[str] = ""
+    #: with ``protocol="auto"`` the reachable transport with the lowest value wins
+    auto_priority: ClassVar[int] = 100
+    #: memory locations it can move: "cpu", "cuda", "cxl"
+    memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu"})
+
+    @classmethod
+    def probe(cls) -> str | None:
+        """Why this transport cannot run on this machine, or None when it can."""
+        return None
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self.ctx = ctx
+        cfg = ctx.config
+        self.slice_size: int = cfg["MC_SLICE_SIZE"]
+        self.fragment_ratio: int = cfg["MC_FRAGMENT_RATIO"]
+
+    def start(self) -> dict:
+        """Open listeners/devices; return segment-level fields peers need."""
+        return {}
+
+    def register(self, region: Region) -> dict | None:
+        """Prepare a newly registered region; return per-buffer fields to publish."""
+        return None
+
+    def unregister(self, region: Region) -> None:
+        """Forget a region (called before its memory may be freed)."""
+
+    def can_reach(self, peer: SegmentDesc) -> str | None:
+        """None when this transport can move data to/from ``peer``, else the reason why not."""
+        return None if self.name in peer.transports else f"peer does not publish {self.name!r}"
+
+    def submit(self, peer: SegmentDesc, slices: Slices) -> None:
+        """Start moving ``slices``; report every slice through the batch table.  Must not block
+        for long; must report every slice exactly once (failures included)."""
+        raise NotImplementedError
+
+    def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
+        """Move ``slices`` and wait for them; False on timeout.  Transports may override this with
+        a faster synchronous path."""
+        self.submit(peer, slices)
+        return slices.batch.wait(timeout)
+
+    def abort(self, peer: SegmentDesc) -> None:
+        """Fail everything in flight to ``peer`` (called after a timeout)."""
+
+    def close(self) -> None:
+        """Release every resource; in-flight slices end FAILED."""
