@@ -1,0 +1,402 @@
+/* Same-host copy kernel: memcpy through mappings and cross-memory attach, on a pthread pool.
+ *
+ * Objects (all refcounted, all usable without the GIL):
+ *   mc_map_t    one local mapping (a peer's shm object, a CXL window) or a direct view of our own
+ *               address space; munmap()ed when the last reference goes, so a copy still running
+ *               never faults on a mapping that the transport dropped.
+ *   mc_peer_t   the process on the other end: pid, a pidfd (exit detection), the "alive" word of
+ *               its control page, an abort generation and an in-flight counter.
+ *   mc_table_t  the peer's buffers, sorted by start address: how a remote range is reached
+ *               (through a mapping, directly, or by process_vm_readv/writev) and which
+ *               registration slot must still hold the value it had when the table was built.
+ *   mc_group_t  the copy ops of one submit; workers claim chunks of consecutive ops under the pool
+ *               mutex, run them unlocked and report each op with mc_slice_done().  The group holds
+ *               a batch reference until its last op is reported.
+ */
+#ifndef MC_COPY_H
+#define MC_COPY_H
+
+#include "mc_batch.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+
+enum { MC_CP_READ = 0, MC_CP_WRITE = 1 };          /* slice opcodes (batch.OP_READ/OP_WRITE) */
+enum { MC_CP_MEM = 0, MC_CP_PV = 1 };              /* how an entry is reached */
+#define MC_CP_MAX_THREADS 64
+
+/* ------------------------------------------------------------------ mappings */
+
+typedef struct {
+    _Atomic int64_t refs;
+    char *base;
+    size_t len;
+    int owned;            /* munmap on last unref */
+} mc_map_t;
+
+static inline mc_map_t *mc_map_new(char *base, size_t len, int owned) {
+    mc_map_t *m = (mc_map_t *)calloc(1, sizeof(mc_map_t));
+    if (!m) return NULL;
+    atomic_init(&m->refs, 1);
+    m->base = base;
+    m->len = len;
+    m->owned = owned;
+    return m;
+}
+
+static inline void mc_map_ref(mc_map_t *m) { if (m) atomic_fetch_add(&m->refs, 1); }
+
+static inline void mc_map_unref(mc_map_t *m) {
+    if (m && atomic_fetch_sub(&m->refs, 1) == 1) {
+        if (m->owned && m->base) munmap(m->base, m->len);
+        free(m);
+    }
+}
+
+/* ------------------------------------------------------------------ peers */
+
+typedef struct {
+    _Atomic int64_t refs;
+    int pid;                          /* 0: no process behind it (CXL window) */
+    int pidfd;                        /* -1: none (ourselves, or no pidfd support) */
+    _Atomic int32_t dead;
+    _Atomic int32_t cancel_gen;       /* bumped by abort: older groups fail */
+    _Atomic int64_t inflight;         /* ops queued or running */
+    const _Atomic uint64_t *alive;    /* the peer's control-page alive word, or NULL */
+    mc_map_t *ctl;                    /* keeps `alive` mapped */
+} mc_peer_t;
+
+static inline mc_peer_t *mc_peer_new(int pid, int pidfd, mc_map_t *ctl, uint64_t alive_off) {
+    mc_peer_t *p = (mc_peer_t *)calloc(1, sizeof(mc_peer_t));
+    if (!p) return NULL;
+    atomic_init(&p->refs, 1);
+    p->pid = pid;
+    p->pidfd = pidfd;
+    if (ctl) {
+        mc_map_ref(ctl);
+        p->ctl = ctl;
+        p->alive = (const _Atomic uint64_t *)(ctl->base + alive_off);
+    }
+    return p;
+}
+
+static inline void mc_peer_ref(mc_peer_t *p) { if (p) atomic_fetch_add(&p->refs, 1); }
+
+static inline void mc_peer_unref(mc_peer_t *p) {
+    if (p && atomic_fetch_sub(&p->refs, 1) == 1) {
+        if (p->pidfd >= 0) close(p->pidfd);
+        mc_map_unref(p->ctl);
+        free(p);
+    }
+}
+
+/* 0 while the peer is usable; MC_E_TIMEOUT after an abort, MC_E_PEER once it exited/closed. */
+static inline int32_t mc_peer_check(mc_peer_t *p, int32_t gen) {
+    if (!p) return 0;
+    if (atomic_load(&p->cancel_gen) != gen) return MC_E_TIMEOUT;
+    if (atomic_load(&p->dead)) return MC_E_PEER;
+    if (p->alive && atomic_load_explicit(p->alive, memory_order_acquire) == 0) {
+        atomic_store(&p->dead, 1);
+        return MC_E_PEER;
+    }
+    if (p->pidfd >= 0) {
+        struct pollfd pf = {p->pidfd, POLLIN, 0};
+        if (poll(&pf, 1, 0) > 0) {
+            atomic_store(&p->dead, 1);
+            return MC_E_PEER;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ buffer tables */
+
+typedef struct {
+    uint64_t start, end;              /* the range as the initiator names it (remote addresses) */
+    int kind;                         /* MC_CP_MEM or MC_CP_PV */
+    mc_map_t *map;                    /* MEM: where it lives here (NULL: addresses valid as is) */
+    uint64_t map_off;                 /* MEM: offset of `start` inside map */
+    const void *slot;                 /* registration slot (atomic u64) to re-check, or NULL */
+    uint64_t slot_val;
+} mc_entry_t;
+
+typedef struct {
+    _Atomic int64_t refs;
+    int n;
+    mc_entry_t e[];
+} mc_table_t;
+
+static inline mc_table_t *mc_table_new(int n) {
+    mc_table_t *t = (mc_table_t *)calloc(1, sizeof(mc_table_t) + (size_t)n * sizeof(mc_entry_t));
+    if (!t) return NULL;
+    atomic_init(&t->refs, 1);
+    t->n = n;
+    return t;
+}
+
+static inline void mc_table_ref(mc_table_t *t) { atomic_fetch_add(&t->refs, 1); }
+
+static inline void mc_table_unref(mc_table_t *t) {
+    if (t && atomic_fetch_sub(&t->refs, 1) == 1) {
+        for (int i = 0; i < t->n; i++) mc_map_unref(t->e[i].map);
+        free(t);
+    }
+}
+
+/* The entry holding [addr, addr+len), or NULL.  Entries are sorted by start, non-overlapping. */
+static inline const mc_entry_t *mc_table_find(const mc_table_t *t, uint64_t addr, uint64_t len) {
+    int lo = 0, hi = t->n - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) >> 1;
+        const mc_entry_t *e = &t->e[mid];
+        if (addr < e->start) hi = mid - 1;
+        else if (addr >= e->end) lo = mid + 1;
+        else return (len <= e->end - addr) ? e : NULL;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ copy ops and groups */
+
+typedef struct {
+    uint64_t local;                   /* initiator memory */
+    uint64_t remote;                  /* MEM: local view of the target; PV: peer address */
+    uint64_t len;
+    const void *slot;
+    uint64_t slot_val;
+    uint32_t task;
+    uint8_t kind, op;
+} mc_op_t;
+
+typedef struct mc_group {
+    struct mc_group *next;
+    mc_batch_t *batch;
+    mc_peer_t *peer;
+    mc_table_t *table;
+    _Atomic int64_t *pool_inflight;
+    int32_t cancel_gen;
+    int64_t n, claim, cursor;         /* cursor: guarded by the pool mutex */
+    _Atomic int64_t left;             /* ops not reported yet; the last reporter frees */
+    mc_op_t ops[];
+} mc_group_t;
+
+static inline mc_group_t *mc_group_new(int64_t n) {
+    mc_group_t *g = (mc_group_t *)calloc(1, sizeof(mc_group_t) + (size_t)n * sizeof(mc_op_t));
+    return g;
+}
+
+/* Take the references a queued group needs; n ops become in flight. */
+static inline void mc_group_arm(mc_group_t *g, mc_batch_t *b, mc_peer_t *p, mc_table_t *t,
+                                int64_t *pool_inflight_, int64_t claim) {
+    _Atomic int64_t *pool_inflight = (_Atomic int64_t *)pool_inflight_;
+    g->batch = b;
+    mc_batch_ref(b);
+    g->peer = p;
+    mc_peer_ref(p);
+    g->table = t;
+    if (t) mc_table_ref(t);
+    g->pool_inflight = pool_inflight;
+    g->cancel_gen = p ? atomic_load(&p->cancel_gen) : 0;
+    g->claim = claim < 1 ? 1 : claim;
+    g->cursor = 0;
+    atomic_init(&g->left, g->n);
+    if (p) atomic_fetch_add(&p->inflight, g->n);
+    if (pool_inflight) atomic_fetch_add(pool_inflight, g->n);
+}
+
+static inline void mc_group_free(mc_group_t *g) {
+    mc_table_unref(g->table);
+    mc_peer_unref(g->peer);
+    mc_batch_unref(g->batch);
+    free(g);
+}
+
+/* n ops of g were reported. */
+static inline void mc_group_release(mc_group_t *g, int64_t n) {
+    if (g->peer) atomic_fetch_sub(&g->peer->inflight, n);
+    if (g->pool_inflight) atomic_fetch_sub(g->pool_inflight, n);
+    if (atomic_fetch_sub(&g->left, n) == n) mc_group_free(g);
+}
+
+static inline int32_t mc_pv_copy(int pid, int op, uint64_t local, uint64_t remote, uint64_t len) {
+    while (len) {
+        struct iovec l = {(void *)(uintptr_t)local, (size_t)len};
+        struct iovec r = {(void *)(uintptr_t)remote, (size_t)len};
+        ssize_t got = op == MC_CP_WRITE ? process_vm_writev(pid, &l, 1, &r, 1, 0)
+                                        : process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return errno ? errno : EIO;
+        }
+        if (got == 0) return EFAULT;
+        local += (uint64_t)got;
+        remote += (uint64_t)got;
+        len -= (uint64_t)got;
+    }
+    return 0;
+}
+
+static inline int32_t mc_op_copy(const mc_group_t *g, const mc_op_t *o) {
+    if (o->kind == MC_CP_PV) return mc_pv_copy(g->peer->pid, o->op, o->local, o->remote, o->len);
+    if (o->op == MC_CP_WRITE) memcpy((void *)(uintptr_t)o->remote, (const void *)(uintptr_t)o->local, o->len);
+    else memcpy((void *)(uintptr_t)o->local, (const void *)(uintptr_t)o->remote, o->len);
+    return 0;
+}
+
+/* Run ops [i, j) of g and report each one.  May free g. */
+static inline void mc_group_run(mc_group_t *g, int64_t i, int64_t j) {
+    int32_t perr = mc_peer_check(g->peer, g->cancel_gen);
+    for (int64_t k = i; k < j; k++) {
+        const mc_op_t *o = &g->ops[k];
+        int32_t err = perr;
+        if (!err && o->slot &&
+            atomic_load_explicit((const _Atomic uint64_t *)o->slot, memory_order_acquire) != o->slot_val)
+            err = MC_E_REFUSED;   /* the peer unregistered the buffer since we resolved it */
+        if (!err) err = mc_op_copy(g, o);
+        mc_slice_done(g->batch, o->task, err ? 0 : (int64_t)o->len, err);
+    }
+    mc_group_release(g, j - i);
+}
+
+/* Report ops [i, j) of g as failed with err.  May free g. */
+static inline void mc_group_fail(mc_group_t *g, int64_t i, int64_t j, int32_t err) {
+    for (int64_t k = i; k < j; k++) mc_slice_done(g->batch, g->ops[k].task, 0, err);
+    mc_group_release(g, j - i);
+}
+
+/* ------------------------------------------------------------------ the worker pool */
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    mc_group_t *head, *tail;
+    int stop;
+    int nthreads;
+    pthread_t th[MC_CP_MAX_THREADS];
+    _Atomic int64_t inflight;
+} mc_pool_t;
+
+static void *mc_pool_worker(void *arg) {
+    mc_pool_t *p = (mc_pool_t *)arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);   /* signals belong to the interpreter's thread */
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->head && !p->stop) pthread_cond_wait(&p->cv, &p->mu);
+        if (!p->head) break;                  /* stopping and nothing left */
+        mc_group_t *g = p->head;
+        int64_t i = g->cursor, j = i + g->claim;
+        if (j >= g->n) {
+            j = g->n;
+            p->head = g->next;
+            if (!p->head) p->tail = NULL;
+        }
+        g->cursor = j;
+        if (p->head) pthread_cond_signal(&p->cv);   /* more to claim: wake a sibling */
+        pthread_mutex_unlock(&p->mu);
+        mc_group_run(g, i, j);
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+/* 0 or an errno.  On failure no thread is left running. */
+static inline int mc_pool_start(mc_pool_t *p, int nthreads) {
+    memset(p, 0, sizeof(*p));
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MC_CP_MAX_THREADS) nthreads = MC_CP_MAX_THREADS;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    atomic_init(&p->inflight, 0);
+    for (int i = 0; i < nthreads; i++) {
+        int rc = pthread_create(&p->th[i], NULL, mc_pool_worker, p);
+        if (rc) {
+            pthread_mutex_lock(&p->mu);
+            p->stop = 1;
+            pthread_cond_broadcast(&p->cv);
+            pthread_mutex_unlock(&p->mu);
+            for (int k = 0; k < i; k++) pthread_join(p->th[k], NULL);
+            p->nthreads = 0;
+            return rc;
+        }
+        p->nthreads = i + 1;
+    }
+    return 0;
+}
+
+static inline int mc_pool_push(mc_pool_t *p, mc_group_t *g) {
+    pthread_mutex_lock(&p->mu);
+    if (p->stop) {
+        pthread_mutex_unlock(&p->mu);
+        return -1;
+    }
+    g->next = NULL;
+    if (p->tail) p->tail->next = g;
+    else p->head = g;
+    p->tail = g;
+    if (g->n > g->claim) pthread_cond_broadcast(&p->cv);
+    else pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+/* Stop the workers; every op not claimed yet is reported with err. */
+static inline void mc_pool_stop(mc_pool_t *p, int32_t err) {
+    pthread_mutex_lock(&p->mu);
+    mc_group_t *g = p->head;
+    p->head = p->tail = NULL;
+    p->stop = 1;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    while (g) {
+        mc_group_t *next = g->next;
+        mc_group_fail(g, g->cursor, g->n, err);
+        g = next;
+    }
+    for (int i = 0; i < p->nthreads; i++) pthread_join(p->th[i], NULL);
+    p->nthreads = 0;
+}
+
+/* Wait until nothing is in flight (counter reaches 0); 0 or ETIMEDOUT. */
+static inline int mc_wait_zero(int64_t *counter_, double timeout_s) {
+    _Atomic int64_t *counter = (_Atomic int64_t *)counter_;
+    double until = mc_now() + timeout_s;
+    struct timespec nap = {0, 50000};
+    while (atomic_load(counter) > 0) {
+        if (mc_now() > until) return ETIMEDOUT;
+        nanosleep(&nap, NULL);
+    }
+    return 0;
+}
+
+static inline int mc_pidfd_open(int pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+/* ------------------------------------------------------------------ accessors for Cython */
+
+static inline int32_t mc_peer_gen(mc_peer_t *p) { return atomic_load(&p->cancel_gen); }
+static inline void mc_peer_cancel(mc_peer_t *p) { atomic_fetch_add(&p->cancel_gen, 1); }
+static inline int64_t mc_peer_inflight(mc_peer_t *p) { return atomic_load(&p->inflight); }
+static inline int64_t *mc_peer_inflight_ptr(mc_peer_t *p) { return (int64_t *)&p->inflight; }
+static inline mc_entry_t *mc_table_entry(mc_table_t *t, int i) { return &t->e[i]; }
+static inline mc_op_t *mc_group_op(mc_group_t *g, int64_t i) { return &g->ops[i]; }
+static inline void mc_group_set_n(mc_group_t *g, int64_t n) { g->n = n; }
+static inline int64_t *mc_pool_inflight(mc_pool_t *p) { return (int64_t *)&p->inflight; }
+static inline int64_t mc_load64(const int64_t *c) { return atomic_load((const _Atomic int64_t *)c); }
+static inline uint64_t mc_load_u64(const void *a) {
+    return atomic_load_explicit((const _Atomic uint64_t *)a, memory_order_acquire);
+}
+static inline void mc_store_u64(void *a, uint64_t v) {
+    atomic_store_explicit((_Atomic uint64_t *)a, v, memory_order_release);
+}
+
+#endif

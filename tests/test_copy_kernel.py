@@ -1,0 +1,220 @@
+"""The same-host copy kernel (mooncake._core.copy) on its own: tables, pool, checks, faults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from mooncake._core.batch import Batch, slice_requests
+
+from mooncake._core import copy as kc
+
+COMPLETED, TIMEOUT, FAILED = 4, 5, 6
+E_REFUSED, E_PEER, E_TIMEOUT = 1000, 1001, 1002
+READ, WRITE = 0, 1
+
+
+def addr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def direct(a: np.ndarray, slot=None) -> tuple:
+    sm, so, sv = slot or (None, 0, 0)
+    return (addr(a), a.nbytes, kc.KIND_MEM, None, 0, sm, so, sv)
+
+
+@pytest.fixture
+def pool():
+    p = kc.CopyPool(2)
+    yield p
+    p.close()
+
+
+def run(pool, table, op, local, remote, length, peer=None, inline_max=0, slice_size=65536):
+    b = Batch(len(local))
+    s = slice_requests(b, op, local, remote, length, slice_size, 4)
+    pool.submit(s, peer or kc.Peer(os.getpid()), table, inline_max)
+    assert b.wait(30)
+    return b.statuses()
+
+
+@pytest.mark.parametrize("inline_max", [0, 1 << 30])
+@pytest.mark.parametrize("kind", ["mem", "pv"])
+def test_write_and_read_round_trip(pool, kind, inline_max):
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 255, 3 * (1 << 20) + 123, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    k = kc.KIND_MEM if kind == "mem" else kc.KIND_PV
+    table = kc.Table([(addr(dst), dst.nbytes, k, None, 0, None, 0, 0)])
+    st = run(pool, table, WRITE, [addr(src)], [addr(dst)], [src.nbytes], inline_max=inline_max)
+    assert st == [(COMPLETED, src.nbytes, 0)]
+    assert np.array_equal(src, dst)
+    back = np.zeros_like(src)
+    st = run(pool, table, READ, [addr(back)], [addr(dst)], [src.nbytes], inline_max=inline_max)
+    assert st == [(COMPLETED, src.nbytes, 0)] and np.array_equal(back, src)
+
+
+def test_mapping_relocates_remote_addresses(pool, tmp_path):
+    """A MEM entry with a mapping: remote addresses are translated into the local view."""
+    path = f"/dev/shm/mc_test_map_{os.getpid()}"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        m = kc.Mapping.from_fd(fd, 1 << 20)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    fake_remote = 0x7000_0000_0000
+    table = kc.Table([(fake_remote, 1 << 20, kc.KIND_MEM, m, 0, None, 0, 0)])
+    src = np.arange(4096, dtype=np.uint8)
+    st = run(pool, table, WRITE, [addr(src)], [fake_remote + 4096], [4096])
+    assert st[0][0] == COMPLETED
+    view = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * (1 << 20)).from_address(m.addr))
+    assert np.array_equal(view[4096:8192], src)
+    m.close()  # the table still holds the mapping: no fault on a later copy
+    st = run(pool, table, READ, [addr(src)], [fake_remote], [4096])
+    assert st[0][0] == COMPLETED and not src.any()
+
+
+def test_range_outside_table_is_refused(pool):
+    dst = np.zeros(1 << 20, dtype=np.uint8)
+    src = np.ones(1 << 20, dtype=np.uint8)
+    table = kc.Table([direct(dst)])
+    st = run(pool, table, WRITE, [addr(src), addr(src)], [addr(dst), addr(dst) + 4096],
+             [1 << 16, 1 << 20])
+    assert st[0] == (COMPLETED, 1 << 16, 0)
+    assert st[1][0] == FAILED and st[1][2] == E_REFUSED
+    assert dst[: 1 << 16].all()
+
+
+@pytest.mark.parametrize("inline_max", [0, 1 << 30])
+def test_slot_change_fails_copies(pool, inline_max):
+    """Ops re-check their registration slot: a buffer unregistered since lookup is not touched."""
+    fd = os.memfd_create("slots")
+    os.ftruncate(fd, 4096)
+    slots = kc.Mapping.from_fd(fd, 4096)
+    os.close(fd)
+    slots.store_u64(64, 3)
+    dst = np.zeros(1 << 20, dtype=np.uint8)
+    src = np.ones_like(dst)
+    table = kc.Table([direct(dst, (slots, 64, 3))])
+    assert run(pool, table, WRITE, [addr(src)], [addr(dst)], [4096], inline_max=inline_max)[0][
+        0] == COMPLETED
+    slots.store_u64(64, 4)  # unregistered
+    dst[:] = 0
+    st = run(pool, table, WRITE, [addr(src)], [addr(dst)], [dst.nbytes], inline_max=inline_max)
+    assert st[0][0] == FAILED and st[0][2] == E_REFUSED
+    assert not dst.any()
+
+
+def test_exited_peer_fails_and_does_not_write(pool):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    peer = kc.Peer(child.pid)
+    child.wait()
+    assert not peer.alive
+    dst = np.zeros(1 << 20, dtype=np.uint8)
+    src = np.ones_like(dst)
+    st = run(pool, kc.Table([direct(dst)]), WRITE, [addr(src)], [addr(dst)], [dst.nbytes],
+             peer=peer)
+    assert st[0][0] == FAILED and st[0][2] == E_PEER
+    assert not dst.any()
+
+
+def test_attach_to_missing_process_fails():
+    buf = np.zeros(8, dtype=np.uint8)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    rc = kc.pv_copy(child.pid, READ, addr(buf), 0x1000, 8)
+    assert rc != 0
+
+
+def test_cancel_fails_queued_ops_only(pool):
+    """abort: everything queued before cancel() ends COMPLETED (ran) or TIMEOUT (cancelled)."""
+    src = np.ones(8 << 20, dtype=np.uint8)
+    dsts = [np.zeros_like(src) for _ in range(24)]
+    table = kc.Table([direct(d) for d in dsts])
+    peer = kc.Peer(os.getpid())
+    b = Batch(len(dsts))
+    s = slice_requests(b, WRITE, [addr(src)] * len(dsts), [addr(d) for d in dsts],
+                       [src.nbytes] * len(dsts), 65536, 4)
+    pool.submit(s, peer, table, 0)
+    peer.cancel()
+    assert b.wait(60)
+    st = b.statuses()
+    assert {x[0] for x in st} <= {COMPLETED, TIMEOUT}
+    assert any(x[2] == E_TIMEOUT for x in st), "nothing was cancelled"
+    for (code, nbytes, err), d in zip(st, dsts, strict=True):
+        if code == COMPLETED:
+            assert nbytes == src.nbytes and d.all()
+        else:
+            assert err == E_TIMEOUT
+    assert peer.wait_idle(10) and peer.inflight == 0
+    # a submit after the cancel is unaffected
+    assert run(pool, table, WRITE, [addr(src)], [addr(dsts[0])], [4096], peer=peer)[0][0] == \
+        COMPLETED
+
+
+def test_close_fails_queued_ops():
+    p = kc.CopyPool(1)
+    src = np.ones(8 << 20, dtype=np.uint8)
+    dsts = [np.zeros_like(src) for _ in range(16)]
+    b = Batch(len(dsts))
+    s = slice_requests(b, WRITE, [addr(src)] * len(dsts), [addr(d) for d in dsts],
+                       [src.nbytes] * len(dsts), 65536, 4)
+    p.submit(s, kc.Peer(os.getpid()), kc.Table([direct(d) for d in dsts]), 0)
+    p.close()
+    assert b.wait(10)
+    assert {x[0] for x in b.statuses()} <= {COMPLETED, FAILED}
+    with pytest.raises(RuntimeError, match="closed"):
+        p.submit(s, kc.Peer(os.getpid()), kc.Table([]), 0)
+
+
+def test_many_threads_submit_at_once(pool):
+    rng = np.random.default_rng(7)
+    nthreads, per = 6, 20
+    srcs = [rng.integers(0, 255, 256 * 1024 + 17 * i, dtype=np.uint8) for i in range(nthreads)]
+    dsts = [np.zeros_like(s) for s in srcs]
+    table = kc.Table([direct(d) for d in dsts])
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(per):
+                st = run(pool, table, WRITE, [addr(srcs[i])], [addr(dsts[i])], [srcs[i].nbytes],
+                         slice_size=16384)
+                assert st[0] == (COMPLETED, srcs[i].nbytes, 0)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    th = [threading.Thread(target=worker, args=(i,)) for i in range(nthreads)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join(60)
+    assert not errors
+    for s, d in zip(srcs, dsts, strict=True):
+        assert np.array_equal(s, d)
+    assert pool.drain(5) and pool.inflight == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="nworkers"):
+        kc.CopyPool(0)
+    a = np.zeros(4096, dtype=np.uint8)
+    with pytest.raises(ValueError, match="overlap"):
+        kc.Table([direct(a), (addr(a) + 100, 10, kc.KIND_MEM, None, 0, None, 0, 0)])
+    with pytest.raises(ValueError, match="length"):
+        kc.Table([(addr(a), 0, kc.KIND_MEM, None, 0, None, 0, 0)])
+    m = kc.Mapping.view(addr(a), 4096)
+    with pytest.raises(ValueError, match="exceeds"):
+        kc.Table([(0x1000, 8192, kc.KIND_MEM, m, 0, None, 0, 0)])
+    with pytest.raises(IndexError):
+        m.load_u64(4093)
+    with pytest.raises(TypeError):
+        kc.Mapping()
+    with pytest.raises(OSError):
+        kc.Mapping.from_fd(-1, 4096)
