@@ -1,0 +1,444 @@
+/* TCP lanes: the wire format, the target's serve loop, and the initiator's lane machinery.
+ *
+ * Request (32 B):  magic "MCT1", op, flags, rsv, seq, rsv, addr, len   [+ len payload bytes if WRITE]
+ * Response (16 B): magic "MCR1", status, seq, rsv                       [+ len payload bytes if READ ok]
+ * Responses come back in request order on each connection.
+ *
+ * Initiator lane modes:
+ *   async - jobs queued by submit(); a sender thread sends them, a receiver thread matches responses
+ *   owned - a synchronous caller takes an idle lane and drives send+receive itself (no thread hops)
+ */
+#ifndef MC_TCP_H
+#define MC_TCP_H
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "mc_batch.h"
+#include "mc_regions.h"
+
+#define MC_REQ_MAGIC 0x3154434dU /* "MCT1" */
+#define MC_RSP_MAGIC 0x3152434dU /* "MCR1" */
+#define MC_OP_READ 0
+#define MC_OP_WRITE 1
+#define MC_ST_OK 0
+#define MC_ST_REFUSED 1
+#define MC_RBUF_CAP (256 * 1024)
+#define MC_DIRECT_MIN (32 * 1024) /* payloads at least this big are received in place */
+#define MC_MAX_IOV 128
+
+typedef struct __attribute__((packed)) {
+    uint32_t magic; uint8_t op, flags; uint16_t rsv; uint32_t seq, rsv2; uint64_t addr, len;
+} mc_req_t;
+typedef struct __attribute__((packed)) {
+    uint32_t magic, status, seq, rsv;
+} mc_rsp_t;
+
+/* ---------- buffered reading ---------- */
+
+typedef struct { char *buf; size_t pos, len, cap; } mc_rbuf_t;
+
+/* recv with an optional absolute deadline (0 = none).  >0 bytes, 0 closed, -errno. */
+static inline ssize_t mc_recv_some(int fd, void *dst, size_t n, double deadline) {
+    for (;;) {
+        if (deadline > 0) {
+            double left = deadline - mc_now();
+            if (left <= 0) return -ETIMEDOUT;
+            struct pollfd p = {fd, POLLIN, 0};
+            int pr = poll(&p, 1, (int)(left * 1000) + 1);
+            if (pr == 0) return -ETIMEDOUT;
+            if (pr < 0) { if (errno == EINTR) continue; return -errno; }
+        }
+        ssize_t k = recv(fd, dst, n, 0);
+        if (k >= 0) return k;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) continue;
+        return -errno;
+    }
+}
+
+/* Make at least `need` bytes available in the buffer.  0 ok, 1 closed, -errno. */
+static inline int mc_fill(int fd, mc_rbuf_t *r, size_t need, double deadline) {
+    if (r->len - r->pos >= need) return 0;
+    if (r->pos) {
+        memmove(r->buf, r->buf + r->pos, r->len - r->pos);
+        r->len -= r->pos; r->pos = 0;
+    }
+    while (r->len < need) {
+        ssize_t k = mc_recv_some(fd, r->buf + r->len, r->cap - r->len, deadline);
+        if (k == 0) return 1;
+        if (k < 0) return (int)k;
+        r->len += (size_t)k;
+    }
+    return 0;
+}
+
+/* Read exactly n bytes into dst (dst NULL = discard).  0 ok, 1 closed, -errno. */
+static inline int mc_read_exact(int fd, mc_rbuf_t *r, char *dst, size_t n, double deadline) {
+    size_t have = r->len - r->pos;
+    size_t take = have < n ? have : n;
+    if (dst && take) memcpy(dst, r->buf + r->pos, take);
+    r->pos += take; n -= take;
+    if (dst) dst += take;
+    while (n >= MC_DIRECT_MIN && dst) {
+        ssize_t k = mc_recv_some(fd, dst, n, deadline);
+        if (k == 0) return 1;
+        if (k < 0) return (int)k;
+        dst += k; n -= (size_t)k;
+    }
+    while (n > 0) {
+        r->pos = r->len = 0;
+        ssize_t k = mc_recv_some(fd, r->buf, r->cap, deadline);
+        if (k == 0) return 1;
+        if (k < 0) return (int)k;
+        r->len = (size_t)k;
+        take = r->len < n ? r->len : n;
+        if (dst) { memcpy(dst, r->buf, take); dst += take; }
+        r->pos = take; n -= take;
+    }
+    return 0;
+}
+
+/* sendmsg the whole iovec array (modified in place).  0 ok, -errno. */
+static inline int mc_send_iov(int fd, struct iovec *iov, int cnt) {
+    while (cnt > 0) {
+        struct msghdr m; memset(&m, 0, sizeof m);
+        m.msg_iov = iov; m.msg_iovlen = cnt;
+        ssize_t k = sendmsg(fd, &m, MSG_NOSIGNAL);
+        if (k < 0) { if (errno == EINTR || errno == EAGAIN) continue; return -errno; }
+        while (cnt > 0 && (size_t)k >= iov->iov_len) { k -= iov->iov_len; iov++; cnt--; }
+        if (cnt > 0) { iov->iov_base = (char *)iov->iov_base + k; iov->iov_len -= k; }
+    }
+    return 0;
+}
+
+/* ---------- target side ---------- */
+
+/* Serve one data connection until it closes or misbehaves.  Returns 0 on orderly close,
+ * 1 on a protocol violation (bad magic/op, frame above max_frame), -errno on I/O error. */
+static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame) {
+    mc_rbuf_t r = {(char *)malloc(MC_RBUF_CAP), 0, 0, MC_RBUF_CAP};
+    mc_rsp_t pend[MC_MAX_IOV];
+    int np = 0, rc = 0;
+    if (!r.buf) return -ENOMEM;
+    for (;;) {
+        if (r.len - r.pos < sizeof(mc_req_t) && np) {  /* about to block: flush responses */
+            struct iovec v = {pend, np * sizeof(mc_rsp_t)};
+            if ((rc = mc_send_iov(fd, &v, 1))) break;
+            np = 0;
+        }
+        rc = mc_fill(fd, &r, sizeof(mc_req_t), 0);
+        if (rc) { if (rc == 1) rc = 0; break; }
+        mc_req_t h; memcpy(&h, r.buf + r.pos, sizeof h); r.pos += sizeof h;
+        if (h.magic != MC_REQ_MAGIC || h.op > MC_OP_WRITE || h.len > max_frame) { rc = 1; break; }
+        mc_rsp_t s = {MC_RSP_MAGIC, MC_ST_OK, h.seq, 0};
+        pthread_rwlock_rdlock(&regs->lock);
+        int ok = h.len > 0 && mc_regions_find_locked(regs, h.addr, h.len) >= 0;
+        if (!ok) s.status = MC_ST_REFUSED;
+        if (h.op == MC_OP_WRITE) {
+            rc = mc_read_exact(fd, &r, ok ? (char *)(uintptr_t)h.addr : NULL, h.len, 0);
+            pthread_rwlock_unlock(&regs->lock);
+            if (rc) { if (rc == 1) rc = -ECONNRESET; break; }
+            pend[np++] = s;
+        } else if (ok) {
+            struct iovec v[2] = {{pend, np * sizeof(mc_rsp_t) + 0}, {NULL, 0}};
+            pend[np++] = s;
+            v[0].iov_len = np * sizeof(mc_rsp_t);
+            v[1].iov_base = (void *)(uintptr_t)h.addr; v[1].iov_len = h.len;
+            rc = mc_send_iov(fd, v, 2);
+            pthread_rwlock_unlock(&regs->lock);
+            np = 0;
+            if (rc) break;
+        } else {
+            pthread_rwlock_unlock(&regs->lock);
+            pend[np++] = s;
+        }
+        if (np == MC_MAX_IOV) {
+            struct iovec v = {pend, np * sizeof(mc_rsp_t)};
+            if ((rc = mc_send_iov(fd, &v, 1))) break;
+            np = 0;
+        }
+    }
+    free(r.buf);
+    return rc;
+}
+
+/* ---------- initiator side ---------- */
+
+typedef struct {
+    mc_batch_t *b; uint64_t local, remote, len; uint32_t task; uint8_t op;
+} mc_job_t;
+
+typedef struct { mc_job_t *v; size_t cap, head, len; } mc_ring_t;
+
+static inline int mc_ring_push(mc_ring_t *q, const mc_job_t *j) {
+    if (q->len == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 256;
+        mc_job_t *nv = (mc_job_t *)malloc(cap * sizeof(mc_job_t));
+        if (!nv) return -ENOMEM;
+        for (size_t i = 0; i < q->len; i++) nv[i] = q->v[(q->head + i) % q->cap];
+        free(q->v);
+        q->v = nv; q->cap = cap; q->head = 0;
+    }
+    q->v[(q->head + q->len) % q->cap] = *j;
+    q->len++;
+    return 0;
+}
+
+static inline mc_job_t *mc_ring_at(mc_ring_t *q, size_t i) { return &q->v[(q->head + i) % q->cap]; }
+
+static inline void mc_ring_pop(mc_ring_t *q) { q->head = (q->head + 1) % q->cap; q->len--; }
+
+typedef struct {
+    int fd;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    mc_ring_t q;          /* submitted, not sent */
+    mc_ring_t inf;        /* sent, awaiting responses (in order) */
+    int owned, dead, closing, head_busy;
+    int32_t dead_err;
+    uint32_t seq;
+    mc_rbuf_t rb;
+} mc_lane_t;
+
+static inline mc_lane_t *mc_lane_new(int fd) {
+    mc_lane_t *l = (mc_lane_t *)calloc(1, sizeof(mc_lane_t));
+    if (!l) return NULL;
+    l->rb.buf = (char *)malloc(MC_RBUF_CAP);
+    if (!l->rb.buf) { free(l); return NULL; }
+    l->rb.cap = MC_RBUF_CAP;
+    l->fd = fd;
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->cv, NULL);
+    return l;
+}
+
+static inline void mc_job_finish(const mc_job_t *j, int32_t err) {
+    mc_slice_done(j->b, j->task, err ? 0 : (int64_t)j->len, err);
+    mc_batch_unref(j->b);
+}
+
+/* Mark the lane dead and fail everything queued or in flight (except the in-flight head a
+ * receiver is filling right now: the receiver fails it when its recv errors out). */
+static inline void mc_lane_fail(mc_lane_t *l, int32_t err) {
+    pthread_mutex_lock(&l->mu);
+    if (!l->dead) { l->dead = 1; l->dead_err = err; }
+    mc_ring_t q = l->q, inf = l->inf;
+    size_t keep = (l->head_busy && inf.len) ? 1 : 0;
+    memset(&l->q, 0, sizeof l->q);
+    if (keep) {   /* leave the busy head in place */
+        l->inf.len = 1;
+        inf.head = (inf.head + 1) % inf.cap; inf.len -= 1;
+        mc_job_t *copy = (mc_job_t *)malloc(inf.len * sizeof(mc_job_t) + 1);
+        for (size_t i = 0; i < inf.len; i++) copy[i] = *mc_ring_at(&inf, i);
+        inf.v = copy; inf.head = 0; inf.cap = inf.len ? inf.len : 1;
+    } else {
+        memset(&l->inf, 0, sizeof l->inf);
+    }
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    shutdown(l->fd, SHUT_RDWR);
+    for (size_t i = 0; i < q.len; i++) mc_job_finish(mc_ring_at(&q, i), err);
+    for (size_t i = 0; i < inf.len; i++) mc_job_finish(mc_ring_at(&inf, i), err);
+    free(q.v);
+    free(inf.v);
+}
+
+/* Queue jobs (each takes a batch reference).  Fails them at once on a dead lane. */
+static inline void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n) {
+    pthread_mutex_lock(&l->mu);
+    int dead = l->dead || l->closing;
+    int32_t err = l->dead_err ? l->dead_err : MC_E_PEER;
+    if (!dead) {
+        for (size_t i = 0; i < n; i++) {
+            mc_batch_ref(jobs[i].b);
+            if (mc_ring_push(&l->q, &jobs[i])) { mc_batch_unref(jobs[i].b); dead = 2; err = MC_E_LOCAL; n = i; break; }
+        }
+        pthread_cond_broadcast(&l->cv);
+    }
+    pthread_mutex_unlock(&l->mu);
+    if (dead == 1) for (size_t i = 0; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
+}
+
+static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct iovec *iov,
+                               uint32_t seq0) {
+    int c = 0;
+    for (size_t i = 0; i < n; i++) {
+        mc_req_t *h = &hdr[i];
+        memset(h, 0, sizeof *h);
+        h->magic = MC_REQ_MAGIC; h->op = jobs[i].op; h->seq = seq0 + (uint32_t)i;
+        h->addr = jobs[i].remote; h->len = jobs[i].len;
+        iov[c].iov_base = h; iov[c].iov_len = sizeof *h; c++;
+        if (jobs[i].op == MC_OP_WRITE) {
+            iov[c].iov_base = (void *)(uintptr_t)jobs[i].local; iov[c].iov_len = jobs[i].len; c++;
+        }
+    }
+    return c;
+}
+
+#define MC_SEND_BATCH 64
+
+/* Sender thread body. */
+static inline void mc_lane_sender(mc_lane_t *l) {
+    mc_job_t jobs[MC_SEND_BATCH];
+    mc_req_t hdr[MC_SEND_BATCH];
+    struct iovec iov[2 * MC_SEND_BATCH];
+    for (;;) {
+        pthread_mutex_lock(&l->mu);
+        while (!l->closing && !l->dead && (l->q.len == 0 || l->owned))
+            pthread_cond_wait(&l->cv, &l->mu);
+        if (l->closing || l->dead) { pthread_mutex_unlock(&l->mu); return; }
+        size_t n = 0;
+        while (n < MC_SEND_BATCH && l->q.len) {
+            jobs[n] = *mc_ring_at(&l->q, 0);
+            if (mc_ring_push(&l->inf, &jobs[n])) break;
+            mc_ring_pop(&l->q);
+            n++;
+        }
+        uint32_t seq0 = l->seq; l->seq += (uint32_t)n;
+        pthread_cond_broadcast(&l->cv);
+        pthread_mutex_unlock(&l->mu);
+        int c = mc_build_iov(jobs, n, hdr, iov, seq0);
+        if (mc_send_iov(l->fd, iov, c)) { mc_lane_fail(l, MC_E_PEER); return; }
+    }
+}
+
+/* Receiver thread body. */
+static inline void mc_lane_receiver(mc_lane_t *l) {
+    for (;;) {
+        pthread_mutex_lock(&l->mu);
+        while (!l->closing && !l->dead && l->inf.len == 0) pthread_cond_wait(&l->cv, &l->mu);
+        if (l->closing || l->dead) { pthread_mutex_unlock(&l->mu); return; }
+        mc_job_t j = *mc_ring_at(&l->inf, 0);
+        uint32_t want = l->seq - (uint32_t)l->inf.len;
+        l->head_busy = 1;
+        pthread_mutex_unlock(&l->mu);
+        int32_t err = 0;
+        mc_rsp_t s;
+        int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, 0);
+        if (rc == 0 && (s.magic != MC_RSP_MAGIC || s.seq != want)) err = MC_E_PROTO;
+        else if (rc == 0 && s.status != MC_ST_OK) err = MC_E_REFUSED;
+        else if (rc == 0 && j.op == MC_OP_READ)
+            rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j.local, j.len, 0);
+        if (rc) err = MC_E_PEER;
+        pthread_mutex_lock(&l->mu);
+        l->head_busy = 0;
+        int fatal = err == MC_E_PEER || err == MC_E_PROTO;
+        if (l->inf.len && !l->dead) mc_ring_pop(&l->inf);
+        else if (l->dead) { /* mc_lane_fail left our head in place */
+            if (l->inf.len) mc_ring_pop(&l->inf);
+            if (!err) err = l->dead_err;
+        }
+        pthread_cond_broadcast(&l->cv);
+        pthread_mutex_unlock(&l->mu);
+        mc_job_finish(&j, err);
+        if (fatal) { mc_lane_fail(l, err); return; }
+    }
+}
+
+/* Owned (synchronous) mode: the caller drives the socket itself.  Returns -EBUSY when the lane
+ * is not idle; otherwise 0 and every job is completed into its batch (errors included). */
+static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout) {
+    pthread_mutex_lock(&l->mu);
+    if (l->owned || l->dead || l->closing || l->q.len || l->inf.len) {
+        pthread_mutex_unlock(&l->mu);
+        return -EBUSY;
+    }
+    l->owned = 1;
+    uint32_t seq0 = l->seq;
+    l->seq += (uint32_t)n;
+    pthread_mutex_unlock(&l->mu);
+
+    double deadline = mc_now() + timeout;
+    mc_req_t hdr[MC_SEND_BATCH];
+    struct iovec iov[2 * MC_SEND_BATCH];
+    size_t sent = 0, done = 0;     /* jobs fully sent / fully answered */
+    int niov = 0, cur = 0;         /* pending iovec window for jobs [sent, sent+chunk) */
+    size_t chunk = 0;
+    int32_t err = 0;
+    while (done < n) {
+        if (sent < n && niov == 0) {
+            chunk = n - sent < MC_SEND_BATCH ? n - sent : MC_SEND_BATCH;
+            niov = mc_build_iov(jobs + sent, chunk, hdr, iov, seq0 + (uint32_t)sent);
+            cur = 0;
+        }
+        short ev = (niov ? POLLOUT : 0) | (done < sent ? POLLIN : 0);
+        if (l->rb.len > l->rb.pos && done < sent) ev = 0;   /* buffered response: no wait */
+        if (ev) {
+            double left = deadline - mc_now();
+            if (left <= 0) { err = MC_E_TIMEOUT; break; }
+            struct pollfd p = {l->fd, ev, 0};
+            int pr = poll(&p, 1, (int)(left * 1000) + 1);
+            if (pr < 0 && errno == EINTR) continue;
+            if (pr <= 0) { err = pr == 0 ? MC_E_TIMEOUT : MC_E_PEER; break; }
+            if (p.revents & (POLLERR | POLLNVAL)) { err = MC_E_PEER; break; }
+            ev = p.revents;
+        } else {
+            ev = POLLIN;
+        }
+        if ((ev & POLLOUT) && niov) {
+            struct msghdr m; memset(&m, 0, sizeof m);
+            m.msg_iov = iov + cur; m.msg_iovlen = niov - cur;
+            ssize_t k = sendmsg(l->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (k < 0 && errno != EAGAIN && errno != EINTR) { err = MC_E_PEER; break; }
+            while (k > 0 && cur < niov) {
+                if ((size_t)k >= iov[cur].iov_len) { k -= iov[cur].iov_len; cur++; }
+                else { iov[cur].iov_base = (char *)iov[cur].iov_base + k; iov[cur].iov_len -= k; k = 0; }
+            }
+            if (cur == niov) { sent += chunk; niov = 0; }
+        }
+        if ((ev & (POLLIN | POLLHUP)) && done < sent) {
+            /* one full response; blocking reads are bounded by the deadline */
+            mc_rsp_t s;
+            int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, deadline);
+            if (rc == -ETIMEDOUT) { err = MC_E_TIMEOUT; break; }
+            if (rc) { err = MC_E_PEER; break; }
+            if (s.magic != MC_RSP_MAGIC || s.seq != seq0 + (uint32_t)done) { err = MC_E_PROTO; break; }
+            mc_job_t *j = &jobs[done];
+            int32_t e = s.status == MC_ST_OK ? 0 : MC_E_REFUSED;
+            if (!e && j->op == MC_OP_READ) {
+                rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len, deadline);
+                if (rc) { err = rc == -ETIMEDOUT ? MC_E_TIMEOUT : MC_E_PEER; break; }
+            }
+            mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
+            done++;
+        }
+    }
+    if (err) {
+        for (size_t i = done; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
+        pthread_mutex_lock(&l->mu);
+        l->dead = 1; l->dead_err = err;
+        pthread_mutex_unlock(&l->mu);
+        shutdown(l->fd, SHUT_RDWR);
+    }
+    pthread_mutex_lock(&l->mu);
+    l->owned = 0;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    return 0;
+}
+
+/* Stop the lane threads: they return; remaining jobs are failed by mc_lane_fail afterwards. */
+static inline void mc_lane_close(mc_lane_t *l) {
+    pthread_mutex_lock(&l->mu);
+    l->closing = 1;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+    shutdown(l->fd, SHUT_RDWR);
+}
+
+static inline void mc_lane_free(mc_lane_t *l) {
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->cv);
+    free(l->q.v); free(l->inf.v); free(l->rb.buf);
+    free(l);
+}
+
+#endif

@@ -1,0 +1,138 @@
+# cython: language_level=3
+"""TCP data-path kernel: lanes (initiator) and the serve loop (target), all without the GIL."""
+
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from libc.errno cimport EBUSY
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+
+from mooncake._core.batch cimport Batch, Slices, mc_batch_t
+from mooncake._core.regions cimport RegionTable, mc_regions_t
+
+
+cdef extern from "mc_tcp.h" nogil:
+    ctypedef struct mc_job_t:
+        mc_batch_t *b
+        uint64_t local
+        uint64_t remote
+        uint64_t len
+        uint32_t task
+        uint8_t op
+    ctypedef struct mc_lane_t:
+        int dead
+        int32_t dead_err
+    mc_lane_t *mc_lane_new(int fd)
+    void mc_lane_free(mc_lane_t *l)
+    void mc_lane_sender(mc_lane_t *l)
+    void mc_lane_receiver(mc_lane_t *l)
+    void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n)
+    int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout)
+    void mc_lane_fail(mc_lane_t *l, int32_t err)
+    void mc_lane_close(mc_lane_t *l)
+    int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame)
+
+
+cdef class Lane:
+    """One persistent connection to a peer's data port.
+
+    Run :meth:`run_sender` and :meth:`run_receiver` each in its own thread (they release the GIL
+    for their whole life); :meth:`close` stops them, then :meth:`fail_pending` fails leftovers.
+    """
+
+    cdef mc_lane_t *l
+    cdef readonly object sock
+
+    def __cinit__(self, sock):
+        self.sock = sock
+        self.l = mc_lane_new(sock.fileno())
+        if self.l == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.l != NULL:
+            mc_lane_free(self.l)
+            self.l = NULL
+
+    def run_sender(self):
+        with nogil:
+            mc_lane_sender(self.l)
+
+    def run_receiver(self):
+        with nogil:
+            mc_lane_receiver(self.l)
+
+    @property
+    def dead(self):
+        return bool(self.l.dead)
+
+    def abort(self, int32_t err):
+        """Fail everything queued or in flight with ``err`` and shut the socket down."""
+        with nogil:
+            mc_lane_fail(self.l, err)
+
+    def close(self):
+        """Ask both threads to stop (join them, then call ``abort`` for leftovers)."""
+        with nogil:
+            mc_lane_close(self.l)
+
+
+cdef mc_job_t *_jobs(Slices s) except NULL:
+    cdef mc_job_t *j = <mc_job_t *>PyMem_RawMalloc(max(s.n, 1) * sizeof(mc_job_t))
+    if j == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t i
+    cdef mc_batch_t *b = s.batch.b
+    for i in range(s.n):
+        j[i].b = b
+        j[i].task = s.task[i]
+        j[i].op = s.op[i]
+        j[i].local = s.local[i]
+        j[i].remote = s.remote[i]
+        j[i].len = s.length[i]
+    return j
+
+
+def submit(list lanes, Slices s, Py_ssize_t start=0):
+    """Queue the slices on ``lanes`` round-robin, slice ``k`` to lane ``(start + k) % len``."""
+    cdef Py_ssize_t nl = len(lanes), i, k, c
+    if nl == 0:
+        raise ValueError("no lanes")
+    cdef mc_job_t *all_jobs = _jobs(s)
+    cdef mc_job_t *mine = <mc_job_t *>PyMem_RawMalloc((s.n // nl + 1) * sizeof(mc_job_t))
+    cdef Lane lane
+    try:
+        if mine == NULL:
+            raise MemoryError()
+        for i in range(nl):
+            lane = lanes[(start + i) % nl]
+            c = 0
+            k = i
+            while k < s.n:
+                mine[c] = all_jobs[k]
+                c += 1
+                k += nl
+            if c:
+                with nogil:
+                    mc_lane_submit(lane.l, mine, c)
+    finally:
+        PyMem_RawFree(mine)
+        PyMem_RawFree(all_jobs)
+
+
+def run(Lane lane, Slices s, double timeout):
+    """Send and complete ``s`` on an idle lane from this thread; False if the lane is busy."""
+    cdef mc_job_t *jobs = _jobs(s)
+    cdef int rc
+    try:
+        with nogil:
+            rc = mc_lane_run(lane.l, jobs, s.n, timeout)
+    finally:
+        PyMem_RawFree(jobs)
+    return rc != -EBUSY
+
+
+def serve(int fd, RegionTable regions, uint64_t max_frame):
+    """Serve one accepted data connection until it closes; 0 ok, 1 protocol violation, <0 -errno."""
+    cdef int rc
+    with nogil:
+        rc = mc_serve(fd, regions.t, max_frame)
+    return rc

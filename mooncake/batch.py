@@ -1,0 +1,123 @@
+"""Transfer batches as Python objects: status, ``wait(timeout)``, ``await``, ``with``."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mooncake._core import batch as _core
+from mooncake.errors import TransferFailed, TransferTimeout
+
+if TYPE_CHECKING:
+    from mooncake.transport import SegmentDesc, Transport
+
+__all__ = ["Status", "TaskStatus", "TransferBatch", "error_text"]
+
+E_TIMEOUT = 1002  # MC_E_TIMEOUT
+
+
+class Status(enum.IntEnum):
+    """Mooncake's TransferStatusEnum."""
+
+    WAITING = 0
+    PENDING = 1
+    INVALID = 2
+    CANCELED = 3
+    COMPLETED = 4
+    TIMEOUT = 5
+    FAILED = 6
+
+
+def error_text(code: int) -> str:
+    import os
+
+    if code in _core.ERROR_NAMES:
+        return _core.ERROR_NAMES[code]
+    return os.strerror(code) if code > 0 else "ok"
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """The state of one request of a batch."""
+
+    status: Status
+    transferred_bytes: int
+    error: str = ""
+
+
+class TransferBatch:
+    """A submitted batch.  ``wait()`` raises :class:`TransferFailed`/``TransferTimeout``."""
+
+    def __init__(self, core: _core.Batch, peer: SegmentDesc, transport: Transport,
+                 timeout: float, on_close=None) -> None:
+        self.core = core
+        self.peer = peer
+        self.transport = transport
+        self.deadline = time.monotonic() + timeout
+        self._timed_out = False
+        self._on_close = on_close
+
+    def __len__(self) -> int:
+        return self.core.ntasks
+
+    @property
+    def done(self) -> bool:
+        return self.core.done or self._expire()
+
+    def _expire(self) -> bool:
+        """Past the deadline: abort the peer's in-flight work so every slice ends."""
+        if self._timed_out or time.monotonic() < self.deadline:
+            return self._timed_out
+        self._timed_out = True
+        self.transport.abort(self.peer)
+        self.core.wait(5.0)  # aborted lanes finish every slice promptly
+        return True
+
+    def statuses(self) -> list[TaskStatus]:
+        out = []
+        for st, nbytes, err in self.core.statuses():
+            s = Status(st)
+            if self._timed_out and (s == Status.PENDING or err == E_TIMEOUT or
+                                    (s == Status.FAILED and nbytes == 0)):
+                s = Status.TIMEOUT
+            out.append(TaskStatus(s, nbytes, error_text(err) if err else ""))
+        return out
+
+    def wait(self, timeout: float | None = None) -> list[TaskStatus]:
+        """Block until every task ends (at most ``timeout`` s, default: the batch deadline)."""
+        left = self.deadline - time.monotonic()
+        limit = left if timeout is None else min(timeout, left)
+        if not self.core.wait(max(limit, 0.0)):
+            if timeout is not None and timeout < left:
+                raise TransferTimeout(f"batch to {self.peer.name} still running after {timeout}s")
+            self._expire()
+        sts = self.statuses()
+        bad = [(i, s) for i, s in enumerate(sts) if s.status != Status.COMPLETED]
+        if bad:
+            i, s = bad[0]
+            cls = TransferTimeout if s.status == Status.TIMEOUT else TransferFailed
+            raise cls(f"{len(bad)} of {len(sts)} tasks to {self.peer.name} failed; "
+                      f"task {i}: {s.status.name}: {s.error}", sts)
+        return sts
+
+    def __await__(self):
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self.wait).__await__()
+
+    def close(self) -> None:
+        """Forget the batch (waits for in-flight slices so no memory is touched afterwards)."""
+        if not self.core.done:
+            self.deadline = min(self.deadline, time.monotonic())
+            self._expire()
+        if self._on_close is not None:
+            self._on_close(self)
+            self._on_close = None
+
+    def __enter__(self) -> TransferBatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,557 @@
+"""``TransferEngine``: segments, registered memory, batches, transports.
+
+Two faces on one object.  The Mooncake-compatible methods (``initialize``, ``register_memory``,
+``transfer_sync_write``...) keep Mooncake's names, argument order and integer return codes; they
+live in :class:`mooncake.compat.MooncakeAPI`.  The Pythonic face raises typed exceptions and
+accepts arrays and buffers::
+
+    with TransferEngine("127.0.0.1", protocol="tcp") as eng:
+        eng.register(buf)
+        eng.write("127.0.0.1:15123", buf, remote_addr)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mooncake._core import batch as _core
+from mooncake._core.regions import RegionTable, first_outside
+from mooncake.batch import Status, TaskStatus, TransferBatch
+from mooncake.compat import MooncakeAPI, TransferNotify, TransferOpcode
+from mooncake.config import Config, load_config
+from mooncake.errors import (
+    InvalidAddress,
+    InvalidBatch,
+    MooncakeError,
+    PeerUnreachable,
+    SegmentNotFound,
+    TransportUnavailable,
+)
+from mooncake.memory import ManagedBuffer, allocate_shm, buffer_info
+from mooncake.metadata.base import MetadataContext, parse_metadata_server
+from mooncake.registry import get_metadata, get_transport, transport_names
+from mooncake.rpc import RpcClient, RpcServer
+from mooncake.segments import SegmentCache, host_identity
+from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
+
+__all__ = ["TransferEngine", "TransferNotify", "TransferOpcode", "Status", "TaskStatus"]
+
+log = logging.getLogger("mooncake.engine")
+
+OPS = {"read": 0, "write": 1, 0: 0, 1: 1}
+E_PEER = 1001
+MAX_LENGTH = 1 << 48
+
+
+class TransferEngine(MooncakeAPI):
+    """A transfer engine: one segment (``host:rpc_port``), its memory and its transports.
+
+    ``TransferEngine()`` then :meth:`initialize` (Mooncake style), or
+    ``TransferEngine(local_hostname, metadata="p2p", protocol="auto", **config)`` which starts at
+    once and raises on failure.  ``config`` keys are option names (``slice_size=...`` or
+    ``MC_SLICE_SIZE=...``) and win over the environment.
+    """
+
+    def __init__(self, local_hostname: str | None = None, metadata: str = "P2PHANDSHAKE",
+                 protocol: str = "auto", device_name: str = "", **config: Any) -> None:
+        self._started = False
+        self._closed = False
+        self._overrides = config
+        self._lock = threading.RLock()
+        self.config: Config | None = None
+        if local_hostname is not None:
+            self.start(local_hostname, metadata, protocol, device_name)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, local_hostname: str, metadata: str = "P2PHANDSHAKE", protocol: str = "auto",
+              device_name: str = "") -> None:
+        """Bind the RPC port, start the transports and publish the segment."""
+        if self._started:
+            raise MooncakeError("engine already initialized")
+        cfg = self.config = load_config(self._overrides)
+        _set_log_level(cfg["MC_LOG_LEVEL"])
+        host, port = _split_host(local_hostname)
+        bind = cfg["MC_TCP_BIND_ADDRESS"] or _resolve(host)
+        self.protocol = (protocol or "auto").lower()
+        self.device_name = device_name or ""
+        self.host_id = host_identity()
+        self.regions = RegionTable()
+        self._regions: dict[int, Region] = {}
+        self._managed: dict[int, ManagedBuffer] = {}
+        self._batches: dict[int, TransferBatch] = {}
+        self._next_batch = 1
+        self._notifies: list[TransferNotify] = []
+        self._routes: dict[str, tuple[Transport, dict]] = {}
+        self._bytes = 0
+        self._rpc_client = RpcClient(cfg["MC_HANDSHAKE_MAX_LENGTH"],
+                                     float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
+        if port is not None:
+            ports = [port]
+        else:
+            ports = list(range(cfg["MC_MIN_RPC_PORT"], cfg["MC_MAX_RPC_PORT"] + 1))
+            random.shuffle(ports)
+            ports = ports[:500]
+        self._rpc = RpcServer(bind, ports, cfg["MC_HANDSHAKE_MAX_LENGTH"])
+        try:
+            self.segment_name = f"{host}:{self._rpc.port}"
+            self._rpc.add_handler("segment.describe", lambda args: self.describe())
+            self._rpc.add_handler("notify", self._on_notify)
+            self._rpc.add_handler("probe", lambda args: {"segment": self.segment_name})
+            scheme, addr = parse_metadata_server(metadata)
+            store_cls = get_metadata(scheme)
+            self.metadata = store_cls(addr, MetadataContext(cfg, self._rpc_call))
+            self._segments = SegmentCache(
+                self.metadata.fetch, enabled=not cfg["MC_DISABLE_METACACHE"],
+                refresh_interval=float(cfg["MC_TE_METADATA_REFRESH_INTERVAL_SECONDS"]))
+            ctx = TransportContext(cfg, self.segment_name, bind, self.host_id, self.regions,
+                                   self._rpc.add_handler, self._rpc_call)
+            ctx.device_name = self.device_name  # type: ignore[attr-defined]
+            self.transports = self._start_transports(ctx)
+            self._started = True
+            self._publish()
+        except BaseException:
+            self._shutdown()
+            raise
+        if cfg["MC_TE_METRIC"]:
+            threading.Thread(target=self._metric_loop, daemon=True, name="mc-metric").start()
+        log.info("engine %s up: transports %s, metadata %s", self.segment_name,
+                 ", ".join(self.transports), scheme)
+
+    def _start_transports(self, ctx: TransportContext) -> dict[str, Transport]:
+        cfg = ctx.config
+        if self.protocol not in ("auto", ""):
+            wanted = [self.protocol]
+        elif cfg["MC_FORCE_TCP"]:
+            wanted = ["tcp"]
+        else:
+            wanted = transport_names()
+        out: dict[str, Transport] = {}
+        for name in wanted:
+            explicit = name == self.protocol
+            try:
+                if not explicit and not _enabled(cfg, name):
+                    log.debug("transport %s disabled by configuration", name)
+                    continue
+                t = get_transport(name)(ctx)
+                t.transport_fields = t.start()  # type: ignore[attr-defined]
+            except Exception as e:
+                if explicit:
+                    if isinstance(e, TransportUnavailable):
+                        raise
+                    raise TransportUnavailable(f"transport {name!r} failed to start: {e}") from e
+                log.debug("transport %s not used: %s", name, e)
+                continue
+            out[name] = t
+        if not out:
+            raise TransportUnavailable("no transport could start (see `mooncake transports`)")
+        return dict(sorted(out.items(), key=lambda kv: kv[1].auto_priority))
+
+    def close(self) -> None:
+        """Remove our descriptor, stop transports and the RPC listener, free managed buffers."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            self.metadata.remove(self.segment_name)
+        except Exception as e:
+            log.debug("removing descriptor failed: %s", e)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        for t in getattr(self, "transports", {}).values():
+            try:
+                t.close()
+            except Exception as e:
+                log.warning("closing transport %s: %s", t.name, e)
+        if getattr(self, "metadata", None) is not None:
+            try:
+                self.metadata.close()
+            except Exception as e:
+                log.debug("closing metadata store: %s", e)
+        if getattr(self, "_rpc", None) is not None:
+            self._rpc.close()
+            self._rpc_client.close()
+        for m in list(getattr(self, "_managed", {}).values()):
+            m.close()
+        self._managed = {}
+
+    def __enter__(self) -> TransferEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if self._started and not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    # -- descriptor / metadata ----------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """Our segment descriptor (what peers fetch)."""
+        with self._lock:
+            bufs = [r.describe() for r in sorted(self._regions.values(), key=lambda r: r.addr)]
+        return {
+            "name": self.segment_name,
+            "protocol": self.protocol,
+            "host_id": self.host_id,
+            "pid": os.getpid(),
+            "timestamp": time.time(),
+            "transports": {n: t.transport_fields for n, t in self.transports.items()},
+            "buffers": bufs,
+        }
+
+    def _publish(self) -> None:
+        if self._started:
+            self.metadata.publish(self.segment_name, self.describe())
+
+    def _rpc_call(self, segment: str, method: str, args: dict | None = None,
+                  timeout: float = 10.0) -> Any:
+        return self._rpc_client.call(segment, method, args, timeout)
+
+    def segment(self, name: str, refresh: bool = False) -> SegmentDesc:
+        """A peer's descriptor (cached; ``refresh`` refetches)."""
+        self._check_started()
+        return self._segments.get(name, refresh).desc
+
+    def _peer(self, name: str):
+        try:
+            return self._segments.get(name)
+        except PeerUnreachable as e:
+            raise SegmentNotFound(f"segment {name!r} cannot be reached: {e}") from None
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def register(self, obj: Any, length: int | None = None, location: str = "*") -> Region:
+        """Register memory: an int address (with ``length``) or a NumPy/CuPy array or buffer.
+
+        The object is kept alive until :meth:`unregister`.  Returns the :class:`Region`.
+        """
+        self._check_started()
+        owner = None
+        if isinstance(obj, int):
+            addr, nbytes, loc = obj, length, "cpu:0"
+            if nbytes is None:
+                raise InvalidAddress("register(addr, length): length is required for an address")
+        else:
+            addr, nbytes, loc = buffer_info(obj)
+            owner = obj
+            if length is not None:
+                if not 0 < length <= nbytes:
+                    raise InvalidAddress(f"length {length} outside the buffer's {nbytes} bytes")
+                nbytes = length
+        return self._register(addr, nbytes, loc if location in ("*", "", None) else location,
+                              owner)
+
+    def _register(self, addr: int, length: int, location: str, owner: Any = None,
+                  shm_name: str | None = None, publish: bool = True) -> Region:
+        if not isinstance(addr, int) or addr <= 0:
+            raise InvalidAddress(f"address must be a positive int, got {addr!r}")
+        if not isinstance(length, int) or not 0 < length <= MAX_LENGTH:
+            raise InvalidAddress(f"length must be in 1..2**48, got {length!r}")
+        try:
+            self.regions.add(addr, length)
+        except ValueError as e:
+            raise InvalidAddress(f"cannot register 0x{addr:x}+{length}: {e}") from None
+        region = Region(addr, length, location, shm_name, owner)
+        try:
+            for name, t in self.transports.items():
+                fields = t.register(region)
+                if fields:
+                    region.fields[name] = fields
+        except BaseException:
+            self.regions.remove(addr)
+            for t in self.transports.values():
+                try:
+                    t.unregister(region)
+                except Exception:
+                    pass
+            raise
+        with self._lock:
+            self._regions[addr] = region
+        if publish:
+            self._publish()
+        return region
+
+    def unregister(self, obj: Any, publish: bool = True) -> None:
+        """Unregister memory by address, buffer object or :class:`Region`."""
+        self._check_started()
+        addr = obj.addr if isinstance(obj, Region) else (
+            obj if isinstance(obj, int) else buffer_info(obj)[0])
+        with self._lock:
+            region = self._regions.pop(addr, None)
+        if region is None:
+            raise InvalidAddress(f"0x{addr:x} is not the start of a registered region")
+        self.regions.remove(addr)  # waits for peers' in-progress access to finish
+        for t in self.transports.values():
+            t.unregister(region)
+        if publish:
+            self._publish()
+
+    def allocate(self, length: int) -> ManagedBuffer:
+        """Allocate and register a shm-backed buffer that same-host peers can map by name."""
+        self._check_started()
+        if self.config["MC_STORE_USE_HUGEPAGE"]:
+            from mooncake import hugepage
+
+            mb = hugepage.allocate(length, self.config)
+        else:
+            mb = allocate_shm(length)
+        try:
+            self._register(mb.addr, mb.length, "cpu:0", mb, mb.shm_name)
+        except BaseException:
+            mb.close()
+            raise
+        self._managed[mb.addr] = mb
+        return mb
+
+    def free(self, addr: int) -> None:
+        """Unregister and free a managed buffer."""
+        mb = self._managed.get(addr)
+        if mb is None:
+            raise InvalidAddress(f"0x{addr:x} is not a managed buffer of this engine")
+        self.unregister(addr)
+        del self._managed[addr]
+        mb.close()
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def _route(self, peer: SegmentDesc) -> Transport:
+        hit = self._routes.get(peer.name)
+        if hit is not None and hit[1].get("ts") == peer.timestamp:
+            return hit[0]
+        info = self.explain_desc(peer)
+        chosen = info["chosen"]
+        if chosen is None:
+            raise TransportUnavailable(info["reason"])
+        log.debug("segment %s via %s (%s)", peer.name, chosen, info["candidates"])
+        t = self.transports[chosen]
+        self._routes[peer.name] = (t, {"ts": peer.timestamp})
+        return t
+
+    def explain(self, segment: str) -> dict:
+        """Which transport a transfer to ``segment`` uses, and why each other one does not."""
+        return self.explain_desc(self._peer(segment).desc)
+
+    def explain_desc(self, peer: SegmentDesc) -> dict:
+        cands = []
+        for name, t in self.transports.items():
+            why = t.can_reach(peer)
+            cands.append({"transport": name, "priority": t.auto_priority,
+                          "reachable": why is None, "reason": why or "ok"})
+        ok = [c["transport"] for c in cands if c["reachable"]]
+        if self.protocol not in ("auto", ""):
+            c = cands[0]
+            chosen = c["transport"] if c["reachable"] else None
+            reason = (f"protocol {self.protocol!r} cannot reach segment {peer.name!r}: "
+                      f"{c['reason']}")
+        else:
+            chosen = ok[0] if ok else None
+            reason = f"no transport reaches segment {peer.name!r}: " + "; ".join(
+                f"{c['transport']}: {c['reason']}" for c in cands)
+        return {"segment": peer.name, "protocol": self.protocol, "chosen": chosen,
+                "reason": "ok" if chosen else reason, "candidates": cands}
+
+    # -- transfers ----------------------------------------------------------------------------
+
+    def _prepare(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
+                 length: Sequence[int]):
+        self._check_started()
+        if op not in OPS:
+            raise InvalidAddress(f"op must be 'read' or 'write' (or 0/1), got {op!r}")
+        n = len(local)
+        if not (n == len(remote) == len(length)):
+            raise InvalidAddress(f"buffers, peer addresses and lengths differ in length "
+                                 f"({n}, {len(remote)}, {len(length)})")
+        if n == 0:
+            raise InvalidAddress("empty batch: give at least one request")
+        for i, ln in enumerate(length):
+            if not isinstance(ln, int) or not 0 < ln <= MAX_LENGTH:
+                raise InvalidAddress(f"request {i}: length must be in 1..2**48, got {ln!r}")
+        bad = first_outside(self.regions, local, length)
+        if bad >= 0:
+            raise InvalidAddress(f"request {bad}: local range 0x{local[bad]:x}+{length[bad]} "
+                                 "is not inside registered memory (register it first)")
+        entry = self._peer(segment)
+        bad = first_outside(entry.table, remote, length)
+        if bad >= 0:  # the peer may have registered more since we cached it
+            entry = self._segments.get(segment, refresh=True)
+            bad = first_outside(entry.table, remote, length)
+            if bad >= 0:
+                raise InvalidAddress(
+                    f"request {bad}: remote range 0x{remote[bad]:x}+{length[bad]} is outside "
+                    f"the {len(entry.desc.buffers)} buffers segment {segment!r} registered")
+        peer = entry.desc
+        t = self._route(peer)
+        core = _core.Batch(n)
+        slices = _core.slice_requests(core, OPS[op], local, remote, length, t.slice_size,
+                                      t.fragment_ratio)
+        timeout = float(self.config["MC_TRANSFER_TIMEOUT"]) + sum(length) / 1e9
+        return peer, t, core, slices, timeout
+
+    def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
+                 length: Sequence[int], timeout: float | None = None) -> list[TaskStatus]:
+        """Run a batch to completion; raises :class:`TransferFailed` if any request failed."""
+        peer, t, core, slices, tmo = self._prepare(segment, op, local, remote, length)
+        b = TransferBatch(core, peer, t, tmo if timeout is None else timeout)
+        if not t.transfer(peer, slices, b.deadline - time.monotonic()):
+            b.deadline = 0.0
+        try:
+            sts = b.wait()
+        except MooncakeError:
+            self._after_failure(peer, b)
+            raise
+        self._bytes += sum(length)
+        return sts
+
+    def submit(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
+               length: Sequence[int], timeout: float | None = None) -> TransferBatch:
+        """Start a batch and return at once; ``wait()`` it, ``await`` it or poll its status."""
+        peer, t, core, slices, tmo = self._prepare(segment, op, local, remote, length)
+        b = TransferBatch(core, peer, t, tmo if timeout is None else timeout,
+                          on_close=self._forget_batch)
+        t.submit(peer, slices)
+        with self._lock:
+            b.id = self._next_batch
+            self._next_batch += 1
+            self._batches[b.id] = b
+        return b
+
+    def batch(self, batch_id: int) -> TransferBatch:
+        """The batch with this id; :class:`InvalidBatch` for an id never issued or freed."""
+        b = self._batches.get(batch_id) if isinstance(batch_id, int) else None
+        if b is None:
+            raise InvalidBatch(f"unknown batch id {batch_id!r} (never issued by this engine, "
+                               "or already freed)")
+        return b
+
+    def _forget_batch(self, b: TransferBatch) -> None:
+        with self._lock:
+            self._batches.pop(getattr(b, "id", None), None)
+
+    def _after_failure(self, peer: SegmentDesc, b: TransferBatch) -> None:
+        if any(s.error == _core.ERROR_NAMES[E_PEER] for s in b.statuses()):
+            self._segments.drop(peer.name)
+            self._routes.pop(peer.name, None)
+
+    def write(self, segment: str, src: Any, remote_addr: int, length: int | None = None,
+              timeout: float | None = None) -> None:
+        """Copy local ``src`` (address or registered buffer) to ``remote_addr`` in ``segment``."""
+        addr, n = self._local(src, length)
+        self.transfer(segment, "write", [addr], [remote_addr], [n], timeout)
+
+    def read(self, segment: str, dst: Any, remote_addr: int, length: int | None = None,
+             timeout: float | None = None) -> None:
+        """Copy ``length`` bytes at ``remote_addr`` in ``segment`` into local ``dst``."""
+        addr, n = self._local(dst, length)
+        self.transfer(segment, "read", [addr], [remote_addr], [n], timeout)
+
+    @staticmethod
+    def _local(obj: Any, length: int | None) -> tuple[int, int]:
+        if isinstance(obj, int):
+            if length is None:
+                raise InvalidAddress("length is required when the local side is an address")
+            return obj, length
+        addr, n, _ = buffer_info(obj)
+        return addr, n if length is None else length
+
+    def notify(self, segment: str, name: str, msg: str) -> None:
+        """Send a notification to a peer (it shows up in the peer's ``get_notifies()``)."""
+        self._rpc_call(segment, "notify", {"name": name, "msg": msg})
+
+    def _on_notify(self, args: dict) -> dict:
+        with self._lock:
+            self._notifies.append(TransferNotify(str(args.get("name", "")),
+                                                 str(args.get("msg", ""))))
+        return {}
+
+    def take_notifies(self) -> list[TransferNotify]:
+        with self._lock:
+            out, self._notifies = self._notifies, []
+        return out
+
+    def probe(self, segment: str) -> None:
+        """Raise :class:`PeerUnreachable` unless ``segment`` answers on its RPC port."""
+        self._check_started()
+        self._rpc_call(segment, "probe", {}, timeout=5.0)
+
+    # -- misc ---------------------------------------------------------------------------------
+
+    def topology(self) -> dict:
+        """Local memory nodes and transports (``get_local_topology`` returns it as JSON)."""
+        nodes = sorted(int(d[4:]) for d in _listdir("/sys/devices/system/node")
+                       if d.startswith("node") and d[4:].isdigit()) or [0]
+        tinfo = {n: getattr(t, "topology", lambda: {})() for n, t in self.transports.items()}
+        return {"mems": [{"name": f"cpu:{n}", "numa_node": n} for n in nodes],
+                "nics": [nic for v in tinfo.values() for nic in v.get("nics", [])],
+                "transports": list(self.transports)}
+
+    def _metric_loop(self) -> None:
+        interval = float(self.config["MC_TE_METRIC_INTERVAL_SECONDS"])
+        last = self._bytes
+        while not self._closed:
+            time.sleep(interval)
+            now = self._bytes
+            log.info("throughput %.3f GB/s over %.0fs", (now - last) / interval / 1e9, interval)
+            last = now
+
+    def _check_started(self) -> None:
+        if not self._started or self._closed:
+            raise MooncakeError("engine is not initialized (call initialize() or pass "
+                                "local_hostname)" if not self._closed else "engine is closed")
+
+
+def _enabled(cfg: Config, name: str) -> bool:
+    try:
+        return bool(cfg[f"transports/{name}/enable"])
+    except KeyError:
+        return True
+
+
+def _split_host(local_hostname: str) -> tuple[str, int | None]:
+    s = (local_hostname or "").strip()
+    if not s:
+        raise InvalidAddress("local_hostname must not be empty")
+    if s.count(":") == 1:
+        host, port = s.split(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidAddress(f"local_hostname {s!r}: port must be 1..65535")
+        return host, int(port)
+    return s, None
+
+
+def _resolve(host: str) -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(host)
+    except OSError as e:
+        raise InvalidAddress(f"local_hostname {host!r} does not resolve: {e}") from None
+
+
+def _set_log_level(level: str) -> None:
+    lvl = {"TRACE": logging.DEBUG}.get(str(level).upper(), str(level).upper())
+    logging.getLogger("mooncake").setLevel(lvl)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)

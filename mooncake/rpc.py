@@ -1,0 +1,223 @@
+"""The engine's control plane: one framed, length-bounded RPC listener per engine.
+
+Frame: ``b"MCRP"``, u8 kind (1 request, 2 reply), u32 body length (little-endian), JSON body.
+A request body is ``{"method": str, "args": {...}}``; a reply is ``{"ok": true, "result": ...}``
+or ``{"ok": false, "error": str, "type": str}``.  A malformed or oversized frame closes that
+connection only.  Methods are registered with :meth:`RpcServer.add_handler`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from mooncake.errors import MooncakeError, PeerUnreachable, ProtocolError
+
+__all__ = ["RpcServer", "RpcClient", "RemoteError"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MCRP"
+HEADER = struct.Struct("<4sBI")
+REQUEST, REPLY = 1, 2
+
+
+class RemoteError(MooncakeError):
+    """The peer's handler raised; ``type`` is its exception class name."""
+
+    def __init__(self, message: str, type_name: str = "") -> None:
+        super().__init__(message)
+        self.type = type_name
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("connection closed")
+        got += k
+    return bytes(buf)
+
+
+def send_frame(sock: socket.socket, kind: int, obj: Any) -> None:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    sock.sendall(HEADER.pack(MAGIC, kind, len(body)) + body)
+
+
+def recv_frame(sock: socket.socket, max_length: int) -> tuple[int, Any]:
+    magic, kind, length = HEADER.unpack(_recv_exact(sock, HEADER.size))
+    if magic != MAGIC or kind not in (REQUEST, REPLY):
+        raise ProtocolError(f"bad RPC frame header {magic!r}/{kind}")
+    if length > max_length:
+        raise ProtocolError(f"RPC frame of {length} bytes exceeds MC_HANDSHAKE_MAX_LENGTH={max_length}")
+    try:
+        return kind, json.loads(_recv_exact(sock, length))
+    except ValueError as e:
+        raise ProtocolError(f"RPC body is not JSON: {e}") from None
+
+
+class RpcServer:
+    """Threaded RPC listener bound to ``(host, port)``."""
+
+    def __init__(self, host: str, ports: list[int], max_length: int, backlog: int = 128) -> None:
+        self.max_length = max_length
+        self._handlers: dict[str, Callable[[dict], Any]] = {}
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.sock = _bind_first(host, ports, backlog)
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, name=f"mc-rpc-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+
+    def add_handler(self, method: str, fn: Callable[[dict], Any]) -> None:
+        self._handlers[method] = fn
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                             name="mc-rpc-conn").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                kind, msg = recv_frame(conn, self.max_length)
+                if kind != REQUEST or not isinstance(msg, dict) or not isinstance(
+                        msg.get("method"), str):
+                    raise ProtocolError("expected a request object with a 'method'")
+                send_frame(conn, REPLY, self._dispatch(msg["method"], msg.get("args") or {}))
+        except (ConnectionError, OSError, struct.error):
+            pass
+        except ProtocolError as e:
+            log.warning("RPC: dropping connection: %s", e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _dispatch(self, method: str, args: dict) -> dict:
+        fn = self._handlers.get(method)
+        if fn is None:
+            return {"ok": False, "error": f"unknown RPC method {method!r}", "type": "ProtocolError"}
+        try:
+            return {"ok": True, "result": fn(args)}
+        except Exception as e:  # the caller gets the error; the server goes on
+            log.debug("RPC %s failed: %s", method, e, exc_info=True)
+            return {"ok": False, "error": str(e), "type": type(e).__name__}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(timeout=2)
+
+
+def _bind_first(host: str, ports: list[int], backlog: int) -> socket.socket:
+    last: OSError | None = None
+    for port in ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((host, port))
+            s.listen(backlog)
+            return s
+        except OSError as e:
+            s.close()
+            last = e
+    shown = f"{ports[0]}" if len(ports) == 1 else f"{min(ports)}..{max(ports)}"
+    raise PeerUnreachable(f"cannot bind the RPC listener on {host}:{shown}: {last}")
+
+
+class RpcClient:
+    """Pooled RPC connections to peers, one per ``host:port``; thread-safe."""
+
+    def __init__(self, max_length: int, connect_timeout: float) -> None:
+        self.max_length = max_length
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[socket.socket]] = {}
+
+    def call(self, segment: str, method: str, args: dict | None = None,
+             timeout: float = 10.0) -> Any:
+        """Call ``method`` on the engine named ``segment`` (``host:port``)."""
+        sock = self._checkout(segment)
+        try:
+            sock.settimeout(timeout)
+            send_frame(sock, REQUEST, {"method": method, "args": args or {}})
+            kind, reply = recv_frame(sock, self.max_length)
+        except (OSError, ProtocolError, struct.error) as e:
+            sock.close()
+            raise PeerUnreachable(f"RPC {method} to {segment} failed: {e}") from None
+        self._checkin(segment, sock)
+        if kind != REPLY or not isinstance(reply, dict):
+            raise PeerUnreachable(f"RPC {method} to {segment}: malformed reply")
+        if not reply.get("ok"):
+            raise RemoteError(f"{segment}: {reply.get('error')}", reply.get("type", ""))
+        return reply.get("result")
+
+    def _checkout(self, segment: str) -> socket.socket:
+        with self._lock:
+            idle = self._idle.get(segment)
+            if idle:
+                return idle.pop()
+        host, port = split_segment(segment)
+        try:
+            s = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except OSError as e:
+            raise PeerUnreachable(f"cannot reach segment {segment!r}: {e}") from None
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def _checkin(self, segment: str, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.setdefault(segment, []).append(sock)
+
+    def forget(self, segment: str) -> None:
+        with self._lock:
+            for s in self._idle.pop(segment, []):
+                s.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for socks in self._idle.values():
+                for s in socks:
+                    s.close()
+            self._idle.clear()
+
+
+def split_segment(segment: str) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``; ``SegmentNotFound`` style errors as ValueError."""
+    host, sep, port = segment.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        from mooncake.errors import SegmentNotFound
+
+        raise SegmentNotFound(f"segment name {segment!r} is not host:port")
+    return host.strip("[]"), int(port)
