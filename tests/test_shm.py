@@ -1,0 +1,391 @@
+"""The ``shm`` transport between real processes: mapped managed buffers, cross-memory attach,
+reachability reasons (host identity, EPERM), and faults (unregister, exit, bad ranges)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mooncake._core.batch import Batch, slice_requests
+
+from mooncake.segments import decode, host_identity
+from mooncake.transport import Region, TransportContext
+from transports.shm import ShmTransport
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPLETED, FAILED = 4, 6
+E_REFUSED, E_PEER = 1000, 1001
+READ, WRITE = 0, 1
+
+# A peer process driven over stdin/stdout, one JSON command per line.  It imports everything
+# first and may then drop to another uid (`--uid`), optionally staying dumpable (`--dumpable`).
+PEER = r"""
+import ctypes, json, mmap, os, sys, zlib
+import numpy as np
+from mooncake.segments import host_identity
+from mooncake.transport import Region, TransportContext
+from transports.shm import ShmTransport
+args = sys.argv[1:]
+if "--uid" in args:
+    uid = int(args[args.index("--uid") + 1])
+    os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+    if "--dumpable" in args:
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2}
+ctx = TransportContext(cfg, "peer:1", "127.0.0.1", host_identity(), None, None, None)
+t = ShmTransport(ctx)
+fields = t.start()
+regions, keep = {}, {}
+def out(x):
+    sys.stdout.write(json.dumps(x) + "\n"); sys.stdout.flush()
+def desc():
+    return {"name": "peer:1", "host_id": host_identity(), "pid": os.getpid(),
+            "buffers": [r.describe() for r in regions.values()], "transports": {"shm": fields}}
+def reg(addr, n, owner, shm_name=None):
+    r = Region(addr, n, "cpu:0", shm_name, owner)
+    f = t.register(r)
+    if f is not None: r.fields["shm"] = f
+    regions[addr] = r
+    return addr
+for line in sys.stdin:
+    c = json.loads(line)
+    op = c["op"]
+    if op == "array":
+        a = np.zeros(c["n"], dtype=np.uint8)
+        out(reg(a.ctypes.data, a.nbytes, a))
+    elif op == "managed":
+        name = "mooncake_%d_%s" % (os.getpid(), os.urandom(4).hex())
+        fd = os.open("/dev/shm/" + name, os.O_CREAT | os.O_RDWR, 0o600)
+        os.ftruncate(fd, c["n"]); m = mmap.mmap(fd, c["n"]); os.close(fd)
+        a = np.frombuffer(m, dtype=np.uint8)
+        keep[a.ctypes.data] = name
+        out(reg(a.ctypes.data, a.nbytes, (m, a), name))
+    elif op == "desc":
+        out(desc())
+    elif op == "fill":
+        a = regions[c["addr"]].owner
+        a = a[1] if isinstance(a, tuple) else a
+        a[:] = np.random.default_rng(c["seed"]).integers(0, 255, a.nbytes, dtype=np.uint8)
+        out(zlib.crc32(a))
+    elif op == "crc":
+        a = ctypes.string_at(c["addr"], c["n"])
+        out(zlib.crc32(a))
+    elif op == "unregister":
+        r = regions.pop(c["addr"])
+        t.unregister(r)
+        out(True)
+    elif op == "exit":
+        t.close()
+        for name in keep.values():
+            os.unlink("/dev/shm/" + name)
+        out(True)
+        break
+"""
+
+
+class Peer:
+    def __init__(self, *args: str) -> None:
+        self.p = subprocess.Popen([sys.executable, "-c", PEER, *args], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def __call__(self, op: str, **kw):
+        self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer died (rc={self.p.wait()})")
+        return json.loads(line)
+
+    def desc(self):
+        return decode("peer:1", self("desc"))
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self("exit")
+            except (RuntimeError, BrokenPipeError):
+                pass
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def peer():
+    p = Peer()
+    yield p
+    p.close()
+
+
+def make_transport(**cfg) -> ShmTransport:
+    base = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2}
+    base.update(cfg)
+    ctx = TransportContext(base, "me:1", "127.0.0.1", host_identity(), None, None, None)
+    t = ShmTransport(ctx)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def shm():
+    t = make_transport()
+    yield t
+    t.close()
+
+
+def move(t, desc, op, local, remote, length, timeout=30.0):
+    b = Batch(len(local))
+    s = slice_requests(b, op, local, remote, length, t.slice_size, t.fragment_ratio)
+    assert t.transfer(desc, s, timeout)
+    return b.statuses()
+
+
+@pytest.mark.parametrize("kind", ["array", "managed"])
+@pytest.mark.parametrize("inline", [0, 1 << 30])
+def test_write_then_read_back(peer, kind, inline):
+    t = make_transport(**{"transports/shm/async_memcpy_threshold": inline})
+    try:
+        n = 5 * (1 << 20) + 77
+        raddr = peer(kind, n=n)
+        d = peer.desc()
+        assert t.can_reach(d) is None
+        src = np.random.default_rng(3).integers(0, 255, n, dtype=np.uint8)
+        st = move(t, d, WRITE, [src.ctypes.data], [raddr], [n])
+        assert st == [(COMPLETED, n, 0)]
+        assert peer("crc", addr=raddr, n=n) == zlib.crc32(src)
+        crc = peer("fill", addr=raddr, seed=9)
+        dst = np.zeros(n, dtype=np.uint8)
+        # several requests, unaligned pieces
+        cuts = [0, 1, 4097, 1 << 20, n]
+        loc = [dst.ctypes.data + a for a in cuts[:-1]]
+        rem = [raddr + a for a in cuts[:-1]]
+        ln = [b - a for a, b in zip(cuts, cuts[1:], strict=False)]
+        st = move(t, d, READ, loc, rem, ln)
+        assert all(s[0] == COMPLETED for s in st)
+        assert zlib.crc32(dst) == crc
+    finally:
+        t.close()
+
+
+def test_managed_buffers_are_mapped_arrays_are_attached(peer, shm):
+    a = peer("array", n=1 << 20)
+    m = peer("managed", n=1 << 20)
+    d = peer.desc()
+    assert shm.can_reach(d) is None
+    link = shm._link(d)
+    table = shm._table(link, d)
+    assert len(table) == 2 and len(link.maps) == 1
+    (name, addr, _), = link.maps
+    assert addr == m and name == d.find_buffer(m, 1).shm_name
+    assert table.find(a, 16) >= 0 and table.find(m, 16) >= 0
+
+
+def test_outside_registered_memory_is_refused(peer, shm):
+    raddr = peer("array", n=1 << 20)
+    d = peer.desc()
+    src = np.ones(1 << 20, dtype=np.uint8)
+    st = move(shm, d, WRITE, [src.ctypes.data, src.ctypes.data],
+              [raddr + 4096, raddr], [1 << 20, 4096])
+    assert st[0][0] == FAILED and st[0][2] == E_REFUSED
+    assert st[1][0] == COMPLETED  # (slices of request 0 inside the buffer may have landed)
+    assert peer("crc", addr=raddr, n=4096) == zlib.crc32(b"\x01" * 4096)
+
+
+@pytest.mark.parametrize("kind", ["array", "managed"])
+def test_peer_unregistered_buffer_fails_no_write(peer, shm, kind):
+    """A stale descriptor still lists the buffer: the slot check refuses the copy."""
+    raddr = peer(kind, n=1 << 20)
+    d = peer.desc()
+    src = np.ones(1 << 20, dtype=np.uint8)
+    assert move(shm, d, WRITE, [src.ctypes.data], [raddr], [4096])[0][0] == COMPLETED
+    assert peer("unregister", addr=raddr)
+    src[:] = 2
+    st = move(shm, d, WRITE, [src.ctypes.data], [raddr], [1 << 20])
+    assert st[0][0] == FAILED and st[0][2] == E_REFUSED
+    assert peer("crc", addr=raddr, n=4096) == zlib.crc32(b"\x01" * 4096)
+
+
+def test_peer_unregisters_while_copies_are_queued(peer):
+    t = make_transport(MC_WORKERS_PER_CTX=1)
+    try:
+        raddr = peer("array", n=32 << 20)
+        d = peer.desc()
+        src = np.ones(32 << 20, dtype=np.uint8)
+        n = 24
+        b = Batch(n)
+        s = slice_requests(b, WRITE, [src.ctypes.data] * n, [raddr] * n, [32 << 20] * n,
+                           65536, 4)
+        t.submit(d, s)
+        assert peer("unregister", addr=raddr)
+        assert b.wait(60)
+        st = b.statuses()
+        assert {x[0] for x in st} <= {COMPLETED, FAILED}
+        assert st[-1] == (FAILED, 0, E_REFUSED) or st[-1][0] == COMPLETED
+        assert any(x[0] == FAILED and x[2] == E_REFUSED for x in st)
+    finally:
+        t.close()
+
+
+def test_peer_killed(peer, shm):
+    raddr = peer("managed", n=1 << 20)
+    d = peer.desc()
+    src = np.ones(1 << 20, dtype=np.uint8)
+    assert move(shm, d, WRITE, [src.ctypes.data], [raddr], [1 << 20])[0][0] == COMPLETED
+    peer.p.send_signal(signal.SIGKILL)
+    peer.p.wait()
+    st = move(shm, d, WRITE, [src.ctypes.data], [raddr], [1 << 20])
+    assert st[0][0] == FAILED and st[0][2] == E_PEER
+    assert "exited" in shm.can_reach(d)
+
+
+def test_peer_closed_cleanly_fails(peer, shm):
+    raddr = peer("array", n=1 << 20)
+    d = peer.desc()
+    dst = np.zeros(1 << 20, dtype=np.uint8)
+    assert move(shm, d, READ, [dst.ctypes.data], [raddr], [4096])[0][0] == COMPLETED
+    peer.close()
+    st = move(shm, d, READ, [dst.ctypes.data], [raddr], [4096])
+    assert st[0][0] == FAILED
+
+
+def test_same_process_loopback(shm):
+    a = np.arange(1 << 20, dtype=np.uint8)
+    r = Region(a.ctypes.data, a.nbytes, "cpu:0", None, a)
+    r.fields["shm"] = shm.register(r)
+    d = decode("me:1", {"name": "me:1", "host_id": host_identity(), "pid": os.getpid(),
+                        "buffers": [r.describe()],
+                        "transports": {"shm": {"ctl": shm.ctl.name, "pid": os.getpid(),
+                                               "token_addr": shm.ctl.token_addr}}})
+    assert shm.can_reach(d) is None
+    dst = np.zeros_like(a)
+    assert move(shm, d, READ, [dst.ctypes.data], [a.ctypes.data], [a.nbytes])[0][0] == COMPLETED
+    assert np.array_equal(dst, a)
+
+
+def test_reach_reasons(peer, shm):
+    peer("array", n=4096)
+    raw = peer("desc")
+    assert shm.can_reach(decode("peer:1", raw)) is None
+    other = dict(raw, host_id="another-boot/123")
+    assert "another host" in shm.can_reach(decode("peer:1", other))
+    nosh = dict(raw, transports={})
+    assert "does not publish shm" in shm.can_reach(decode("peer:1", nosh))
+    noctl = dict(raw, transports={"shm": {"pid": raw["pid"], "ctl": "mooncake_nonexistent_ctl"}})
+    assert "control page" in shm.can_reach(decode("peer:2", noctl))
+    wrongpid = dict(raw, pid=1, transports={"shm": {**raw["transports"]["shm"], "pid": 1}})
+    assert "does not belong to pid 1" in shm.can_reach(decode("peer:3", wrongpid))
+
+
+def test_disabled_by_config():
+    ctx = TransportContext({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4,
+                            "transports/shm/enable": False}, "me:1", "127.0.0.1",
+                           host_identity(), None, None, None)
+    t = ShmTransport(ctx)
+    from mooncake.errors import TransportUnavailable
+
+    with pytest.raises(TransportUnavailable, match="transports/shm/enable"):
+        t.start()
+
+
+UNPRIV = 65534  # nobody
+
+
+def _initiator(peer_desc: dict, raddr: int) -> subprocess.CompletedProcess:
+    """can_reach + one write from a process running as `nobody`, not dumpable."""
+    code = r"""
+import json, os, sys
+import numpy as np
+from mooncake._core.batch import Batch, slice_requests
+from mooncake.segments import decode, host_identity
+from mooncake.transport import TransportContext
+from transports.shm import ShmTransport
+d = decode("peer:1", json.loads(sys.argv[1])); raddr = int(sys.argv[2])
+os.setgroups([]); os.setresgid(%d, %d, %d); os.setresuid(%d, %d, %d)
+cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4}
+t = ShmTransport(TransportContext(cfg, "me:1", "127.0.0.1", host_identity(), None, None, None))
+t.start()
+why = t.can_reach(d)
+src = np.full(4096, 7, dtype=np.uint8)
+b = Batch(1)
+s = slice_requests(b, 1, [src.ctypes.data], [raddr], [4096], 65536, 4)
+t.submit(d, s); b.wait(10)
+print(json.dumps({"why": why, "status": b.status(0)}))
+t.close()
+""" % ((UNPRIV,) * 6)
+    return subprocess.run([sys.executable, "-c", code, json.dumps(peer_desc), str(raddr)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the peers as another user")
+@pytest.mark.parametrize("dumpable", [False, True])
+def test_attach_refused_is_reported_not_silent(dumpable):
+    """Both ends run as `nobody`; a peer that is not dumpable (the kernel's default after a uid
+    change) refuses cross-memory attach: can_reach says EPERM and the copy FAILs.  The same setup
+    with a dumpable peer works, which shows the refusal comes from the kernel's ptrace check."""
+    p = Peer("--uid", str(UNPRIV), *(["--dumpable"] if dumpable else []))
+    try:
+        raddr = p("array", n=4096)
+        r = _initiator(p("desc"), raddr)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        if dumpable:
+            assert res["why"] is None and res["status"][0] == COMPLETED
+            assert p("crc", addr=raddr, n=4096) == zlib.crc32(b"\x07" * 4096)
+        else:
+            assert "EPERM" in res["why"] and "refused" in res["why"]
+            assert res["status"][0] == FAILED
+            assert p("crc", addr=raddr, n=4096) == zlib.crc32(b"\x00" * 4096)
+    finally:
+        p.close()
+
+
+def test_many_processes_write_at_once(peer):
+    """Four initiator processes write disjoint quarters of one peer buffer concurrently."""
+    nproc, part = 4, 4 << 20
+    raddr = peer("managed", n=nproc * part)
+    araddr = peer("array", n=nproc * part)
+    raw = json.dumps(peer("desc"))
+    code = r"""
+import json, sys, zlib
+import numpy as np
+from mooncake._core.batch import Batch, slice_requests
+from mooncake.segments import decode, host_identity
+from mooncake.transport import TransportContext
+from transports.shm import ShmTransport
+d = decode("peer:1", json.loads(sys.argv[1])); i = int(sys.argv[2]); part = int(sys.argv[3])
+cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2,
+       "transports/shm/async_memcpy_threshold": 0}
+t = ShmTransport(TransportContext(cfg, "w:1", "127.0.0.1", host_identity(), None, None, None))
+t.start()
+src = np.random.default_rng(i).integers(0, 255, part, dtype=np.uint8)
+for rep in range(5):
+    for base in map(int, sys.argv[4:]):
+        b = Batch(1)
+        s = slice_requests(b, 1, [src.ctypes.data], [base + i * part], [part], 65536, 4)
+        assert t.transfer(d, s, 30) and b.status(0)[0] == 4, b.status(0)
+print(zlib.crc32(src))
+t.close()
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, raw, str(i), str(part), str(raddr),
+                               str(araddr)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for i in range(nproc)]
+    crcs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        crcs.append(int(out.strip()))
+    for i, crc in enumerate(crcs):
+        assert peer("crc", addr=raddr + i * part, n=part) == crc
+        assert peer("crc", addr=araddr + i * part, n=part) == crc
