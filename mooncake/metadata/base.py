@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mooncake.errors import ConfigError
+from mooncake.errors import ConfigError, PeerUnreachable, SegmentNotFound
 
 if TYPE_CHECKING:
     from mooncake.config import Config
 
-__all__ = ["MetadataContext", "MetadataStore", "parse_metadata_server", "KNOWN_SCHEMES"]
+__all__ = [
+    "MetadataContext",
+    "MetadataStore",
+    "LeasedStore",
+    "DescriptorError",
+    "parse_metadata_server",
+    "validate_descriptor",
+    "decode_descriptor",
+    "KNOWN_SCHEMES",
+]
+
+log = logging.getLogger(__name__)
 
 KNOWN_SCHEMES = ("p2p", "http", "https", "etcd", "redis", "rediss")
 
@@ -68,10 +83,18 @@ class MetadataStore:
         self.address = address
         self.ctx = ctx
 
+    def option(self, name: str, default: Any = None) -> Any:
+        """A config value: ``ctx.config[name]``, else the environment variable, else ``default``."""
+        try:
+            return self.ctx.config[name]
+        except KeyError:
+            return os.environ.get(name, default)
+
     def key(self, segment_name: str) -> str:
         """The store key of a segment: ``mooncake/[<MC_METADATA_CLUSTER_ID>/]ram/<name>``."""
-        cluster = self.ctx.config["MC_METADATA_CLUSTER_ID"]
-        return f"mooncake/{cluster}/ram/{segment_name}" if cluster else f"mooncake/ram/{segment_name}"
+        cluster = self.option("MC_METADATA_CLUSTER_ID", "") or ""
+        prefix = f"mooncake/{cluster}" if cluster else "mooncake"
+        return f"{prefix}/ram/{segment_name}"
 
     def publish(self, segment_name: str, desc: dict) -> None:
         """Store (or replace) our descriptor."""
@@ -87,3 +110,241 @@ class MetadataStore:
 
     def close(self) -> None:
         """Stop background work (heartbeats, leases) and close connections."""
+
+
+# --------------------------------------------------------------------------- descriptors
+
+_U64 = 1 << 64
+
+
+class DescriptorError(SegmentNotFound):
+    """A stored descriptor is malformed: bad JSON, a missing field, an address out of range."""
+
+
+def _bad(name: str, what: str) -> DescriptorError:
+    return DescriptorError(f"segment {name!r}: malformed descriptor: {what}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def decode_descriptor(name: str, raw: bytes | str) -> dict:
+    """Parse a stored descriptor (JSON text) and :func:`validate_descriptor` it."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(name, f"not JSON ({e})") from None
+    return validate_descriptor(name, obj)
+
+
+def validate_descriptor(name: str, obj: Any) -> dict:
+    """Check a peer's descriptor before the engine trusts it; return it unchanged.
+
+    Required: ``name`` (str, equal to the segment name), ``host_id`` (str), ``pid`` (int ≥ 0),
+    ``timestamp`` (number), ``transports`` (object of objects) and ``buffers``: a list of
+    ``{"addr": int, "length": int > 0, "location": str}`` (optional ``shm_name``: str,
+    ``transports``: object) with ``addr + length ≤ 2**64`` and no two buffers overlapping.
+    Unknown fields are allowed.  Raises :class:`DescriptorError` naming the segment and the field.
+    """
+    if not isinstance(obj, dict):
+        raise _bad(name, f"expected a JSON object, got {type(obj).__name__}")
+    for field, types, tname in (
+        ("name", (str,), "a string"),
+        ("host_id", (str,), "a string"),
+        ("pid", (int,), "an integer"),
+        ("timestamp", (int, float), "a number"),
+        ("transports", (dict,), "an object"),
+        ("buffers", (list,), "a list"),
+    ):
+        if field not in obj:
+            raise _bad(name, f"missing field {field!r}")
+        v = obj[field]
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise _bad(name, f"field {field!r} must be {tname}, got {v!r:.80}")
+    if obj["name"] != name:
+        raise _bad(name, f"it describes segment {obj['name']!r}")
+    if obj["pid"] < 0:
+        raise _bad(name, f"pid {obj['pid']} is negative")
+    for tname, fields in obj["transports"].items():
+        if not isinstance(fields, dict):
+            raise _bad(name, f"transports[{tname!r}] must be an object")
+    spans = []
+    for i, b in enumerate(obj["buffers"]):
+        where = f"buffers[{i}]"
+        if not isinstance(b, dict):
+            raise _bad(name, f"{where} must be an object")
+        for field in ("addr", "length", "location"):
+            if field not in b:
+                raise _bad(name, f"{where} missing field {field!r}")
+        addr, length = b["addr"], b["length"]
+        if not _is_int(addr) or not 0 <= addr < _U64:
+            raise _bad(name, f"{where}.addr {addr!r:.40} is not an address in [0, 2**64)")
+        if not _is_int(length) or length <= 0:
+            raise _bad(name, f"{where}.length {length!r:.40} must be a positive integer")
+        if addr + length > _U64:
+            raise _bad(name, f"{where} [{addr:#x}, +{length}) runs past the end of the "
+                             "64-bit address space")
+        if not isinstance(b["location"], str):
+            raise _bad(name, f"{where}.location must be a string like 'cpu:0'")
+        if "shm_name" in b and b["shm_name"] is not None and not isinstance(b["shm_name"], str):
+            raise _bad(name, f"{where}.shm_name must be a string")
+        if "transports" in b and not isinstance(b["transports"], dict):
+            raise _bad(name, f"{where}.transports must be an object")
+        spans.append((addr, addr + length, i))
+    spans.sort()
+    for (_, end_a, ia), (start_b, _, ib) in zip(spans, spans[1:], strict=False):
+        if start_b < end_a:
+            raise _bad(name, f"buffers[{ia}] and buffers[{ib}] overlap")
+    return obj
+
+
+# --------------------------------------------------------------------------- leased stores
+
+
+class LeasedStore(MetadataStore):
+    """A key-value store whose keys live only while a heartbeat keeps them alive.
+
+    Subclasses implement ``_ping``, ``_put``, ``_get``, ``_delete`` and ``_refresh`` (keep the
+    given keys alive, re-writing any the store lost).  ``publish`` keeps the descriptor here, so
+    when the store restarts empty or a lease lapses the heartbeat writes it again.  The TTL is
+    ``MC_METADATA_TTL`` seconds (default 10; 0 = no expiry, no heartbeat); the heartbeat runs
+    every TTL/3 in a daemon thread that :meth:`close` stops.
+    """
+
+    #: what users call this store in messages, e.g. "etcd at 127.0.0.1:2379"
+    where: str = ""
+
+    def __init__(self, address: str, ctx: MetadataContext) -> None:
+        super().__init__(address, ctx)
+        try:
+            self.ttl = float(self.option("MC_METADATA_TTL", 10.0))
+        except (TypeError, ValueError):
+            raise ConfigError(f"MC_METADATA_TTL={self.option('MC_METADATA_TTL')!r} is not a "
+                              "number of seconds (allowed: 0 = never expire, or > 0)") from None
+        if self.ttl < 0:
+            raise ConfigError(f"MC_METADATA_TTL={self.ttl} must be ≥ 0 (0 = never expire)")
+        self._published: dict[str, bytes] = {}  # key -> encoded descriptor
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._healthy = True
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _ping(self) -> None:
+        """Raise (an ``OSError`` or ``PeerUnreachable``) when the store cannot be reached."""
+        raise NotImplementedError
+
+    def _put(self, key: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def _get(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def _delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def _refresh(self, items: dict[str, bytes]) -> None:
+        """Extend the lease of ``items``; re-``_put`` those the store no longer holds."""
+        for k, v in items.items():
+            self._put(k, v)
+
+    def _close(self) -> None:
+        """Release connections (and leases) after the heartbeat stopped."""
+
+    # -- helpers -------------------------------------------------------------------------
+    def _unreachable(self, e: BaseException, doing: str) -> PeerUnreachable:
+        return PeerUnreachable(f"metadata store {self.where or self.address} unreachable "
+                               f"while {doing}: {e}")
+
+    def connect(self) -> None:
+        """Check the store answers; raise :class:`PeerUnreachable` naming it otherwise."""
+        try:
+            self._ping()
+        except PeerUnreachable:
+            raise
+        except OSError as e:
+            raise self._unreachable(e, "connecting") from None
+
+    # -- MetadataStore API ---------------------------------------------------------------
+    def publish(self, segment_name: str, desc: dict) -> None:
+        """Write our descriptor; during a store outage keep it and let the heartbeat retry."""
+        key = self.key(segment_name)
+        value = json.dumps(desc, separators=(",", ":")).encode()
+        with self._lock:
+            self._published[key] = value
+            try:
+                self._put(key, value)
+            except (OSError, PeerUnreachable) as e:
+                log.warning("metadata: publishing %s to %s failed (%s); the heartbeat retries",
+                            segment_name, self.where or self.address, e)
+                self._healthy = False
+        self._start_heartbeat()
+
+    def fetch(self, segment_name: str) -> dict:
+        key = self.key(segment_name)
+        try:
+            raw = self._get(key)
+        except PeerUnreachable:
+            raise
+        except OSError as e:
+            raise self._unreachable(e, f"fetching segment {segment_name!r}") from None
+        if raw is None:
+            raise SegmentNotFound(f"segment {segment_name!r} not found in metadata store "
+                                  f"{self.where or self.address} (key {key!r})")
+        return decode_descriptor(segment_name, raw)
+
+    def remove(self, segment_name: str) -> None:
+        key = self.key(segment_name)
+        with self._lock:
+            self._published.pop(key, None)
+            try:
+                self._delete(key)
+            except (OSError, PeerUnreachable) as e:  # it expires anyway
+                log.warning("metadata: removing %s from %s failed: %s", segment_name,
+                            self.where or self.address, e)
+
+    def close(self) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=30)
+        with self._lock:
+            self._close()
+
+    # -- heartbeat -----------------------------------------------------------------------
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.ttl / 3.0
+
+    def _start_heartbeat(self) -> None:
+        if self.ttl <= 0 or self._thread is not None or self._stop.is_set():
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                                name=f"mc-metadata-{self.name}-heartbeat")
+                self._thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            self.heartbeat()
+
+    def heartbeat(self) -> bool:
+        """One round: keep our keys alive (re-writing lost ones); True when the store answered."""
+        with self._lock:
+            if not self._published or self._stop.is_set():
+                return True
+            try:
+                self._refresh(dict(self._published))
+            except (OSError, PeerUnreachable) as e:
+                if self._healthy:
+                    log.warning("metadata: %s unreachable (%s); retrying every %.1fs",
+                                self.where or self.address, e, self.heartbeat_interval)
+                self._healthy = False
+                return False
+            if not self._healthy:
+                log.warning("metadata: %s reachable again; descriptors re-published",
+                            self.where or self.address)
+            self._healthy = True
+            return True

@@ -1,0 +1,143 @@
+"""``http://host:port/metadata``: Mooncake's HTTP metadata store (``GET/PUT/DELETE ?key=K``).
+
+Heartbeat (see :mod:`mooncake.metadata.http_server`): PUTs carry ``X-Mooncake-TTL: TTL``;
+every TTL/3 the client POSTs ``?key=K`` to extend the lease and re-PUTs the descriptor when the
+server answers 404 (it restarted, or the key expired) or 405 (a plain Mooncake server that has
+no leases).  Standard library only (``http.client``), one keep-alive connection per thread.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import threading
+from urllib.parse import quote, urlsplit
+
+from mooncake.errors import ConfigError, PeerUnreachable
+from mooncake.metadata.base import LeasedStore, MetadataContext
+from mooncake.metadata.http_server import TTL_HEADER
+
+__all__ = ["HttpMetadata"]
+
+
+class HttpMetadata(LeasedStore):
+    """Client of an HTTP metadata server (ours, Mooncake's Go/Python demo, or any compatible)."""
+
+    name = "http"
+
+    def __init__(self, address: str, ctx: MetadataContext) -> None:
+        super().__init__(address, ctx)
+        u = urlsplit(address)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"metadata_server {address!r}: expected http://host:port/metadata")
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+        except ValueError:
+            raise ConfigError(f"metadata_server {address!r}: bad port") from None
+        self._https = u.scheme == "https"
+        self._host, self._port = u.hostname, port
+        self._path = u.path or "/metadata"
+        self.where = f"http server {address}"
+        self.timeout = max(1.0, min(10.0, self.ttl / 3 if self.ttl > 0 else 10.0))
+        self._local = threading.local()
+        self._conns: list[http.client.HTTPConnection] = []
+        self._conns_lock = threading.Lock()
+        self.connect()
+
+    # -- transport -----------------------------------------------------------------------
+    def _conn(self) -> http.client.HTTPConnection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            if self._https:
+                c = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                                context=ssl.create_default_context())
+            else:
+                c = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            self._local.conn = c
+            with self._conns_lock:
+                self._conns.append(c)
+        return c
+
+    def _drop_conn(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+            with self._conns_lock:
+                if c in self._conns:
+                    self._conns.remove(c)
+
+    def _request(self, method: str, key: str | None, body: bytes | None = None,
+                 headers: dict[str, str] | None = None, path: str | None = None
+                 ) -> tuple[int, bytes]:
+        url = path or self._path
+        if key is not None:
+            url += "?key=" + quote(key, safe="")
+        hdrs = dict(headers or {})
+        if body is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        for attempt in (0, 1):  # a kept-alive connection the server closed: retry once, fresh
+            reused = getattr(self._local, "conn", None) is not None
+            c = self._conn()
+            try:
+                c.request(method, url, body=body, headers=hdrs)
+                r = c.getresponse()
+                data = r.read()
+                if r.will_close:
+                    self._drop_conn()
+                return r.status, data
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_conn()
+                if attempt == 0 and reused and not isinstance(e, TimeoutError):
+                    continue
+                if isinstance(e, OSError):
+                    raise
+                raise ConnectionError(f"bad HTTP exchange: {e!r}") from None
+        raise AssertionError("unreachable")
+
+    def _fail(self, status: int, data: bytes, doing: str) -> PeerUnreachable:
+        text = data[:200].decode(errors="replace").strip()
+        return PeerUnreachable(f"metadata store {self.where} answered {status} while "
+                               f"{doing}: {text}")
+
+    def _lease_headers(self) -> dict[str, str]:
+        return {TTL_HEADER: f"{self.ttl:g}"} if self.ttl > 0 else {}
+
+    # -- LeasedStore hooks ---------------------------------------------------------------
+    def _ping(self) -> None:
+        # A GET of a key nobody writes: 200/404 both prove a metadata server answers.
+        status, data = self._request("GET", self.key("__mooncake_ping__"))
+        if status not in (200, 404):
+            raise self._fail(status, data, "connecting")
+
+    def _put(self, key: str, value: bytes) -> None:
+        status, data = self._request("PUT", key, value, self._lease_headers())
+        if status != 200:
+            raise self._fail(status, data, f"writing {key!r}")
+
+    def _get(self, key: str) -> bytes | None:
+        status, data = self._request("GET", key)
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._fail(status, data, f"reading {key!r}")
+        return data
+
+    def _delete(self, key: str) -> None:
+        status, data = self._request("DELETE", key)
+        if status not in (200, 404):
+            raise self._fail(status, data, f"deleting {key!r}")
+
+    def _refresh(self, items: dict[str, bytes]) -> None:
+        for key, value in items.items():
+            status, data = self._request("POST", key, b"", self._lease_headers())
+            if status in (404, 405, 501):  # lost (restart/expiry) or a server without leases
+                self._put(key, value)
+            elif status != 200:
+                raise self._fail(status, data, f"refreshing {key!r}")
+
+    def _close(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            c.close()
