@@ -310,7 +310,7 @@ from mooncake.segments import decode, host_identity
 from mooncake.transport import TransportContext
 from transports.shm import ShmTransport
 d = decode("peer:1", json.loads(sys.argv[1])); raddr = int(sys.argv[2])
-os.setgroups([]); os.setresgid(%d, %d, %d); os.setresuid(%d, %d, %d)
+os.setgroups([]); os.setresgid(UID, UID, UID); os.setresuid(UID, UID, UID)
 cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4}
 t = ShmTransport(TransportContext(cfg, "me:1", "127.0.0.1", host_identity(), None, None, None))
 t.start()
@@ -321,7 +321,7 @@ s = slice_requests(b, 1, [src.ctypes.data], [raddr], [4096], 65536, 4)
 t.submit(d, s); b.wait(10)
 print(json.dumps({"why": why, "status": b.status(0)}))
 t.close()
-""" % ((UNPRIV,) * 6)
+""".replace("UID", str(UNPRIV))
     return subprocess.run([sys.executable, "-c", code, json.dumps(peer_desc), str(raddr)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
