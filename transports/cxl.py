@@ -1,0 +1,267 @@
+"""``cxl``: transfers through a shared CXL/DAX memory window.
+
+The window is ``MC_CXL_DEV_PATH`` (a devdax character device such as ``/dev/dax0.0``, or a regular
+file, e.g. on tmpfs, standing in for one), ``MC_CXL_DEV_SIZE`` bytes long (unset: read from
+``/sys/bus/dax/devices/<dev>/size``, or the file's size).  Each process maps the whole window once,
+``MAP_SHARED``; :func:`window` returns that process-wide mapping.
+
+Addressing (matching Mooncake's ``cxl_base_addr`` + per-buffer ``offset`` descriptor fields):
+
+* A process makes part of the window transferable by registering it like any memory:
+  ``w = cxl.window(); engine.register_memory(w.address(off), length, "cxl")``.  Registration is
+  allowed only inside the window, and devdax rules hold: ``off`` and ``length`` are multiples of
+  the device alignment (sysfs ``/sys/bus/dax/devices/<dev>/align``; 2 MiB for files).
+* The descriptor publishes ``cxl_name``, ``cxl_base_addr`` (the peer's mapping address) and, per
+  buffer, ``offset`` (from the window start).
+* A request's remote address is the **peer's virtual address** of a registered window range, as for
+  every other transport (so the engine's bounds checks apply unchanged); the transport turns it
+  into ``offset = remote - peer.cxl_base_addr`` and copies to/from its own mapping at that offset.
+  Mooncake-style raw offsets (``target_offset`` from ``cxl_base_addr``) are accepted by the
+  transport too, and :meth:`CxlTransport.peer_address` converts one into the peer address.
+* Copies inside a registered range are byte-granular (loads/stores on DAX memory need no
+  alignment); only mappings and registrations follow the device alignment.
+
+Two processes reach each other when both map the same window: same ``cxl_name`` and size, and for
+a file-backed window also the same host (``host_id``) and file (device and inode numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from mooncake._core import copy as kc
+from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
+from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
+from transports.shm import config_get
+
+if TYPE_CHECKING:
+    from mooncake._core.batch import Slices
+
+__all__ = ["CxlTransport", "CxlWindow", "window", "DEFAULT_ALIGN"]
+
+DEFAULT_ALIGN = 2 << 20
+DAX_SYSFS = "/sys/bus/dax/devices"
+E_PEER = 1001
+
+
+@dataclass(eq=False)
+class CxlWindow:
+    """The whole window, mapped shared in this process."""
+
+    path: str
+    name: str           # device name (dax0.0) or the file's real path
+    size: int
+    align: int
+    ident: str          # "st_dev:st_ino" of a file-backed window, "" for a device
+    mapping: kc.Mapping
+
+    @property
+    def addr(self) -> int:
+        return self.mapping.addr
+
+    def address(self, offset: int) -> int:
+        """Local address of window offset ``offset``."""
+        if not 0 <= offset < self.size:
+            raise InvalidAddress(f"offset {offset} is outside the CXL window (0..{self.size - 1})")
+        return self.addr + offset
+
+    def offset(self, addr: int, length: int = 1) -> int:
+        """Window offset of local range ``[addr, addr+length)``; InvalidAddress when outside."""
+        off = addr - self.addr
+        if off < 0 or length < 0 or off + length > self.size:
+            raise InvalidAddress(f"range 0x{addr:x}+{length} is outside the CXL window "
+                                 f"0x{self.addr:x}+{self.size} ({self.path})")
+        return off
+
+    def check_aligned(self, off: int, length: int) -> None:
+        """devdax rule: ranges start and end on the device alignment."""
+        if off % self.align or length % self.align or length <= 0:
+            raise InvalidAddress(
+                f"CXL range at offset {off} with length {length} is not aligned: offsets and "
+                f"lengths must be positive multiples of the device alignment {self.align} "
+                f"({self.align >> 20} MiB) on {self.name}")
+
+
+_windows: dict[tuple[str, int | None], CxlWindow] = {}
+_wlock = threading.Lock()
+
+
+def _sysfs_int(dev: str, what: str) -> int | None:
+    try:
+        with open(os.path.join(DAX_SYSFS, dev, what)) as f:
+            return int(f.read().strip(), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def window(path: str | None = None, size: int | None = None) -> CxlWindow:
+    """Map (once per process) and return the CXL window; defaults from ``MC_CXL_DEV_PATH`` and
+    ``MC_CXL_DEV_SIZE``.  ``ConfigError`` names what is wrong with the path or size."""
+    path = path or os.environ.get("MC_CXL_DEV_PATH", "")
+    if size is None and os.environ.get("MC_CXL_DEV_SIZE"):
+        try:
+            size = int(os.environ["MC_CXL_DEV_SIZE"], 0)
+        except ValueError:
+            raise ConfigError(f"MC_CXL_DEV_SIZE={os.environ['MC_CXL_DEV_SIZE']!r} is not a byte "
+                              "count; allowed: a positive integer") from None
+    if not path:
+        raise ConfigError("MC_CXL_DEV_PATH is not set; allowed: a DAX device (/dev/daxX.Y) or a "
+                          "file standing in for one")
+    key = (os.path.realpath(path), size)
+    with _wlock:
+        w = _windows.get(key)
+        if w is None or w.mapping.closed:
+            w = _windows[key] = _open_window(path, size)
+        return w
+
+
+def _open_window(path: str, size: int | None) -> CxlWindow:
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise ConfigError(f"MC_CXL_DEV_PATH={path!r}: {e.strerror}; allowed: a DAX device "
+                          "(/dev/daxX.Y) or a regular file") from None
+    is_dev = stat.S_ISCHR(st.st_mode)
+    if not (is_dev or stat.S_ISREG(st.st_mode)):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a file or device"
+        raise ConfigError(f"MC_CXL_DEV_PATH={path!r} is {kind}; allowed: a DAX character "
+                          "device (/dev/daxX.Y) or a regular file (e.g. on /dev/shm)")
+    dev = os.path.basename(real)
+    align = (_sysfs_int(dev, "align") if is_dev else None) or DEFAULT_ALIGN
+    if size is None:
+        size = _sysfs_int(dev, "size") if is_dev else st.st_size
+        if not size:
+            raise ConfigError(f"MC_CXL_DEV_SIZE is unset and the size of {path!r} is unknown "
+                              f"({DAX_SYSFS}/{dev}/size unreadable or the file is empty); set "
+                              "MC_CXL_DEV_SIZE to the window size in bytes")
+    if size <= 0 or size % align:
+        raise ConfigError(f"MC_CXL_DEV_SIZE={size} is not a positive multiple of the device "
+                          f"alignment {align}")
+    if not is_dev and st.st_size < size:
+        raise ConfigError(f"MC_CXL_DEV_PATH={path!r} is too small: it holds {st.st_size} bytes, "
+                          f"the window needs MC_CXL_DEV_SIZE={size}")
+    try:
+        fd = os.open(real, os.O_RDWR)
+    except OSError as e:
+        raise ConfigError(f"cannot open MC_CXL_DEV_PATH={path!r}: {e.strerror}") from None
+    try:
+        m = kc.Mapping.from_fd(fd, size)  # always MAP_SHARED
+    except OSError as e:
+        raise ConfigError(f"cannot map the CXL window {path!r} ({size} bytes): {e.strerror}; "
+                          f"devdax needs MAP_SHARED and {align}-byte aligned sizes") from None
+    finally:
+        os.close(fd)
+    ident = "" if is_dev else f"{st.st_dev}:{st.st_ino}"
+    return CxlWindow(path, dev if is_dev else real, size, align, ident, m)
+
+
+class CxlTransport(Transport):
+    """Copies between local memory and registered ranges of the shared CXL window."""
+
+    name: ClassVar[str] = "cxl"
+    auto_priority: ClassVar[int] = 20
+    memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu", "cxl"})
+
+    def __init__(self, ctx: TransportContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config
+        self.enabled = bool(config_get(cfg, "transports/cxl/enable", True))
+        self.path = config_get(cfg, "MC_CXL_DEV_PATH", "") or ""
+        self.size = config_get(cfg, "MC_CXL_DEV_SIZE", None)
+        self.inline_max = int(config_get(cfg, "transports/shm/async_memcpy_threshold", 65536))
+        self.nworkers = int(config_get(cfg, "MC_WORKERS_PER_CTX", 2))
+        self.window: CxlWindow | None = None
+        self.pool: kc.CopyPool | None = None
+        self._peer = kc.Peer(0)  # no process behind the window
+        self._tables: dict[str, tuple[tuple, kc.Table]] = {}
+
+    def start(self) -> dict:
+        if not self.enabled:
+            raise TransportUnavailable("cxl is disabled by transports/cxl/enable=false")
+        if not self.path:
+            raise TransportUnavailable("cxl needs MC_CXL_DEV_PATH (a DAX device or a file)")
+        self.window = window(self.path, int(self.size) if self.size else None)
+        self.pool = kc.CopyPool(self.nworkers)
+        w = self.window
+        return {"cxl_name": w.name, "cxl_base_addr": w.addr, "size": w.size, "align": w.align,
+                "ident": w.ident}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self._tables.clear()
+
+    def register(self, region: Region) -> dict | None:
+        w = self.window
+        if w is None:
+            return None
+        off = region.addr - w.addr
+        inside = 0 <= off and off + region.length <= w.size
+        if not inside:
+            if region.location == "cxl":
+                raise InvalidAddress(
+                    f"0x{region.addr:x}+{region.length} is registered as 'cxl' but is not inside "
+                    f"the CXL window 0x{w.addr:x}+{w.size}; register a range of "
+                    "mooncake's window (transports.cxl.window().address(offset))")
+            return None
+        w.check_aligned(off, region.length)
+        return {"offset": off}
+
+    def unregister(self, region: Region) -> None:
+        if self.pool is not None:
+            self.pool.drain(30.0)  # no queued copy touches the region once this returns
+
+    def can_reach(self, peer: SegmentDesc) -> str | None:
+        w = self.window
+        if w is None:
+            return "cxl is not started (MC_CXL_DEV_PATH unset or transports/cxl/enable=false)"
+        info = peer.transports.get("cxl")
+        if not info:
+            return "peer does not publish cxl"
+        if info.get("cxl_name") != w.name or info.get("size") != w.size:
+            return (f"peer maps another CXL window ({info.get('cxl_name')!r}, {info.get('size')} "
+                    f"bytes; ours {w.name!r}, {w.size} bytes)")
+        if w.ident and (info.get("ident") != w.ident or peer.host_id != self.ctx.host_id):
+            return "peer's file-backed CXL window is another file or on another host"
+        return None
+
+    def peer_address(self, peer: SegmentDesc, offset: int) -> int:
+        """The peer's virtual address of window offset ``offset`` (Mooncake target_offset)."""
+        return int(peer.transports["cxl"]["cxl_base_addr"]) + offset
+
+    def _table(self, peer: SegmentDesc) -> kc.Table:
+        key = (peer.timestamp, id(peer.buffers), len(peer.buffers))
+        hit = self._tables.get(peer.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        w = self.window
+        virt, raw = [], []
+        for b in peer.buffers:
+            off = b.transports.get("cxl", {}).get("offset")
+            if off is None or not 0 <= off or off + b.length > w.size:
+                continue  # not a window range (or not inside our window)
+            virt.append((b.addr, b.length, kc.KIND_MEM, w.mapping, off, None, 0, 0))
+            raw.append((off, b.length, kc.KIND_MEM, w.mapping, off, None, 0, 0))
+        rows = virt
+        lo = min((r[0] for r in virt), default=0)
+        if all(r[0] + r[1] <= lo for r in raw):  # raw offsets never collide with addresses
+            rows = virt + raw
+        table = kc.Table(rows)
+        self._tables[peer.name] = (key, table)
+        return table
+
+    def submit(self, peer: SegmentDesc, slices: Slices) -> None:
+        if self.pool is None or self.window is None:
+            slices.fail_all(E_PEER)
+            return
+        self.pool.submit(slices, self._peer, self._table(peer), self.inline_max)
+
+    def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
+        self.submit(peer, slices)
+        return slices.batch.wait(timeout, 50e-6)
