@@ -91,6 +91,7 @@ class TransferEngine(MooncakeAPI):
         self._notifies: list[TransferNotify] = []
         self._routes: dict[str, tuple[Transport, dict]] = {}
         self._bytes = 0
+        self._timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
         self._rpc_client = RpcClient(cfg["MC_HANDSHAKE_MAX_LENGTH"],
                                      float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
         if port is not None:
@@ -398,23 +399,57 @@ class TransferEngine(MooncakeAPI):
         core = _core.Batch(n)
         slices = _core.slice_requests(core, OPS[op], local, remote, length, t.slice_size,
                                       t.fragment_ratio)
-        timeout = float(self.config["MC_TRANSFER_TIMEOUT"]) + sum(length) / 1e9
+        timeout = self._timeout + sum(length) / 1e9
         return peer, t, core, slices, timeout
 
     def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
-                 length: Sequence[int], timeout: float | None = None) -> list[TaskStatus]:
+                 length: Sequence[int], timeout: float | None = None) -> None:
         """Run a batch to completion; raises :class:`TransferFailed` if any request failed."""
+        if len(local) == 1 and len(remote) == 1 and len(length) == 1:
+            return self._transfer_one(segment, op, local[0], remote[0], length[0], timeout)
         peer, t, core, slices, tmo = self._prepare(segment, op, local, remote, length)
-        b = TransferBatch(core, peer, t, tmo if timeout is None else timeout)
-        if not t.transfer(peer, slices, b.deadline - time.monotonic()):
-            b.deadline = 0.0
+        tmo = tmo if timeout is None else timeout
+        self._finish(peer, t, core, t.transfer(peer, slices, tmo), tmo)
+        self._bytes += sum(length)
+
+    def _finish(self, peer: SegmentDesc, t: Transport, core: _core.Batch, in_time: bool,
+                timeout: float) -> None:
+        """Turn a finished (or timed-out) synchronous batch into a return or an exception."""
+        b = TransferBatch(core, peer, t, timeout if in_time else 0.0)
         try:
-            sts = b.wait()
+            b.wait()
         except MooncakeError:
             self._after_failure(peer, b)
             raise
-        self._bytes += sum(length)
-        return sts
+
+    def _transfer_one(self, segment: str, op: Any, local: int, remote: int, length: int,
+                      timeout: float | None) -> None:
+        """The single-request path: the same checks as :meth:`_prepare`, no array work."""
+        if not self._started or self._closed:
+            self._check_started()
+        if type(length) is not int or not 0 < length <= MAX_LENGTH or op not in OPS:
+            self._prepare(segment, op, [local], [remote], [length])  # raises the precise error
+        if not self.regions.contains(local, length):
+            raise InvalidAddress(f"request 0: local range 0x{local:x}+{length} is not inside "
+                                 "registered memory (register it first)")
+        entry = self._peer(segment)
+        if not entry.table.contains(remote, length):
+            entry = self._segments.get(segment, refresh=True)
+            if not entry.table.contains(remote, length):
+                raise InvalidAddress(
+                    f"request 0: remote range 0x{remote:x}+{length} is outside the "
+                    f"{len(entry.desc.buffers)} buffers segment {segment!r} registered")
+        peer = entry.desc
+        t = self._route(peer)
+        core = _core.Batch(1)
+        slices = _core.slice_one(core, OPS[op], local, remote, length, t.slice_size,
+                                 t.fragment_ratio)
+        tmo = self._timeout + length / 1e9 if timeout is None else timeout
+        in_time = t.transfer(peer, slices, tmo)
+        if in_time and core.status(0)[0] == Status.COMPLETED:
+            self._bytes += length
+            return
+        self._finish(peer, t, core, in_time, tmo)
 
     def submit(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                length: Sequence[int], timeout: float | None = None) -> TransferBatch:

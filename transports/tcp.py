@@ -102,10 +102,13 @@ class TcpTransport(Transport):
         return None
 
     def _lanes(self, peer: SegmentDesc) -> list[_tcp.Lane]:
+        p = self._peers.get(peer.name)
+        if p is not None and p.lanes and _tcp.all_alive(p.lanes):
+            return p.lanes
         with self._lock:
             p = self._peers.setdefault(peer.name, _Peer())
         with p.lock:
-            if any(lane.dead for lane in p.lanes):
+            if not _tcp.all_alive(p.lanes):
                 self._retire(p)
             if not p.lanes:
                 info = peer.transports["tcp"]
@@ -149,10 +152,10 @@ class TcpTransport(Transport):
 
     def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
         lanes = self._lanes(peer)
-        start = next(self._peers[peer.name].rr)
-        for i in range(len(lanes)):
-            if _tcp.run(lanes[(start + i) % len(lanes)], slices, timeout):
+        for lane in lanes:
+            if _tcp.run(lane, slices, timeout):
                 return True  # completed (or failed) on an idle lane, all slices reported
+        start = next(self._peers[peer.name].rr)
         _tcp.submit(lanes, slices, start)
         return slices.batch.wait(timeout)
 

@@ -193,3 +193,26 @@ def _u64(x):
 def _u8(x):
     import numpy as np
     return np.ascontiguousarray(x, dtype=np.uint8)
+
+
+def slice_one(Batch batch, uint8_t op, uint64_t local, uint64_t remote, uint64_t length,
+              uint64_t slice_size, uint64_t fragment_ratio):
+    """:func:`slice_requests` for a single request (task 0), without array conversions."""
+    if slice_size == 0:
+        raise ValueError("slice_size must be > 0")
+    cdef uint64_t frag = slice_size // fragment_ratio if fragment_ratio else 0
+    cdef int64_t cnt = _count(length, slice_size, frag), j
+    cdef Slices s = Slices.__new__(Slices)
+    s.batch = batch
+    s._alloc(cnt)
+    mc_task_arm(batch.b, 0, cnt)
+    cdef uint64_t off = 0, ln
+    for j in range(cnt):
+        ln = slice_size if j < cnt - 1 else length - off
+        s.task[j] = 0
+        s.op[j] = op
+        s.local[j] = local + off
+        s.remote[j] = remote + off
+        s.length[j] = ln
+        off += ln
+    return s

@@ -364,51 +364,57 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
     size_t chunk = 0;
     int32_t err = 0;
     while (done < n) {
+        int progressed = 0;
         if (sent < n && niov == 0) {
             chunk = n - sent < MC_SEND_BATCH ? n - sent : MC_SEND_BATCH;
             niov = mc_build_iov(jobs + sent, chunk, hdr, iov, seq0 + (uint32_t)sent);
             cur = 0;
         }
-        short ev = (niov ? POLLOUT : 0) | (done < sent ? POLLIN : 0);
-        if (l->rb.len > l->rb.pos && done < sent) ev = 0;   /* buffered response: no wait */
-        if (ev) {
-            double left = deadline - mc_now();
-            if (left <= 0) { err = MC_E_TIMEOUT; break; }
-            struct pollfd p = {l->fd, ev, 0};
-            int pr = poll(&p, 1, (int)(left * 1000) + 1);
-            if (pr < 0 && errno == EINTR) continue;
-            if (pr <= 0) { err = pr == 0 ? MC_E_TIMEOUT : MC_E_PEER; break; }
-            if (p.revents & (POLLERR | POLLNVAL)) { err = MC_E_PEER; break; }
-            ev = p.revents;
-        } else {
-            ev = POLLIN;
-        }
-        if ((ev & POLLOUT) && niov) {
+        if (niov) {   /* send what the socket takes now */
             struct msghdr m; memset(&m, 0, sizeof m);
             m.msg_iov = iov + cur; m.msg_iovlen = niov - cur;
             ssize_t k = sendmsg(l->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
             if (k < 0 && errno != EAGAIN && errno != EINTR) { err = MC_E_PEER; break; }
+            if (k > 0) progressed = 1;
             while (k > 0 && cur < niov) {
                 if ((size_t)k >= iov[cur].iov_len) { k -= iov[cur].iov_len; cur++; }
                 else { iov[cur].iov_base = (char *)iov[cur].iov_base + k; iov[cur].iov_len -= k; k = 0; }
             }
             if (cur == niov) { sent += chunk; niov = 0; }
         }
-        if ((ev & (POLLIN | POLLHUP)) && done < sent) {
-            /* one full response; blocking reads are bounded by the deadline */
-            mc_rsp_t s;
-            int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, deadline);
-            if (rc == -ETIMEDOUT) { err = MC_E_TIMEOUT; break; }
-            if (rc) { err = MC_E_PEER; break; }
-            if (s.magic != MC_RSP_MAGIC || s.seq != seq0 + (uint32_t)done) { err = MC_E_PROTO; break; }
-            mc_job_t *j = &jobs[done];
-            int32_t e = s.status == MC_ST_OK ? 0 : MC_E_REFUSED;
-            if (!e && j->op == MC_OP_READ) {
-                rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len, deadline);
-                if (rc) { err = rc == -ETIMEDOUT ? MC_E_TIMEOUT : MC_E_PEER; break; }
+        if (done < sent) {
+            int avail = l->rb.len > l->rb.pos;
+            if (!avail && niov) {   /* still sending: take only responses already here */
+                l->rb.pos = l->rb.len = 0;
+                ssize_t k = recv(l->fd, l->rb.buf, l->rb.cap, MSG_DONTWAIT);
+                if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR)) { err = MC_E_PEER; break; }
+                if (k > 0) { l->rb.len = (size_t)k; avail = 1; }
             }
-            mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
-            done++;
+            if (avail || !niov) {   /* one full response; blocking reads are bounded */
+                mc_rsp_t s;
+                int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, deadline);
+                if (rc == -ETIMEDOUT) { err = MC_E_TIMEOUT; break; }
+                if (rc) { err = MC_E_PEER; break; }
+                if (s.magic != MC_RSP_MAGIC || s.seq != seq0 + (uint32_t)done) { err = MC_E_PROTO; break; }
+                mc_job_t *j = &jobs[done];
+                int32_t e = s.status == MC_ST_OK ? 0 : MC_E_REFUSED;
+                if (!e && j->op == MC_OP_READ) {
+                    rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len, deadline);
+                    if (rc) { err = rc == -ETIMEDOUT ? MC_E_TIMEOUT : MC_E_PEER; break; }
+                }
+                mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
+                done++;
+                progressed = 1;
+            }
+        }
+        if (!progressed) {   /* socket full and no response yet: wait for either */
+            double left = deadline - mc_now();
+            if (left <= 0) { err = MC_E_TIMEOUT; break; }
+            struct pollfd p = {l->fd, (short)(POLLOUT | (done < sent ? POLLIN : 0)), 0};
+            int pr = poll(&p, 1, (int)(left * 1000) + 1);
+            if (pr < 0 && errno == EINTR) continue;
+            if (pr == 0) { err = MC_E_TIMEOUT; break; }
+            if (pr < 0 || (p.revents & (POLLERR | POLLNVAL))) { err = MC_E_PEER; break; }
         }
     }
     if (err) {
@@ -420,7 +426,7 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
     }
     pthread_mutex_lock(&l->mu);
     l->owned = 0;
-    pthread_cond_broadcast(&l->cv);
+    if (l->q.len) pthread_cond_broadcast(&l->cv);  /* jobs queued meanwhile: wake the sender */
     pthread_mutex_unlock(&l->mu);
     return 0;
 }

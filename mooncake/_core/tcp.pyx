@@ -136,3 +136,12 @@ def serve(int fd, RegionTable regions, uint64_t max_frame):
     with nogil:
         rc = mc_serve(fd, regions.t, max_frame)
     return rc
+
+
+def all_alive(list lanes):
+    """True when no lane of the list is dead."""
+    cdef Lane lane
+    for lane in lanes:
+        if lane.l.dead:
+            return False
+    return True

@@ -1,0 +1,5 @@
+import sys
+
+from mooncake.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``mooncake`` command: ``config show``, ``transports``, ``bench``, ``metadata-server``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _config(args: argparse.Namespace) -> int:
+    from mooncake.config import show
+
+    print(show(as_json=args.json))
+    return 0
+
+
+def _transports(args: argparse.Namespace) -> int:
+    import json
+
+    from mooncake.registry import transport_status
+
+    rows = transport_status()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    w = max(len(r.name) for r in rows) if rows else 4
+    print(f"{'name':<{w}}  {'distribution':<14} {'available':<9}  reason / target")
+    for r in rows:
+        why = r.reason if not r.available else r.target
+        print(f"{r.name:<{w}}  {r.distribution:<14} {'yes' if r.available else 'no':<9}  {why}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mooncake import bench
+
+    return bench.main(args.rest)
+
+
+def _metadata_server(args: argparse.Namespace) -> int:
+    from mooncake.metadata import http_server
+
+    return http_server.main(args.rest) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mooncake", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("config", help="configuration")
+    csub = c.add_subparsers(dest="what", required=True)
+    show = csub.add_parser("show", help="every effective option value and its source")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(fn=_config)
+    t = sub.add_parser("transports", help="installed transport plugins and availability")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=_transports)
+    for name, fn, hlp in (("bench", _bench, "transfer benchmark (see `mooncake bench -h`)"),
+                          ("metadata-server", _metadata_server, "HTTP metadata server")):
+        b = sub.add_parser(name, help=hlp, add_help=False)
+        b.add_argument("rest", nargs=argparse.REMAINDER)
+        b.set_defaults(fn=fn)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
