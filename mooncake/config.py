@@ -1,0 +1,519 @@
+"""Configuration: the effective value of every knob in :data:`mooncake.options.OPTIONS`.
+
+Precedence, lowest first: the row's default < TENT JSON (``MC_TENT_CONF``: a file path, or
+inline JSON starting with ``{``; keys are ``/``-separated paths, nested objects or flat) <
+``MC_*`` environment (primary name first, then aliases) < explicit arguments.
+
+Parsing is strict where Mooncake is lax:
+
+* booleans are ``0/1/true/false/yes/no/on/off`` (any case); mere presence enables nothing;
+* sizes are bytes; ``K``/``M``/``G``/``T`` suffixes are binary (``2MB`` = ``2M`` = 2097152);
+* an empty environment value counts as unset;
+* a bad value raises :class:`~mooncake.errors.ConfigError` naming the variable, the value and
+  what is allowed; Mooncake would keep the default and log a warning.
+
+Warnings (a likely typo of a known ``MC_*`` name, an unknown TENT key, a deprecated alias,
+cross-field advice, a clamp to a device limit) are issued as :class:`ConfigWarning`, logged on
+``mooncake.config`` and kept in :attr:`Config.notes`.  Loading never touches ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from fractions import Fraction
+from typing import Any
+
+from mooncake.errors import ConfigError
+from mooncake.options import KNOWN_UNUSED, OPTIONS, Option
+
+__all__ = ["Option", "OPTIONS", "Config", "ConfigWarning", "load_config", "show", "allowed"]
+
+log = logging.getLogger(__name__)
+
+PRECEDENCE = "default < MC_TENT_CONF < environment < argument"
+
+
+class ConfigWarning(UserWarning):
+    """A configuration value is suspicious but allowed (typo, unknown key, clamp...)."""
+
+
+# ---- lookup ------------------------------------------------------------------------------------
+
+_ENV: dict[str, Option] = {e: o for o in OPTIONS for e in o.env}
+_TENT: dict[str, Option] = {o.tent: o for o in OPTIONS if o.tent}
+_EXACT: dict[str, Option] = {**_ENV, **_TENT, **{o.name: o for o in OPTIONS}}
+
+
+def _short_names() -> dict[str, Option]:
+    """``slice_size`` for ``MC_SLICE_SIZE``; a TENT-only row's last path part when unique."""
+    short = {e[3:].lower(): o for e, o in _ENV.items() if e.startswith("MC_")}
+    last: dict[str, list[Option]] = {}
+    for o in OPTIONS:
+        if not o.env:
+            last.setdefault(o.name.rsplit("/", 1)[-1], []).append(o)
+    short.update({k: v[0] for k, v in last.items() if len(v) == 1 and k not in short})
+    return short
+
+
+_SHORT = _short_names()
+
+
+def _lookup(key: str) -> Option | None:
+    return _EXACT.get(key) or _SHORT.get(key.lower().removeprefix("mc_"))
+
+
+def _close(key: str, candidates, cutoff: float = 0.75) -> list[str]:
+    return difflib.get_close_matches(key, list(candidates), n=3, cutoff=cutoff)
+
+
+def _unknown(key: str) -> str:
+    near = _close(key, [*_EXACT, *_SHORT]) or _close(key.lower(), _SHORT)
+    hint = f"; close matches: {', '.join(near)}" if near else ""
+    return f"unknown configuration key {key!r}{hint}"
+
+
+# ---- parsing: one function per type ----------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    """Raised by the parsers; the caller adds the variable's name and the allowed values."""
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise _Invalid("a boolean is not a number")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str):
+        s = raw.strip()
+        for base in (10, 0):  # decimal first (so "010" is 10), then 0x/0o/0b
+            try:
+                return int(s, base)
+            except ValueError:
+                pass
+    raise _Invalid("not an integer")
+
+
+def _size(raw: Any) -> int:
+    if isinstance(raw, str) and (m := _SIZE.fullmatch(raw.strip())):
+        n = Fraction(m.group(1)) * _MULT[m.group(2).upper()]
+        if n.denominator == 1:
+            return int(n)
+        raise _Invalid("not a whole number of bytes")
+    return _int(raw)
+
+
+def _float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise _Invalid("a boolean is not a number")
+    try:
+        v = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        raise _Invalid("not a number") from None
+    if not math.isfinite(v):
+        raise _Invalid("not a finite number")
+    return v
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str):
+        s = raw.strip().lower()
+        if s in _TRUE or s in _FALSE:
+            return s in _TRUE
+    raise _Invalid("not a boolean")
+
+
+def _str(raw: Any) -> str:
+    if isinstance(raw, (str, os.PathLike)):
+        return os.fspath(raw)
+    raise _Invalid("not a string")
+
+
+def _list(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if isinstance(raw, (list, tuple)) and all(isinstance(p, str) for p in raw):
+        return tuple(raw)
+    raise _Invalid("not a list of names")
+
+
+def _auto(raw: Any) -> str | bool:
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return "auto"
+    return _bool(raw)
+
+
+_PARSERS: dict[Any, Callable[[Any], Any]] = {
+    int: _int, "size": _size, float: _float, bool: _bool, str: _str, "enum": _str,
+    "list": _list, "auto": _auto,
+}
+
+
+def _parse(opt: Option, raw: Any) -> Any:
+    """``raw`` (str from env, JSON value, or a Python object) as ``opt``'s type, checked."""
+    value = _PARSERS[opt.type](raw)
+    if opt.type == "enum":
+        for choice in opt.choices:
+            if value.strip().upper() == choice.upper():
+                return choice
+        raise _Invalid("not one of the choices")
+    if any(value == v for v, _ in opt.special):
+        return value
+    if opt.choices is not None and value not in opt.choices:
+        raise _Invalid("not one of the choices")
+    if opt.range is not None:
+        lo, hi = opt.range
+        if lo is not None and (value <= lo if opt.min_exclusive else value < lo):
+            raise _Invalid("too small")
+        if hi is not None and value > hi:
+            raise _Invalid("too large")
+    return value
+
+
+def _human(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+def allowed(opt: Option) -> str:
+    """What ``opt`` accepts, in words (used in every error message)."""
+    if opt.type is bool:
+        return "one of 0/1/true/false/yes/no/on/off (any case)"
+    if opt.type == "auto":
+        return "auto or one of 0/1/true/false/yes/no/on/off (any case)"
+    if opt.type == "enum":
+        return f"one of {', '.join(opt.choices)} (any case)"
+    if opt.type == "list":
+        return "a comma-separated list of names (a JSON list in TENT)"
+    if opt.type is str:
+        return "any string"
+    fmt = (lambda n: f"{n} ({_human(n)})" if n >= 1024 else str(n)) if opt.type == "size" else str
+    unit = f" {opt.unit}" if opt.unit else ""
+    if opt.choices is not None:
+        text = f"one of {', '.join(fmt(c) for c in opt.choices)}{unit}"
+    else:
+        lo, hi = opt.range or (None, None)
+        low = None if lo is None else f"{'>' if opt.min_exclusive else '>='} {fmt(lo)}"
+        if lo is not None and hi is not None and not opt.min_exclusive:
+            text = f"{fmt(lo)}..{fmt(hi)}{unit}"
+        else:
+            text = " and ".join(p for p in (low, hi is not None and f"<= {fmt(hi)}") if p) + unit
+    text = " or ".join([*(f"{v} ({what})" for v, what in opt.special), text])
+    if opt.type == "size":
+        text += "; K/M/G/T suffixes are binary (2M = 2MB = 2097152)"
+    return text
+
+
+def _brief(raw: Any, limit: int = 80) -> str:
+    text = repr(raw)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _checked(opt: Option, raw: Any, where: str) -> Any:
+    try:
+        return _parse(opt, raw)
+    except _Invalid as e:
+        label = opt.name if where == opt.name else f"{where} ({opt.name})"
+        msg = f"{label}={_brief(raw)} is invalid ({e}); allowed: {allowed(opt)}"
+        raise ConfigError(msg) from None
+
+
+# ---- TENT JSON -----------------------------------------------------------------------------------
+
+
+def _read_tent(spec: str, warn: Callable[[str], None]) -> tuple[dict[str, tuple[str, Any]], str]:
+    """``{option name: (path, raw value)}`` from MC_TENT_CONF, and the source label."""
+    text = spec.strip()
+    what = "a JSON file path, or inline JSON starting with '{'"
+    if text.startswith(("{", "[")):
+        label = "inline"
+    else:
+        label = os.path.abspath(os.path.expanduser(text))
+        try:
+            with open(label, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"MC_TENT_CONF={spec!r}: cannot read the file ({e.strerror or e}); "
+                              f"allowed: {what}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"MC_TENT_CONF={_brief(spec)}: malformed JSON ({e}); "
+                          f"allowed: {what}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"MC_TENT_CONF={_brief(spec)}: the top level is not a JSON object; "
+                          f"allowed: {what}")
+    found: dict[str, tuple[str, Any]] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if path in _TENT:
+                found[_TENT[path].name] = (path, value)
+            elif isinstance(value, dict) and value:
+                walk(value, path + "/")
+            else:
+                near = _close(path, _TENT)
+                hint = f"; close matches: {', '.join(near)}" if near else ""
+                warn(f"MC_TENT_CONF ({label}): key {path!r} is not a mooncake option, "
+                     f"ignored{hint}")
+
+    walk(data, "")
+    return found, label
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def _normalise(overrides: Mapping[str, Any] | None) -> dict[str, tuple[str, Any]]:
+    """``{option name: (key as given, value)}``; None values count as not given."""
+    out: dict[str, tuple[str, Any]] = {}
+    for key, value in (overrides or {}).items():
+        opt = _lookup(key) if isinstance(key, str) else None
+        if opt is None:
+            raise ConfigError(_unknown(str(key)))
+        if value is None:
+            continue
+        if opt.name in out and out[opt.name][1] != value:
+            a, b = ("***", "***") if opt.secret else (repr(out[opt.name][1]), repr(value))
+            raise ConfigError(f"arguments {out[opt.name][0]!r} and {key!r} both set {opt.name} "
+                              f"({a} vs {b}); allowed: one value")
+        out[opt.name] = (key, value)
+    return out
+
+
+def _emit(msg: str) -> None:
+    """Log ``msg`` and warn, attributed to the first caller outside this module."""
+    log.warning("%s", msg)
+    level, frame = 1, sys._getframe()
+    while frame is not None and frame.f_code.co_filename == __file__:
+        level, frame = level + 1, frame.f_back
+    warnings.warn(msg, ConfigWarning, stacklevel=level)
+
+
+def _build(args: dict[str, tuple[str, Any]], env: dict[str, str], seen: list[str]) -> Config:
+    """Resolve every option; warnings already in ``seen`` are recorded but not re-issued."""
+    notes: list[str] = []
+
+    def warn(msg: str) -> None:
+        notes.append(msg)
+        if msg not in seen:
+            _emit(msg)
+
+    for name in env:
+        if name.startswith("MC_") and name not in _ENV and name not in KNOWN_UNUSED:
+            if near := _close(name, _ENV, cutoff=0.8):
+                warn(f"unknown environment variable {name}: did you mean {', '.join(near)}?")
+
+    tent: dict[str, tuple[str, Any]] = {}
+    tent_label = ""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    conf = next(o for o in OPTIONS if o.name == "MC_TENT_CONF")
+    for opt in (conf, *(o for o in OPTIONS if o is not conf)):
+        set_env = [e for e in opt.env if env.get(e, "").strip()]
+        if opt.name in args:
+            key, raw = args[opt.name]
+            value, source = _checked(opt, raw, f"argument {key!r}"), "argument"
+        elif set_env:
+            used = set_env[0]
+            value, source = _checked(opt, env[used], used), f"env:{used}"
+            for other in set_env[1:]:
+                if env[other].strip() != env[used].strip():
+                    warn(f"{used}={env[used]!r} and {other}={env[other]!r} are both set; "
+                         f"using {used}")
+            if used in opt.deprecated:
+                warn(f"{used} is deprecated; use {opt.env[0]}")
+        elif opt.name in tent:
+            path, raw = tent[opt.name]
+            value = _checked(opt, raw, f"MC_TENT_CONF key {path}")
+            source = f"tent:{tent_label}"
+        else:
+            value, source = opt.default, "default"
+        values[opt.name], sources[opt.name] = value, source
+        if opt is conf and value.strip():
+            tent, tent_label = _read_tent(value, warn)
+
+    _cross_check(values, sources, warn)
+    order = [o.name for o in OPTIONS]
+    return Config({n: values[n] for n in order}, {n: sources[n] for n in order}, notes,
+                  args=args, env=env)
+
+
+def _cross_check(v: dict[str, Any], src: dict[str, str], warn: Callable[[str], None]) -> None:
+    def at(name: str) -> str:
+        return f"{name}={v[name]} ({src[name]})"
+
+    if v["MC_MIN_RPC_PORT"] > v["MC_MAX_RPC_PORT"]:
+        raise ConfigError(f"{at('MC_MIN_RPC_PORT')} is above {at('MC_MAX_RPC_PORT')}; allowed: "
+                          "MC_MIN_RPC_PORT <= MC_MAX_RPC_PORT, both 1024..65535")
+    if v["MC_FRAGMENT_RATIO"] >= v["MC_SLICE_SIZE"]:
+        raise ConfigError(f"{at('MC_FRAGMENT_RATIO')} is not below {at('MC_SLICE_SIZE')}; "
+                          f"allowed: 1..{v['MC_SLICE_SIZE'] - 1} (1 <= ratio < slice size)")
+    # TENT: one lane knob; only values someone actually set are compared
+    lanes = {"transports/rdma/num_lanes": "num_lanes", "MC_WORKERS_PER_CTX": "num_workers",
+             "MC_NUM_CQ_PER_CTX": "num_cq_list", "MC_NUM_QP_PER_EP": "qp_mul_factor"}
+    lanes = {n: f"{k}={v[n]} ({src[n]})" for n, k in lanes.items() if src[n] != "default"}
+    if len({v[n] for n in lanes}) > 1:
+        warn(f"inconsistent RDMA lanes: {', '.join(lanes.values())}; TENT wants one lane "
+             "count: num_lanes = num_workers (MC_WORKERS_PER_CTX) = num_cq_list "
+             "(MC_NUM_CQ_PER_CTX) = qp_mul_factor (MC_NUM_QP_PER_EP)")
+    outstanding = v["MC_NUM_QP_PER_EP"] * v["MC_MAX_WR"]
+    if v["MC_MAX_CQE_PER_CTX"] < outstanding:
+        warn(f"{at('MC_MAX_CQE_PER_CTX')} is below MC_NUM_QP_PER_EP * MC_MAX_WR = {outstanding} "
+             "(one endpoint's QPs can overflow the CQ); raise MC_MAX_CQE_PER_CTX")
+    if v["MC_FORCE_TCP"] and not v["transports/tcp/enable"]:
+        warn(f"MC_FORCE_TCP is on but {at('transports/tcp/enable')}; no transport would remain")
+    if v["MC_ENABLE_DEST_DEVICE_AFFINITY"] and v["MC_ENABLE_HCA_PEER_AFFINITY"]:
+        warn("MC_ENABLE_DEST_DEVICE_AFFINITY and MC_ENABLE_HCA_PEER_AFFINITY exclude each other; "
+             "MC_ENABLE_HCA_PEER_AFFINITY wins")
+
+
+def load_config(overrides: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """The effective configuration.
+
+    ``overrides`` (explicit arguments, highest precedence) are keyed by env name, alias, TENT
+    path, or short name (``slice_size``); a None value counts as not given.  ``env`` defaults to
+    ``os.environ`` (read, never written).
+    """
+    source = os.environ if env is None else env
+    snapshot = {k: str(v) for k, v in source.items() if k.startswith("MC_") or k in _ENV}
+    return _build(_normalise(overrides), snapshot, [])
+
+
+class Config(Mapping[str, Any]):
+    """Effective values, keyed by option name; also answers to aliases, TENT paths, short names."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str], notes: list[str], *,
+                 args: dict[str, tuple[str, Any]], env: dict[str, str]) -> None:
+        self._values = values
+        self._sources = sources
+        self._notes = notes
+        self._args = args
+        self._env = env
+        self._clamps: list[tuple[str, Any, str]] = []
+        self._lock = threading.Lock()
+
+    def option(self, name: str) -> Option:
+        opt = _lookup(name) if isinstance(name, str) else None
+        if opt is None:
+            raise KeyError(_unknown(str(name)))
+        return opt
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[self.option(name).name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def source(self, name: str) -> str:
+        """``default``, ``tent:<file path or inline>``, ``env:<VAR>`` or ``argument``."""
+        return self._sources[self.option(name).name]
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings recorded while loading or clamping, each with its reason."""
+        return list(self._notes)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A new Config: these arguments on top of this one's (same env snapshot, clamps kept)."""
+        cfg = _build({**self._args, **_normalise(overrides)}, self._env, self._notes)
+        for name, limit, reason in self._clamps:
+            if (msg := cfg._clamp(name, limit, reason)) and msg not in self._notes:
+                _emit(msg)
+        return cfg
+
+    def clamp(self, name: str, limit: Any, reason: str) -> Any:
+        """Lower ``name`` to ``limit`` if it is above (a device limit, e.g. ``max_qp_wr``);
+        record a note and warn.  Returns the effective value."""
+        if msg := self._clamp(name, limit, reason):
+            _emit(msg)
+        return self[name]
+
+    def _clamp(self, name: str, limit: Any, reason: str) -> str | None:
+        opt = self.option(name)
+        with self._lock:
+            value = self._values[opt.name]
+            if value is None or value <= limit:
+                return None
+            self._values[opt.name] = limit
+            self._clamps.append((opt.name, limit, reason))
+            msg = f"{opt.name}={value} clamped to {limit} ({reason})"
+            self._notes.append(msg)
+            return msg
+
+    def __repr__(self) -> str:
+        changed = {k: "***" if self.option(k).secret else v for k, v in self._values.items()
+                   if self._sources[k] != "default"}
+        return f"<Config {changed!r}>"
+
+
+# ---- mooncake config show ----------------------------------------------------------------------
+
+
+def _shown(opt: Option, value: Any, as_json: bool) -> Any:
+    if opt.secret and value:
+        return "***"
+    if as_json:
+        return list(value) if isinstance(value, tuple) else value
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value) or '""'
+    if opt.type == "size":
+        return f"{value} ({_human(value)})"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return '""' if value == "" else str(value)
+
+
+def show(as_json: bool = False, overrides: Mapping[str, Any] | None = None) -> str:
+    """Every effective value with its source (``mooncake config show [--json]``)."""
+    cfg = load_config(overrides)
+    if as_json:
+        options = {
+            o.name: {
+                "value": _shown(o, cfg[o.name], True), "source": cfg.source(o.name),
+                "default": _shown(o, o.default, True), "allowed": allowed(o),
+                "type": o.type if isinstance(o.type, str) else o.type.__name__, "unit": o.unit,
+                "env": list(o.env), "tent": o.tent, "owner": o.owner, "doc": o.doc,
+                "hint": o.hint,
+            } for o in OPTIONS
+        }
+        doc = {"precedence": PRECEDENCE, "options": options, "notes": cfg.notes}
+        return json.dumps(doc, indent=2)
+    rows = [("NAME", "VALUE", "SOURCE")]
+    rows += [(o.name, _shown(o, cfg[o.name], False), cfg.source(o.name)) for o in OPTIONS]
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    lines = [f"# precedence: {PRECEDENCE}"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+    lines += ["", "notes:", *(f"  - {n}" for n in cfg.notes)] if cfg.notes else []
+    return "\n".join(lines) + "\n"
