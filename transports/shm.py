@@ -134,7 +134,8 @@ def _open_map(path: str, length: int, writable: bool = True) -> kc.Mapping:
         size = os.fstat(fd).st_size
         if size < length:
             raise OSError(errno.EINVAL, f"{path} holds {size} bytes, the peer publishes {length}")
-        return kc.Mapping.from_fd(fd, length, 0, writable)
+        # the whole file: huge-page files must be unmapped in whole pages
+        return kc.Mapping.from_fd(fd, size, 0, writable)
     finally:
         os.close(fd)
 
