@@ -389,3 +389,162 @@ t.close()
     for i, crc in enumerate(crcs):
         assert peer("crc", addr=raddr + i * part, n=part) == crc
         assert peer("crc", addr=araddr + i * part, n=part) == crc
+
+
+# -- through the engine ------------------------------------------------------------------------
+
+ENGINE_PEER = r"""
+import ctypes, json, os, sys, zlib
+import numpy as np
+from mooncake import registry
+from mooncake.engine import TransferEngine
+for n in registry.transport_names():
+    try: registry.get_transport(n)
+    except Exception: pass
+registry.get_metadata("p2p")
+import encodings.idna, socket  # noqa: E401  (lazy imports fail after dropping to nobody)
+socket.gethostbyname("127.0.0.1")
+args = sys.argv[1:]
+if "--uid" in args:
+    uid = int(args[args.index("--uid") + 1])
+    os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+cfg = json.loads(args[0])
+e = TransferEngine("127.0.0.1", protocol=cfg.pop("protocol", "auto"), **cfg)
+a = np.zeros(4 << 20, dtype=np.uint8)
+e.register(a)
+m = e.allocate(4 << 20)
+print(json.dumps({"segment": e.segment_name, "array": a.ctypes.data, "managed": m.addr}),
+      flush=True)
+for line in sys.stdin:
+    c = json.loads(line)
+    if c["op"] == "crc":
+        print(zlib.crc32(ctypes.string_at(c["addr"], c["n"])), flush=True)
+    elif c["op"] == "unregister":
+        e.unregister(c["addr"]); print("true", flush=True)
+    elif c["op"] == "exit":
+        break
+e.close()
+"""
+
+
+class EnginePeer:
+    def __init__(self, *args: str, **cfg) -> None:
+        self.p = subprocess.Popen([sys.executable, "-c", ENGINE_PEER, json.dumps(cfg), *args],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"engine peer failed (rc={self.p.wait()})")
+        info = json.loads(line)
+        self.segment, self.array, self.managed = info["segment"], info["array"], info["managed"]
+
+    def __call__(self, op: str, **kw):
+        self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.stdin.write('{"op": "exit"}\n')
+            self.p.stdin.flush()
+        try:
+            self.p.wait(15)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def engine_peer():
+    p = EnginePeer()
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("protocol", ["auto", "shm"])
+def test_engine_uses_shm_for_same_host(engine_peer, protocol):
+    from mooncake.engine import TransferEngine
+
+    with TransferEngine("127.0.0.1", protocol=protocol) as e:
+        info = e.explain(engine_peer.segment)
+        assert info["chosen"] == "shm", info
+        src = np.random.default_rng(11).integers(0, 255, 3 << 20, dtype=np.uint8)
+        e.register(src)
+        for remote in (engine_peer.array, engine_peer.managed):
+            e.write(engine_peer.segment, src, remote + 5)
+            assert engine_peer("crc", addr=remote + 5, n=src.nbytes) == zlib.crc32(src)
+            back = np.zeros_like(src)
+            e.register(back)
+            e.read(engine_peer.segment, back, remote + 5)
+            assert np.array_equal(back, src)
+            e.unregister(back)
+        # the Mooncake-compatible face
+        assert e.transfer_sync_write(engine_peer.segment, src.ctypes.data,
+                                     engine_peer.managed, 4096) == 0
+        assert e.transfer_sync_write(engine_peer.segment, src.ctypes.data,
+                                     engine_peer.managed + (4 << 20), 4096) < 0
+
+
+def test_engine_peer_unregistered_fails_cleanly(engine_peer):
+    from mooncake.engine import TransferEngine
+    from mooncake.errors import InvalidAddress, MooncakeError
+
+    with TransferEngine("127.0.0.1", protocol="shm") as e:
+        src = np.ones(1 << 20, dtype=np.uint8)
+        e.register(src)
+        e.write(engine_peer.segment, src, engine_peer.array)
+        assert engine_peer("unregister", addr=engine_peer.array) is True
+        with pytest.raises((InvalidAddress, MooncakeError)):
+            e.write(engine_peer.segment, src, engine_peer.array)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the engines as another user")
+def test_engine_falls_back_to_tcp_when_attach_is_refused():
+    """A non-dumpable peer owned by `nobody` refuses attach: auto picks TCP and says why."""
+    p = EnginePeer("--uid", str(UNPRIV))
+    code = r"""
+import json, os, sys, zlib
+import numpy as np
+from mooncake import registry
+from mooncake.engine import TransferEngine
+from mooncake.errors import TransportUnavailable
+for n in registry.transport_names():
+    try: registry.get_transport(n)
+    except Exception: pass
+registry.get_metadata("p2p")
+import encodings.idna, socket  # noqa: E401  (lazy imports fail after dropping to nobody)
+socket.gethostbyname("127.0.0.1")
+seg, remote = sys.argv[1], int(sys.argv[2])
+os.setgroups([]); os.setresgid(UID, UID, UID); os.setresuid(UID, UID, UID)
+out = {}
+with TransferEngine("127.0.0.1", protocol="auto") as e:
+    info = e.explain(seg)
+    out["chosen"] = info["chosen"]
+    out["shm"] = [c["reason"] for c in info["candidates"] if c["transport"] == "shm"][0]
+    src = np.full(1 << 20, 9, dtype=np.uint8)
+    e.register(src)
+    e.write(seg, src, remote)
+    out["crc"] = zlib.crc32(src)
+with TransferEngine("127.0.0.1", protocol="shm") as e:
+    try:
+        z = np.zeros(16, dtype=np.uint8)
+        e.register(z)
+        e.write(seg, z, remote)
+    except TransportUnavailable as x:
+        out["explicit"] = str(x)
+    except Exception as x:
+        out["explicit"] = "%s: %s" % (type(x).__name__, x)
+print(json.dumps(out))
+""".replace("UID", str(UNPRIV))
+    try:
+        r = subprocess.run([sys.executable, "-c", code, p.segment, str(p.array)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["chosen"] == "tcp", out
+        assert "EPERM" in out["shm"]
+        assert p("crc", addr=p.array, n=1 << 20) == out["crc"]
+        assert "EPERM" in out.get("explicit", ""), out
+    finally:
+        p.close()
