@@ -1,0 +1,120 @@
+"""A real engine in a second process, driven over a pipe (tests only).
+
+``Peer(**engine_kwargs)`` spawns a process that runs a :class:`TransferEngine` on 127.0.0.1 and
+answers commands: allocate registered buffers, fill them, checksum them, unregister, exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+from typing import Any
+
+_ctx = mp.get_context("spawn")
+
+
+def _serve(conn, kwargs: dict) -> None:
+    import numpy as np
+
+    from mooncake.engine import TransferEngine
+
+    env = kwargs.pop("_env", {})
+    os.environ.update(env)
+    eng = TransferEngine("127.0.0.1", **kwargs)
+    bufs: dict[int, Any] = {}
+
+    def view(addr: int, n: int):
+        for a, b in bufs.items():
+            if a <= addr and addr + n <= a + b.nbytes:
+                return b[addr - a: addr - a + n]
+        raise ValueError(f"0x{addr:x}+{n} not in a test buffer")
+
+    conn.send(("ready", eng.segment_name, os.getpid()))
+    while True:
+        try:
+            cmd, args = conn.recv()
+        except EOFError:
+            break
+        try:
+            if cmd == "alloc":
+                size, seed = args
+                b = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+                eng.register(b)
+                bufs[b.ctypes.data] = b
+                out: Any = b.ctypes.data
+            elif cmd == "sha":
+                out = hashlib.sha256(view(*args).tobytes()).hexdigest()
+            elif cmd == "bytes":
+                out = view(*args).tobytes()
+            elif cmd == "fill":
+                addr, n, seed = args
+                view(addr, n)[:] = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+                out = None
+            elif cmd == "unregister":
+                eng.unregister(args[0])
+                out = None
+            elif cmd == "notifies":
+                out = [(x.name, x.msg) for x in eng.get_notifies()]
+            elif cmd == "exit":
+                eng.close()
+                conn.send(("ok", None))
+                break
+            else:
+                raise ValueError(f"unknown command {cmd}")
+            conn.send(("ok", out))
+        except Exception as e:  # report to the test, keep serving
+            conn.send(("err", f"{type(e).__name__}: {e}"))
+
+
+class Peer:
+    """A target engine in its own process."""
+
+    def __init__(self, **engine_kwargs: Any) -> None:
+        self.conn, child = _ctx.Pipe()
+        self.proc = _ctx.Process(target=_serve, args=(child, engine_kwargs), daemon=True)
+        self.proc.start()
+        if not self.conn.poll(60):
+            self.kill()
+            raise RuntimeError("peer engine did not start within 60 s")
+        _, self.segment, self.pid = self.conn.recv()
+
+    def call(self, cmd: str, *args: Any, timeout: float = 60) -> Any:
+        self.conn.send((cmd, args))
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"peer did not answer {cmd} in {timeout}s")
+        st, out = self.conn.recv()
+        if st != "ok":
+            raise RuntimeError(out)
+        return out
+
+    def alloc(self, size: int, seed: int = 0) -> int:
+        return self.call("alloc", size, seed)
+
+    def sha(self, addr: int, n: int) -> str:
+        return self.call("sha", addr, n)
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def cont(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+        self.proc.join(10)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("exit", timeout=15)
+            except Exception:
+                pass
+        self.kill()
+
+
+def sha(data) -> str:
+    return hashlib.sha256(bytes(data)).hexdigest()
