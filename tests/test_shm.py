@@ -118,6 +118,8 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait()
+        for f in Path("/dev/shm").glob(f"mooncake_{self.p.pid}_*"):  # left by a killed peer
+            f.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -280,9 +282,11 @@ def test_reach_reasons(peer, shm):
     assert "another host" in shm.can_reach(decode("peer:1", other))
     nosh = dict(raw, transports={})
     assert "does not publish shm" in shm.can_reach(decode("peer:1", nosh))
-    noctl = dict(raw, transports={"shm": {"pid": raw["pid"], "ctl": "mooncake_nonexistent_ctl"}})
+    noctl = dict(raw, name="peer:2",
+                 transports={"shm": {"pid": raw["pid"], "ctl": "mooncake_nonexistent_ctl"}})
     assert "control page" in shm.can_reach(decode("peer:2", noctl))
-    wrongpid = dict(raw, pid=1, transports={"shm": {**raw["transports"]["shm"], "pid": 1}})
+    wrongpid = dict(raw, name="peer:3", pid=1,
+                    transports={"shm": {**raw["transports"]["shm"], "pid": 1}})
     assert "does not belong to pid 1" in shm.can_reach(decode("peer:3", wrongpid))
 
 

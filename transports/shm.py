@@ -9,7 +9,7 @@ How a peer's buffer is reached (decided once per descriptor, not per slice):
 * our own segment is copied directly.
 
 "Same host" means equal ``host_id`` (boot id + network namespace), never equal host names.
-Each engine also publishes a small *control page* (``/dev/shm/mooncake_<pid>_<rand>_ctl``): an
+Each engine also publishes a small *control page* (a memfd, named ``/proc/<pid>/fd/<fd>``): an
 alive word, a token that proves the published pid is really the peer, and one registration slot
 per buffer.  Every copy re-checks its buffer's slot, so a peer that unregisters (or exits, seen by
 the alive word and a pidfd) makes queued copies end FAILED instead of writing into memory that is
@@ -77,16 +77,16 @@ class ControlPage:
     """Our control page: created at start, unlinked at close."""
 
     def __init__(self) -> None:
-        self.name = f"mooncake_{os.getpid()}_{secrets.token_hex(4)}_ctl"
-        fd = os.open(shm_path(self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        # a memfd, published as /proc/<pid>/fd/<fd>: peers that may attach to us can open it,
+        # and it vanishes with the process (nothing leaks in /dev/shm after a crash)
+        self.fd = os.memfd_create(f"mooncake_{os.getpid()}_ctl", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, CTL_SIZE)
-            self.map = kc.Mapping.from_fd(fd, CTL_SIZE)
+            os.ftruncate(self.fd, CTL_SIZE)
+            self.map = kc.Mapping.from_fd(self.fd, CTL_SIZE)
         except BaseException:
-            os.unlink(shm_path(self.name))
+            os.close(self.fd)
             raise
-        finally:
-            os.close(fd)
+        self.name = f"/proc/{os.getpid()}/fd/{self.fd}"
         self.token = secrets.randbits(63) | 1
         m = self.map
         m.store_u64(OFF_PID, os.getpid())
@@ -122,10 +122,7 @@ class ControlPage:
             return
         self.map.store_u64(OFF_ALIVE, 0)
         self.map.close()
-        try:
-            os.unlink(shm_path(self.name))
-        except FileNotFoundError:
-            pass
+        os.close(self.fd)
 
 
 def _open_map(path: str, length: int, writable: bool = True) -> kc.Mapping:
@@ -273,6 +270,8 @@ class ShmTransport(Transport):
         try:
             ctl = _open_map(shm_path(name), CTL_SIZE, writable=False)
         except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM) and name.startswith("/proc/"):
+                return _Link(pid, None, None, _attach_reason(pid, errno.EPERM))
             return _Link(pid, None, None, f"cannot open the peer's shm control page "
                                           f"{shm_path(name)}: {e.strerror or e} (is /dev/shm "
                                           "shared with it?)")
