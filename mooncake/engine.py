@@ -100,7 +100,8 @@ class TransferEngine(MooncakeAPI):
             ports = list(range(cfg["MC_MIN_RPC_PORT"], cfg["MC_MAX_RPC_PORT"] + 1))
             random.shuffle(ports)
             ports = ports[:500]
-        self._rpc = RpcServer(bind, ports, cfg["MC_HANDSHAKE_MAX_LENGTH"])
+        self._rpc = RpcServer(bind, ports, cfg["MC_HANDSHAKE_MAX_LENGTH"],
+                              frame_timeout=self._timeout)
         try:
             self.segment_name = f"{host}:{self._rpc.port}"
             self._rpc.add_handler("segment.describe", lambda args: self.describe())

@@ -52,8 +52,18 @@ def send_frame(sock: socket.socket, kind: int, obj: Any) -> None:
     sock.sendall(HEADER.pack(MAGIC, kind, len(body)) + body)
 
 
-def recv_frame(sock: socket.socket, max_length: int) -> tuple[int, Any]:
-    magic, kind, length = HEADER.unpack(_recv_exact(sock, HEADER.size))
+def recv_frame(sock: socket.socket, max_length: int,
+               frame_timeout: float | None = None) -> tuple[int, Any]:
+    """Read one frame.  With ``frame_timeout``, wait for its first byte as long as it takes, then
+    give the rest of the frame that many seconds (a stalled half-frame is dropped)."""
+    if frame_timeout is not None:
+        sock.settimeout(None)
+        first = _recv_exact(sock, 1)
+        sock.settimeout(frame_timeout)
+        head = first + _recv_exact(sock, HEADER.size - 1)
+    else:
+        head = _recv_exact(sock, HEADER.size)
+    magic, kind, length = HEADER.unpack(head)
     if magic != MAGIC or kind not in (REQUEST, REPLY):
         raise ProtocolError(f"bad RPC frame header {magic!r}/{kind}")
     if length > max_length:
@@ -67,8 +77,10 @@ def recv_frame(sock: socket.socket, max_length: int) -> tuple[int, Any]:
 class RpcServer:
     """Threaded RPC listener bound to ``(host, port)``."""
 
-    def __init__(self, host: str, ports: list[int], max_length: int, backlog: int = 128) -> None:
+    def __init__(self, host: str, ports: list[int], max_length: int, backlog: int = 128,
+                 frame_timeout: float = 30.0) -> None:
         self.max_length = max_length
+        self.frame_timeout = frame_timeout
         self._handlers: dict[str, Callable[[dict], Any]] = {}
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -100,11 +112,13 @@ class RpcServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             while True:
-                kind, msg = recv_frame(conn, self.max_length)
+                kind, msg = recv_frame(conn, self.max_length, self.frame_timeout)
                 if kind != REQUEST or not isinstance(msg, dict) or not isinstance(
                         msg.get("method"), str):
                     raise ProtocolError("expected a request object with a 'method'")
                 send_frame(conn, REPLY, self._dispatch(msg["method"], msg.get("args") or {}))
+        except TimeoutError:
+            log.warning("RPC: dropping connection: frame not completed in %ss", self.frame_timeout)
         except (ConnectionError, OSError, struct.error):
             pass
         except ProtocolError as e:

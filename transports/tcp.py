@@ -49,6 +49,7 @@ class TcpTransport(Transport):
         self.slice_size = cfg["MC_TCP_SLICE_SIZE"]
         self.nlanes: int = cfg["MC_TCP_LANES_PER_PEER"]
         self.connect_timeout: float = float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"])
+        self.frame_timeout: float = float(cfg["MC_TRANSFER_TIMEOUT"])
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -84,9 +85,9 @@ class TcpTransport(Transport):
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
         try:
-            rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME)
+            rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME, self.frame_timeout)
             if rc == 1:
-                log.warning("tcp: dropped data connection from %s:%s: malformed request frame",
+                log.warning("tcp: dropped data connection from %s:%s: malformed or stalled frame",
                             *addr[:2])
         finally:
             with self._lock:

@@ -122,8 +122,9 @@ static inline int mc_send_iov(int fd, struct iovec *iov, int cnt) {
 /* ---------- target side ---------- */
 
 /* Serve one data connection until it closes or misbehaves.  Returns 0 on orderly close,
- * 1 on a protocol violation (bad magic/op, frame above max_frame), -errno on I/O error. */
-static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame) {
+ * 1 on a protocol violation (bad magic/op, frame above max_frame, a frame not finished within
+ * frame_timeout seconds), -errno on I/O error. */
+static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout) {
     mc_rbuf_t r = {(char *)malloc(MC_RBUF_CAP), 0, 0, MC_RBUF_CAP};
     mc_rsp_t pend[MC_MAX_IOV];
     int np = 0, rc = 0;
@@ -134,8 +135,14 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame) {
             if ((rc = mc_send_iov(fd, &v, 1))) break;
             np = 0;
         }
-        rc = mc_fill(fd, &r, sizeof(mc_req_t), 0);
-        if (rc) { if (rc == 1) rc = 0; break; }
+        /* idle between frames: wait forever; a started frame must finish within frame_timeout */
+        if (r.len == r.pos) {
+            rc = mc_fill(fd, &r, 1, 0);
+            if (rc) { if (rc == 1) rc = 0; break; }
+        }
+        double deadline = mc_now() + frame_timeout;
+        rc = mc_fill(fd, &r, sizeof(mc_req_t), deadline);
+        if (rc) { if (rc == 1 || rc == -ETIMEDOUT) rc = 1; break; }
         mc_req_t h; memcpy(&h, r.buf + r.pos, sizeof h); r.pos += sizeof h;
         if (h.magic != MC_REQ_MAGIC || h.op > MC_OP_WRITE || h.len > max_frame) { rc = 1; break; }
         mc_rsp_t s = {MC_RSP_MAGIC, MC_ST_OK, h.seq, 0};
@@ -143,9 +150,9 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame) {
         int ok = h.len > 0 && mc_regions_find_locked(regs, h.addr, h.len) >= 0;
         if (!ok) s.status = MC_ST_REFUSED;
         if (h.op == MC_OP_WRITE) {
-            rc = mc_read_exact(fd, &r, ok ? (char *)(uintptr_t)h.addr : NULL, h.len, 0);
+            rc = mc_read_exact(fd, &r, ok ? (char *)(uintptr_t)h.addr : NULL, h.len, deadline);
             pthread_rwlock_unlock(&regs->lock);
-            if (rc) { if (rc == 1) rc = -ECONNRESET; break; }
+            if (rc) { rc = rc == -ETIMEDOUT ? 1 : -ECONNRESET; break; }
             pend[np++] = s;
         } else if (ok) {
             struct iovec v[2] = {{pend, np * sizeof(mc_rsp_t) + 0}, {NULL, 0}};

@@ -28,7 +28,7 @@ cdef extern from "mc_tcp.h" nogil:
     int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout)
     void mc_lane_fail(mc_lane_t *l, int32_t err)
     void mc_lane_close(mc_lane_t *l)
-    int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame)
+    int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout)
 
 
 cdef class Lane:
@@ -130,11 +130,12 @@ def run(Lane lane, Slices s, double timeout):
     return rc != -EBUSY
 
 
-def serve(int fd, RegionTable regions, uint64_t max_frame):
-    """Serve one accepted data connection until it closes; 0 ok, 1 protocol violation, <0 -errno."""
+def serve(int fd, RegionTable regions, uint64_t max_frame, double frame_timeout):
+    """Serve one accepted data connection until it closes; 0 ok, 1 protocol violation (incl. a
+    frame not completed within ``frame_timeout`` s), <0 -errno."""
     cdef int rc
     with nogil:
-        rc = mc_serve(fd, regions.t, max_frame)
+        rc = mc_serve(fd, regions.t, max_frame, frame_timeout)
     return rc
 
 
