@@ -1,0 +1,160 @@
+"""The plugin registry: an out-of-tree transport installed as its own distribution."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mooncake.errors import TransportUnavailable
+from mooncake.registry import (
+    get_transport,
+    register_transport,
+    transport_status,
+    unregister_transport,
+)
+
+PLUGIN = textwrap.dedent('''
+    """A real out-of-tree transport: WRITE/READ through the target's RPC port."""
+    import base64, ctypes
+    from mooncake.transport import Transport
+
+    class RpcCopyTransport(Transport):
+        name = "rpccopy"
+        auto_priority = 500
+
+        def start(self):
+            self.ctx.add_rpc_handler("rpccopy.write", self._write)
+            self.ctx.add_rpc_handler("rpccopy.read", self._read)
+            return {"v": 1}
+
+        def _check(self, a):
+            if not self.ctx.regions.contains(a["addr"], a["len"]):
+                raise ValueError("range outside registered memory")
+
+        def _write(self, a):
+            self._check(a)
+            ctypes.memmove(a["addr"], base64.b64decode(a["data"]), a["len"])
+            return {}
+
+        def _read(self, a):
+            self._check(a)
+            return base64.b64encode(ctypes.string_at(a["addr"], a["len"])).decode()
+
+        def submit(self, peer, slices):
+            for task, op, local, remote, n in slices:
+                try:
+                    if op == 1:
+                        data = base64.b64encode(ctypes.string_at(local, n)).decode()
+                        self.ctx.rpc_call(peer.name, "rpccopy.write",
+                                          {"addr": remote, "len": n, "data": data})
+                    else:
+                        got = self.ctx.rpc_call(peer.name, "rpccopy.read",
+                                                {"addr": remote, "len": n})
+                        ctypes.memmove(local, base64.b64decode(got), n)
+                    slices.batch.slice_done(task, n)
+                except Exception:
+                    slices.batch.slice_done(task, 0, 1000)
+
+    class Broken(Transport):
+        name = "broken"
+
+        @classmethod
+        def probe(cls):
+            return "needs hardware this machine lacks"
+''')
+
+SCRIPT = textwrap.dedent('''
+    import json, numpy as np
+    from mooncake.engine import TransferEngine
+    from mooncake.registry import transport_status
+    rows = {r.name: r.__dict__ for r in transport_status()}
+    a = TransferEngine("127.0.0.1", protocol="rpccopy")
+    b = TransferEngine("127.0.0.1", protocol="rpccopy")
+    src = np.arange(1000, dtype=np.uint8); dst = np.zeros(1000, np.uint8)
+    a.register(src); b.register(dst)
+    a.write(b.segment_name, src, dst.ctypes.data)
+    ok = bool((src == dst).all())
+    chosen = a.explain(b.segment_name)["chosen"]
+    try:
+        TransferEngine("127.0.0.1", protocol="broken")
+        broken = "started"
+    except Exception as e:
+        broken = f"{type(e).__name__}: {e}"
+    a.close(); b.close()
+    print(json.dumps({"rows": rows, "ok": ok, "chosen": chosen, "broken": broken}))
+''')
+
+
+@pytest.fixture
+def plugin_dist(tmp_path):
+    """``mc-rpccopy`` as an installed distribution (dist-info + module) on a path entry."""
+    (tmp_path / "mc_rpccopy.py").write_text(PLUGIN)
+    info = tmp_path / "mc_rpccopy-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mc-rpccopy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[mooncake.transports]\nrpccopy = mc_rpccopy:RpcCopyTransport\n"
+        "broken = mc_rpccopy:Broken\nghost = mc_rpccopy_missing:Ghost\n")
+    return tmp_path
+
+
+def _run(path, code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=f"{path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_out_of_tree_transport_selected_by_name(plugin_dist):
+    r = _run(plugin_dist, SCRIPT)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = out["rows"]
+    assert rows["rpccopy"]["distribution"] == "mc-rpccopy" and rows["rpccopy"]["available"]
+    assert rows["tcp"]["distribution"] == "mooncake" and rows["tcp"]["available"]
+    assert not rows["broken"]["available"]
+    assert rows["broken"]["reason"] == "needs hardware this machine lacks"
+    assert not rows["ghost"]["available"] and "ModuleNotFoundError" in rows["ghost"]["reason"]
+    assert out["ok"] and out["chosen"] == "rpccopy"
+    assert out["broken"].startswith("TransportUnavailable") and "lacks" in out["broken"]
+
+
+def test_cli_lists_plugins(plugin_dist):
+    r = _run(plugin_dist, "import sys; from mooncake.cli import main; "
+                          "sys.exit(main(['transports', '--json']))")
+    assert r.returncode == 0, r.stderr
+    rows = {x["name"]: x for x in json.loads(r.stdout)}
+    assert {"tcp", "shm", "rpccopy", "ghost"} <= set(rows)
+    assert rows["ghost"]["available"] is False
+
+
+def test_runtime_registration():
+    from mooncake.transport import Transport
+
+    class T(Transport):
+        name = "rt-test"
+
+    register_transport("rt-test", T)
+    try:
+        assert get_transport("rt-test") is T
+        with pytest.raises(ValueError, match="already registered"):
+            register_transport("rt-test", T)
+        register_transport("rt-test", "mooncake.transport:Transport", clobber=True)
+        assert get_transport("rt-test").__name__ == "Transport"
+        assert any(r.name == "rt-test" and r.distribution == "<runtime>"
+                   for r in transport_status())
+    finally:
+        unregister_transport("rt-test")
+    with pytest.raises(TransportUnavailable, match="no transport named"):
+        get_transport("rt-test")
+
+
+def test_import_mooncake_loads_no_plugin():
+    r = subprocess.run([sys.executable, "-c", "import sys, mooncake; "
+                        "print([m for m in sys.modules if m.startswith('transports')])"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]"
