@@ -97,7 +97,7 @@ class MooncakeAPI:
                                     f"{len(capacities)} capacities")
             done = []
             try:
-                for a, n in zip(buffer_addresses, capacities):
+                for a, n in zip(buffer_addresses, capacities, strict=True):
                     loc = "cpu:0" if location in ("*", "") else location
                     done.append(self._register(a, n, loc, publish=False))
             except BaseException:

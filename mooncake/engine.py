@@ -90,6 +90,7 @@ class TransferEngine(MooncakeAPI):
         self._next_batch = 1
         self._notifies: list[TransferNotify] = []
         self._routes: dict[str, tuple[Transport, dict]] = {}
+        self._warned: set[str] = set()
         self._bytes = 0
         self._timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
         self._rpc_client = RpcClient(cfg["MC_HANDSHAKE_MAX_LENGTH"],
@@ -339,6 +340,15 @@ class TransferEngine(MooncakeAPI):
         if chosen is None:
             raise TransportUnavailable(info["reason"])
         log.debug("segment %s via %s (%s)", peer.name, chosen, info["candidates"])
+        if peer.host_id == self.host_id and peer.name not in self._warned:
+            for c in info["candidates"]:  # a same-host path that should have worked did not
+                t = self.transports[c["transport"]]
+                if c["transport"] == chosen:
+                    break
+                if getattr(t, "same_host_only", False) and not c["reachable"]:
+                    self._warned.add(peer.name)
+                    log.warning("segment %s is on this host but %s cannot reach it (%s); "
+                                "using %s", peer.name, c["transport"], c["reason"], chosen)
         t = self.transports[chosen]
         self._routes[peer.name] = (t, {"ts": peer.timestamp})
         return t

@@ -65,7 +65,7 @@ def _c_contiguous(ai: dict) -> bool:
 
     itemsize = np.dtype(ai["typestr"]).itemsize
     expect = itemsize
-    for dim, stride in zip(reversed(ai["shape"]), reversed(ai["strides"])):
+    for dim, stride in zip(reversed(ai["shape"]), reversed(ai["strides"]), strict=True):
         if dim > 1 and stride != expect:
             return False
         expect *= dim

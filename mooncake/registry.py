@@ -177,7 +177,8 @@ def get_metadata(name: str) -> type:
     """The metadata-store class registered as ``name``; ``ConfigError`` when unknown/broken."""
     cls = _metadata.load(name)
     if isinstance(cls, KeyError):
-        raise ConfigError(f"no metadata plugin named {name!r} (known: {', '.join(metadata_names())})")
+        known = ", ".join(metadata_names())
+        raise ConfigError(f"no metadata plugin named {name!r} (known: {known})")
     if isinstance(cls, BaseException):
         raise ConfigError(f"metadata plugin {name!r} is unavailable: {_reason(cls)}") from cls
     return cls

@@ -67,7 +67,8 @@ def recv_frame(sock: socket.socket, max_length: int,
     if magic != MAGIC or kind not in (REQUEST, REPLY):
         raise ProtocolError(f"bad RPC frame header {magic!r}/{kind}")
     if length > max_length:
-        raise ProtocolError(f"RPC frame of {length} bytes exceeds MC_HANDSHAKE_MAX_LENGTH={max_length}")
+        raise ProtocolError(
+            f"RPC frame of {length} bytes exceeds MC_HANDSHAKE_MAX_LENGTH={max_length}")
     try:
         return kind, json.loads(_recv_exact(sock, length))
     except ValueError as e:

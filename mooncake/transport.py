@@ -113,6 +113,9 @@ class Transport:
     name: ClassVar[str] = ""
     #: with ``protocol="auto"`` the reachable transport with the lowest value wins
     auto_priority: ClassVar[int] = 100
+    #: True for same-host-only transports (shm): the engine warns once when such a transport
+    #: cannot reach a peer that is on this host and it falls back to another one
+    same_host_only: ClassVar[bool] = False
     #: memory locations it can move: "cpu", "cuda", "cxl"
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu"})
 

@@ -9,9 +9,9 @@ import threading
 
 import numpy as np
 import pytest
-from mooncake._core.batch import Batch, slice_requests
 
 from mooncake._core import copy as kc
+from mooncake._core.batch import Batch, slice_requests
 
 COMPLETED, TIMEOUT, FAILED = 4, 5, 6
 E_REFUSED, E_PEER, E_TIMEOUT = 1000, 1001, 1002

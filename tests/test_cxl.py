@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mooncake._core.batch import Batch, slice_requests
 
+from mooncake._core.batch import Batch, slice_requests
 from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
 from mooncake.segments import decode, host_identity
 from mooncake.transport import Region, TransportContext

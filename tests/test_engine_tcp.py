@@ -69,7 +69,7 @@ def test_mixed_size_batch_sync_and_async(engine, peer, remote, local):
     base = local.ctypes.data
     engine.transfer(peer.segment, "write", [base + x for x in offs], [raddr + x for x in offs],
                     sizes)
-    for x, s in zip(offs, sizes):
+    for x, s in zip(offs, sizes, strict=True):
         assert peer.sha(raddr + x, s) == sha(local[x: x + s])
     dst = np.zeros_like(local)
     engine.register(dst)
@@ -78,7 +78,7 @@ def test_mixed_size_batch_sync_and_async(engine, peer, remote, local):
     sts = b.wait(30)
     assert [s.status for s in sts] == [Status.COMPLETED] * len(sizes)
     assert [s.transferred_bytes for s in sts] == sizes
-    for x, s in zip(offs, sizes):
+    for x, s in zip(offs, sizes, strict=True):
         assert sha(dst[x: x + s]) == sha(local[x: x + s])
     b.close()
 

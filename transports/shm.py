@@ -164,6 +164,7 @@ class ShmTransport(Transport):
 
     name: ClassVar[str] = "shm"
     auto_priority: ClassVar[int] = 10
+    same_host_only: ClassVar[bool] = True
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu", "cxl"})
 
     @classmethod

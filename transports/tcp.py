@@ -121,7 +121,8 @@ class TcpTransport(Transport):
         try:
             s = socket.create_connection((host, port), timeout=self.connect_timeout)
         except OSError as e:
-            raise PeerUnreachable(f"tcp: cannot connect to {name} data port {host}:{port}: {e}")
+            raise PeerUnreachable(
+                f"tcp: cannot connect to {name} data port {host}:{port}: {e}") from None
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lane = _tcp.Lane(s)
