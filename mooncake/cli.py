@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         b = sub.add_parser(name, help=hlp, add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
         b.set_defaults(fn=fn)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("bench", "metadata-server"):  # REMAINDER drops leading --flags
+        fn = _bench if argv[0] == "bench" else _metadata_server
+        return fn(argparse.Namespace(rest=argv[1:]))
     args = p.parse_args(argv)
     return args.fn(args)
 
