@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from mooncake._core import batch as _core
 from mooncake._core.regions import RegionTable, first_outside
 from mooncake.batch import Status, TaskStatus, TransferBatch
@@ -389,12 +391,12 @@ class TransferEngine(MooncakeAPI):
                                  f"({n}, {len(remote)}, {len(length)})")
         if n == 0:
             raise InvalidAddress("empty batch: give at least one request")
-        for i, ln in enumerate(length):
-            if not isinstance(ln, int) or not 0 < ln <= MAX_LENGTH:
-                raise InvalidAddress(f"request {i}: length must be in 1..2**48, got {ln!r}")
+        length = _u64_array(length, "length", 1, MAX_LENGTH)
+        local = _u64_array(local, "local address", 0, 2**64 - 1)
+        remote = _u64_array(remote, "remote address", 0, 2**64 - 1)
         bad = first_outside(self.regions, local, length)
         if bad >= 0:
-            raise InvalidAddress(f"request {bad}: local range 0x{local[bad]:x}+{length[bad]} "
+            raise InvalidAddress(f"request {bad}: local range {int(local[bad]):#x}+{length[bad]} "
                                  "is not inside registered memory (register it first)")
         entry = self._peer(segment)
         bad = first_outside(entry.table, remote, length)
@@ -403,14 +405,14 @@ class TransferEngine(MooncakeAPI):
             bad = first_outside(entry.table, remote, length)
             if bad >= 0:
                 raise InvalidAddress(
-                    f"request {bad}: remote range 0x{remote[bad]:x}+{length[bad]} is outside "
+                    f"request {bad}: remote range {int(remote[bad]):#x}+{length[bad]} is outside "
                     f"the {len(entry.desc.buffers)} buffers segment {segment!r} registered")
         peer = entry.desc
         t = self._route(peer)
         core = _core.Batch(n)
         slices = _core.slice_requests(core, OPS[op], local, remote, length, t.slice_size,
                                       t.fragment_ratio)
-        timeout = self._timeout + sum(length) / 1e9
+        timeout = self._timeout + int(length.sum()) / 1e9
         return peer, t, core, slices, timeout
 
     def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
@@ -557,6 +559,32 @@ class TransferEngine(MooncakeAPI):
         if not self._started or self._closed:
             raise MooncakeError("engine is not initialized (call initialize() or pass "
                                 "local_hostname)" if not self._closed else "engine is closed")
+
+
+def _u64_array(seq: Sequence[int], what: str, lo: int, hi: int) -> np.ndarray:
+    """``seq`` as a uint64 array; InvalidAddress naming the first element outside ``[lo, hi]``."""
+    if isinstance(seq, np.ndarray) and seq.dtype == np.uint64 and seq.ndim == 1:
+        arr = seq
+    else:
+        try:
+            a = np.asarray(seq)
+            ok = a.ndim == 1 and a.dtype.kind in "iu"
+        except (ValueError, TypeError, OverflowError):
+            ok = False
+        if not ok:  # mixed, float, huge or non-int values: find the culprit for the message
+            for i, v in enumerate(seq):
+                if type(v) is not int and not isinstance(v, np.integer) or not lo <= v <= hi:
+                    raise InvalidAddress(f"request {i}: {what} must be an int in "
+                                         f"{lo}..{hi:#x}, got {v!r}")
+            a = np.array([int(v) for v in seq], dtype=np.uint64)
+        if a.dtype.kind == "i" and a.size and int(a.min()) < lo:
+            i = int(np.argmax(a < lo))
+            raise InvalidAddress(f"request {i}: {what} must be in {lo}..{hi:#x}, got {a[i]}")
+        arr = a.astype(np.uint64, copy=False)
+    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        i = int(np.argmax((arr < lo) | (arr > hi)))
+        raise InvalidAddress(f"request {i}: {what} must be in {lo}..{hi:#x}, got {arr[i]}")
+    return arr
 
 
 def _enabled(cfg: Config, name: str) -> bool:

@@ -389,31 +389,35 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
             }
             if (cur == niov) { sent += chunk; niov = 0; }
         }
-        if (done < sent) {
-            int avail = l->rb.len > l->rb.pos;
-            if (!avail && niov) {   /* still sending: take only responses already here */
-                l->rb.pos = l->rb.len = 0;
-                ssize_t k = recv(l->fd, l->rb.buf, l->rb.cap, MSG_DONTWAIT);
-                if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR)) { err = MC_E_PEER; break; }
-                if (k > 0) { l->rb.len = (size_t)k; avail = 1; }
-            }
-            if (avail || !niov) {   /* one full response; blocking reads are bounded */
-                mc_rsp_t s;
-                int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, deadline);
-                if (rc == -ETIMEDOUT) { err = MC_E_TIMEOUT; break; }
-                if (rc) { err = MC_E_PEER; break; }
-                if (s.magic != MC_RSP_MAGIC || s.seq != seq0 + (uint32_t)done) { err = MC_E_PROTO; break; }
-                mc_job_t *j = &jobs[done];
-                int32_t e = s.status == MC_ST_OK ? 0 : MC_E_REFUSED;
-                if (!e && j->op == MC_OP_READ) {
-                    rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len, deadline);
-                    if (rc) { err = rc == -ETIMEDOUT ? MC_E_TIMEOUT : MC_E_PEER; break; }
+        /* drain every response already here; block only once everything is sent */
+        while (done < sent) {
+            size_t have = l->rb.len - l->rb.pos;
+            if (have < sizeof(mc_rsp_t) && sent < n) {
+                if (l->rb.pos) {
+                    memmove(l->rb.buf, l->rb.buf + l->rb.pos, have);
+                    l->rb.len = have; l->rb.pos = 0;
                 }
-                mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
-                done++;
-                progressed = 1;
+                ssize_t k = recv(l->fd, l->rb.buf + l->rb.len, l->rb.cap - l->rb.len, MSG_DONTWAIT);
+                if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR)) { err = MC_E_PEER; break; }
+                if (k > 0) l->rb.len += (size_t)k;
+                if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) break;   /* go on sending */
             }
+            mc_rsp_t s;
+            int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, deadline);
+            if (rc == -ETIMEDOUT) { err = MC_E_TIMEOUT; break; }
+            if (rc) { err = MC_E_PEER; break; }
+            if (s.magic != MC_RSP_MAGIC || s.seq != seq0 + (uint32_t)done) { err = MC_E_PROTO; break; }
+            mc_job_t *j = &jobs[done];
+            int32_t e = s.status == MC_ST_OK ? 0 : MC_E_REFUSED;
+            if (!e && j->op == MC_OP_READ) {
+                rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len, deadline);
+                if (rc) { err = rc == -ETIMEDOUT ? MC_E_TIMEOUT : MC_E_PEER; break; }
+            }
+            mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
+            done++;
+            progressed = 1;
         }
+        if (err) break;
         if (!progressed) {   /* socket full and no response yet: wait for either */
             double left = deadline - mc_now();
             if (left <= 0) { err = MC_E_TIMEOUT; break; }
