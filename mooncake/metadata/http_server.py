@@ -119,6 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mooncake-metadata"
     timeout = 30  # seconds a client may stall mid-request before its connection is dropped
+    disable_nagle_algorithm = True  # small replies: no 40 ms Nagle/delayed-ACK stalls
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
