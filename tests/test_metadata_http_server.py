@@ -205,3 +205,15 @@ def test_port_in_use_is_a_clear_error() -> None:
                            env={**os.environ, "PYTHONPATH": str(servers.REPO)}, timeout=60)
         assert r.returncode == 1
         assert "cannot listen" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["mooncake_http_metadata_server", "--help"],
+                                  ["mooncake", "metadata-server", "--help"]])
+def test_console_scripts(argv: list[str]) -> None:
+    import shutil
+
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not on PATH (pip install -e . installs it)")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--ttl" in r.stdout and "--port" in r.stdout
