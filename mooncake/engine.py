@@ -34,6 +34,8 @@ from mooncake.errors import (
     MooncakeError,
     PeerUnreachable,
     SegmentNotFound,
+    TransferFailed,
+    TransferTimeout,
     TransportUnavailable,
 )
 from mooncake.memory import ManagedBuffer, allocate_shm, buffer_info
@@ -417,7 +419,26 @@ class TransferEngine(MooncakeAPI):
 
     def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                  length: Sequence[int], timeout: float | None = None) -> None:
-        """Run a batch to completion; raises :class:`TransferFailed` if any request failed."""
+        """Run a batch to completion; raises :class:`TransferFailed` if any request failed.
+
+        When the connection to the peer is lost (it restarted, say), the descriptor is fetched
+        again and the batch is retried once: READ and WRITE are idempotent.
+        """
+        try:
+            return self._transfer(segment, op, local, remote, length, timeout)
+        except TransferFailed as e:
+            lost = _core.ERROR_NAMES[E_PEER]
+            if isinstance(e, TransferTimeout) or not any(s.error == lost for s in e.statuses):
+                raise
+            try:
+                self._peer(segment)  # refetch: is it back?
+            except SegmentNotFound:
+                raise e from None
+            log.info("segment %s: connection lost; retrying once on a fresh descriptor", segment)
+            return self._transfer(segment, op, local, remote, length, timeout)
+
+    def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
+                  length: Sequence[int], timeout: float | None) -> None:
         if len(local) == 1 and len(remote) == 1 and len(length) == 1:
             return self._transfer_one(segment, op, local[0], remote[0], length[0], timeout)
         peer, t, core, slices, tmo = self._prepare(segment, op, local, remote, length)
@@ -498,13 +519,13 @@ class TransferEngine(MooncakeAPI):
               timeout: float | None = None) -> None:
         """Copy local ``src`` (address or registered buffer) to ``remote_addr`` in ``segment``."""
         addr, n = self._local(src, length)
-        self.transfer(segment, "write", [addr], [remote_addr], [n], timeout)
+        self.transfer(segment, "write", (addr,), (remote_addr,), (n,), timeout)
 
     def read(self, segment: str, dst: Any, remote_addr: int, length: int | None = None,
              timeout: float | None = None) -> None:
         """Copy ``length`` bytes at ``remote_addr`` in ``segment`` into local ``dst``."""
         addr, n = self._local(dst, length)
-        self.transfer(segment, "read", [addr], [remote_addr], [n], timeout)
+        self.transfer(segment, "read", (addr,), (remote_addr,), (n,), timeout)
 
     @staticmethod
     def _local(obj: Any, length: int | None) -> tuple[int, int]:

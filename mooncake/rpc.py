@@ -160,6 +160,7 @@ def _bind_first(host: str, ports: list[int], backlog: int) -> socket.socket:
     last: OSError | None = None
     for port in ports:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart on TIME_WAIT
         try:
             s.bind((host, port))
             s.listen(backlog)
@@ -182,15 +183,22 @@ class RpcClient:
 
     def call(self, segment: str, method: str, args: dict | None = None,
              timeout: float = 10.0) -> Any:
-        """Call ``method`` on the engine named ``segment`` (``host:port``)."""
-        sock = self._checkout(segment)
-        try:
-            sock.settimeout(timeout)
-            send_frame(sock, REQUEST, {"method": method, "args": args or {}})
-            kind, reply = recv_frame(sock, self.max_length)
-        except (OSError, ProtocolError, struct.error) as e:
-            sock.close()
-            raise PeerUnreachable(f"RPC {method} to {segment} failed: {e}") from None
+        """Call ``method`` on the engine named ``segment`` (``host:port``).
+
+        A pooled connection the peer has closed meanwhile (it restarted) is replaced once.
+        """
+        for attempt in (0, 1):
+            sock, pooled = self._checkout(segment, fresh=attempt == 1)
+            try:
+                sock.settimeout(timeout)
+                send_frame(sock, REQUEST, {"method": method, "args": args or {}})
+                kind, reply = recv_frame(sock, self.max_length)
+                break
+            except (OSError, ProtocolError, struct.error) as e:
+                sock.close()
+                if pooled and attempt == 0 and isinstance(e, ConnectionError):
+                    continue
+                raise PeerUnreachable(f"RPC {method} to {segment} failed: {e}") from None
         self._checkin(segment, sock)
         if kind != REPLY or not isinstance(reply, dict):
             raise PeerUnreachable(f"RPC {method} to {segment}: malformed reply")
@@ -198,18 +206,18 @@ class RpcClient:
             raise RemoteError(f"{segment}: {reply.get('error')}", reply.get("type", ""))
         return reply.get("result")
 
-    def _checkout(self, segment: str) -> socket.socket:
+    def _checkout(self, segment: str, fresh: bool = False) -> tuple[socket.socket, bool]:
         with self._lock:
             idle = self._idle.get(segment)
-            if idle:
-                return idle.pop()
+            if idle and not fresh:
+                return idle.pop(), True
         host, port = split_segment(segment)
         try:
             s = socket.create_connection((host, port), timeout=self.connect_timeout)
         except OSError as e:
             raise PeerUnreachable(f"cannot reach segment {segment!r}: {e}") from None
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return s
+        return s, False
 
     def _checkin(self, segment: str, sock: socket.socket) -> None:
         with self._lock:

@@ -22,7 +22,7 @@ def _serve(conn, kwargs: dict) -> None:
 
     env = kwargs.pop("_env", {})
     os.environ.update(env)
-    eng = TransferEngine("127.0.0.1", **kwargs)
+    eng = TransferEngine(kwargs.pop("_hostname", "127.0.0.1"), **kwargs)
     bufs: dict[int, Any] = {}
 
     def view(addr: int, n: int):

@@ -199,6 +199,7 @@ def _listen(host: str, lo: int, hi: int) -> socket.socket:
     last: OSError | None = None
     for port in ports[:500]:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart on TIME_WAIT
         try:
             s.bind((host, port))
             s.listen(128)
