@@ -4,21 +4,19 @@
 reserved huge pages (2 MiB or 1 GiB) and same-host peers can still map it: its ``shm_name`` is the
 path ``/proc/<pid>/fd/<fd>``, which the ``shm`` transport opens like a ``/dev/shm`` name (the kernel
 allows that to processes that may attach to us).  The memfd disappears with the process, so a crash
-leaks nothing.  With ``MC_STORE_USE_HUGEPAGE`` off it returns an ordinary ``/dev/shm`` buffer.
+leaks nothing.  With ``MC_STORE_USE_HUGEPAGE`` off it returns an ordinary memfd buffer.
 
 When the pool lacks free pages the error says how to reserve them.
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from mooncake.errors import ConfigError, InvalidAddress, MooncakeError
-from mooncake.memory import ManagedBuffer, allocate_shm
+from mooncake.memory import ManagedBuffer, allocate_shm, memfd_buffer
 
 __all__ = ["allocate", "free", "HugeBuffer", "HugepageUnavailable", "page_sizes", "pool_state"]
 
@@ -36,21 +34,10 @@ class HugepageUnavailable(MooncakeError, MemoryError):
 class HugeBuffer(ManagedBuffer):
     """A managed buffer on huge pages; unpacks as ``(mmap_obj, addr, shm_name)``."""
 
-    fd: int = -1
     page_size: int = 2 * MiB
 
     def __iter__(self):
         return iter((self.mm, self.addr, self.shm_name))
-
-    def close(self) -> None:
-        self._anchor = None
-        try:
-            self.mm.close()
-        except BufferError:  # a view is still exported; the GC closes it
-            pass
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def page_sizes() -> list[int]:
@@ -123,20 +110,10 @@ def allocate(length: int, config: Any) -> ManagedBuffer:
     size = -(-length // page) * page
     flags = MFD_HUGETLB | ((page.bit_length() - 1) << MFD_HUGE_SHIFT)
     try:
-        fd = os.memfd_create(f"mooncake_huge_{os.getpid()}", flags)
+        return memfd_buffer(length, size, flags, HugeBuffer, page_size=page)
     except OSError as e:
-        raise HugepageUnavailable(f"memfd_create(MFD_HUGETLB) failed: {e.strerror}; "
-                                  + _how_to_reserve(page, size // page)) from None
-    try:
-        os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except OSError as e:
-        os.close(fd)
         raise HugepageUnavailable(f"cannot map {length} bytes on huge pages ({e.strerror}): "
                                   + _how_to_reserve(page, size // page)) from None
-    anchor = ctypes.c_char.from_buffer(mm)
-    return HugeBuffer(ctypes.addressof(anchor), length, mm, f"/proc/{os.getpid()}/fd/{fd}",
-                      anchor, fd=fd, page_size=page)
 
 
 def free(buf: ManagedBuffer) -> None:

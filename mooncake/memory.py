@@ -5,13 +5,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from mooncake.errors import InvalidAddress
 
-__all__ = ["buffer_info", "ManagedBuffer", "allocate_shm"]
+__all__ = ["buffer_info", "ManagedBuffer", "allocate_shm", "memfd_buffer"]
 
 
 def buffer_info(obj: Any) -> tuple[int, int, str]:
@@ -74,13 +73,16 @@ def _c_contiguous(ai: dict) -> bool:
 
 @dataclass(eq=False)
 class ManagedBuffer:
-    """A buffer the engine allocated: shm-backed so same-host peers can map it by name."""
+    """A buffer the engine allocated on a memfd, shared-mapped.  Same-host peers map it by its
+    ``shm_name``, ``/proc/<pid>/fd/<fd>``; the kernel frees it with the process, so a crash
+    leaves nothing behind in ``/dev/shm``."""
 
     addr: int
     length: int
     mm: mmap.mmap
     shm_name: str | None
     _anchor: Any = None  # ctypes view pinning the address; dropped before close
+    fd: int = -1
 
     def close(self) -> None:
         self._anchor = None
@@ -88,27 +90,29 @@ class ManagedBuffer:
             self.mm.close()
         except BufferError:  # someone still exports a view; let GC close it
             pass
-        if self.shm_name:
-            try:
-                os.unlink(f"/dev/shm/{self.shm_name}")
-            except FileNotFoundError:
-                pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def memfd_buffer(length: int, size: int, flags: int = 0, cls: type = ManagedBuffer,
+                 **extra: Any) -> ManagedBuffer:
+    """Map a new memfd of ``size`` bytes (``memfd_create`` ``flags``) as a ``cls`` buffer whose
+    usable length is ``length``.  OSError propagates (the fd is closed)."""
+    fd = os.memfd_create(f"mooncake_{os.getpid()}", os.MFD_CLOEXEC | flags)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:
+        os.close(fd)
+        raise
+    anchor = ctypes.c_char.from_buffer(mm)
+    return cls(ctypes.addressof(anchor), length, mm, f"/proc/{os.getpid()}/fd/{fd}", anchor,
+               fd=fd, **extra)
 
 
 def allocate_shm(length: int) -> ManagedBuffer:
-    """A fresh POSIX shm object ``/dev/shm/mooncake_<pid>_<random>`` of ``length`` bytes, mapped
-    shared."""
-    if length <= 0:
-        raise InvalidAddress(f"managed buffer length must be > 0, got {length}")
-    name = f"mooncake_{os.getpid()}_{secrets.token_hex(4)}"
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
-        os.ftruncate(fd, length)
-        mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except OSError:
-        os.unlink(f"/dev/shm/{name}")
-        raise
-    finally:
-        os.close(fd)
-    anchor = ctypes.c_char.from_buffer(mm)
-    return ManagedBuffer(ctypes.addressof(anchor), length, mm, name, anchor)
+    """A fresh shared buffer of ``length`` bytes (see :class:`ManagedBuffer`)."""
+    if not isinstance(length, int) or length <= 0:
+        raise InvalidAddress(f"managed buffer length must be a positive int, got {length!r}")
+    return memfd_buffer(length, length)

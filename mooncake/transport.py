@@ -27,7 +27,7 @@ class Region:
     addr: int
     length: int
     location: str = "cpu:0"
-    #: POSIX shm name (``/dev/shm/<name>``) when the memory is a managed, shm-backed buffer
+    #: where same-host peers can map it: ``/proc/<pid>/fd/<fd>`` (a memfd) or a /dev/shm name
     shm_name: str | None = None
     #: the Python object that owns the memory (kept alive while registered)
     owner: Any = None
