@@ -9,12 +9,10 @@ from typing import Any
 
 from mooncake._core.regions import RegionTable
 from mooncake.errors import SegmentNotFound
+from mooncake.metadata.base import validate_descriptor
 from mooncake.transport import BufferDesc, SegmentDesc
 
 __all__ = ["host_identity", "decode", "SegmentCache"]
-
-_MAX_ADDR = 1 << 64
-
 
 def host_identity() -> str:
     """This host as peers should see it: kernel boot id plus network-namespace inode."""
@@ -31,31 +29,13 @@ def host_identity() -> str:
 
 
 def decode(name: str, obj: Any) -> SegmentDesc:
-    """Validate a descriptor dict and build a :class:`SegmentDesc`; errors name the segment."""
-
-    def bad(why: str) -> SegmentNotFound:
-        return SegmentNotFound(f"segment {name!r}: malformed descriptor: {why}")
-
-    if not isinstance(obj, dict):
-        raise bad(f"expected a JSON object, got {type(obj).__name__}")
-    bufs = obj.get("buffers", [])
-    transports = obj.get("transports", {})
-    if not isinstance(bufs, list) or not isinstance(transports, dict):
-        raise bad("'buffers' must be a list and 'transports' an object")
-    out = []
-    for i, b in enumerate(bufs):
-        if not isinstance(b, dict):
-            raise bad(f"buffer {i} is not an object")
-        addr, length = b.get("addr"), b.get("length")
-        if not isinstance(addr, int) or not isinstance(length, int):
-            raise bad(f"buffer {i} lacks integer 'addr'/'length'")
-        if addr < 0 or length <= 0 or addr + length > _MAX_ADDR:
-            raise bad(f"buffer {i} range 0x{addr:x}+{length} is outside the address space")
-        out.append(BufferDesc(addr, length, str(b.get("location", "cpu:0")), b.get("shm_name"),
-                              b.get("transports") or {}))
-    return SegmentDesc(name=str(obj.get("name", name)), host_id=str(obj.get("host_id", "")),
-                       pid=int(obj.get("pid", 0) or 0), buffers=out, transports=transports,
-                       timestamp=float(obj.get("timestamp", 0.0) or 0.0))
+    """Validate a descriptor dict (:func:`validate_descriptor`) and build a :class:`SegmentDesc`;
+    errors name the segment and the field."""
+    obj = validate_descriptor(name, obj)
+    bufs = [BufferDesc(b["addr"], b["length"], b["location"], b.get("shm_name"),
+                       b.get("transports") or {}) for b in obj["buffers"]]
+    return SegmentDesc(name=obj["name"], host_id=obj["host_id"], pid=obj["pid"], buffers=bufs,
+                       transports=obj["transports"], timestamp=float(obj["timestamp"]))
 
 
 class _Entry:

@@ -23,7 +23,9 @@ class P2PMetadata(MetadataStore):
             raise SegmentNotFound(f"segment {segment_name!r}: {e}") from None
         if not isinstance(desc, dict):
             raise SegmentNotFound(f"segment {segment_name!r} answered without a descriptor")
-        return desc
+        # the address we reached is its identity here (it may call itself 127.0.0.1:P when we
+        # asked for localhost:P)
+        return {**desc, "name": segment_name}
 
     def remove(self, segment_name: str) -> None:
         """Nothing stored, nothing to remove."""
