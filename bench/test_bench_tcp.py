@@ -5,7 +5,9 @@
 * Throughput: write/read x sync (``transfer_sync_*`` per block) / batch
   (``batch_transfer_sync_*``, one batch per round) / async (``batch_transfer_async_*`` in
   batches of 128, then ``get_batch_transfer_status``), blocks 4 KiB..16 MiB.  Baseline: a raw
-  two-process ``sendall``/``recv_into`` stream of the same blocks over the same working set.
+  two-process ``sendall``/``recv_into`` stream of the same blocks over the same working set
+  (batch, async); for sync, the same sockets one block at a time, each acknowledged
+  (stop-and-wait: a synchronous call per block cannot pipeline, and neither does this).
 * Latency: 4 KiB ``transfer_sync_write``/``read`` p50/p99.  Baseline: a raw 4 KiB + 8 B ack
   ping-pong (32 B + 4 KiB answer for reads); unpinned and all on one vCPU.
 * Request rate: batches of 4 KiB requests end to end, several batch shapes.  Baseline: the raw
@@ -45,6 +47,17 @@ def _stream(raw, op: str, block: int, count: int):
     if op == "write":
         return lambda: raw.stream_write(block, count)
     return lambda: raw.stream_read(block, count)
+
+
+def _stop_and_wait(raw, op: str, block: int, count: int):
+    """One block at a time, each answered before the next (what a sync call per block is):
+    ``block`` out + 8 B ack (write), 32 B out + ``block`` back (read)."""
+    once = raw.start_ping(block, 8) if op == "write" else raw.start_ping(32, block)
+
+    def fn() -> None:
+        for _ in range(count):
+            once()
+    return fn
 
 
 def _round_fn(pair, op: str, api: str, block: int, count: int):
@@ -94,20 +107,22 @@ def _async_fn(pair, op: str, loc: list, rem: list, lens: list, n: int):
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("op", OPS)
 def test_tcp_bw(benchmark, results, pair, raw, op, api, block):
-    """Engine round vs raw stream round of the same bytes, alternately."""
+    """Engine round vs a raw round of the same bytes, alternately: batch and async against a
+    raw stream, sync (one call per block) against raw stop-and-wait."""
     count = _count(block)
     nbytes = block * count
     benchmark.group = f"tcp {_bid(block)}"
-    p = run_paired(benchmark, _round_fn(pair, op, api, block, count),
-                   _stream(raw, op, block, count))
+    base = (_stop_and_wait if api == "sync" else _stream)(raw, op, block, count)
+    p = run_paired(benchmark, _round_fn(pair, op, api, block, count), base)
     if p is None:
         return
+    what = f"raw {op} {'stop-and-wait' if api == 'sync' else 'stream'}"
     gbps, base = nbytes / p.median("engine") / 1e9, nbytes / p.median("baseline") / 1e9
     benchmark.extra_info.update(
         block=block, count=count, op=op, api=api, bytes_per_round=nbytes, gbps_median=gbps,
         gbps_best=nbytes / min(p.engine) / 1e9, raw_gbps_median=base,
         raw_gbps_best=nbytes / min(p.baseline) / 1e9, unit_note="GB/s = 1e9 B/s")
-    results.row(f"tcp {op} {_bid(block)} {api}", gbps, "GB/s", base, f"raw {op} stream",
+    results.row(f"tcp {op} {_bid(block)} {api}", gbps, "GB/s", base, what,
                 BW_TARGET.get(block), benchmark.extra_info)
 
 
