@@ -1,0 +1,527 @@
+"""The ``rdma`` transport: one-sided RDMA WRITE/READ over RC QPs, on libibverbs.
+
+Per local device: one protection domain, ``MC_NUM_CQ_PER_CTX`` CQs on
+``MC_NUM_COMP_CHANNELS_PER_CTX`` completion channels, ``MC_WORKERS_PER_CTX`` worker threads
+(nogil post+poll loops in ``mooncake._core.verbs_kernel``) and an endpoint store of
+``MC_MAX_EP_PER_CTX`` endpoints (``MC_NUM_QP_PER_EP`` QPs each, SIEVE/FIFO eviction).
+Endpoints are set up lazily by an ``rdma.connect`` RPC that exchanges GID, LID, QPNs, PSNs and
+MTU; the peer's side of the pair serves one-sided operations.  Every registered buffer gets an
+MR on every device; its rkeys are published per buffer, the devices (name, GID, LID) per segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from mooncake.errors import ConfigError, PeerUnreachable, TransportUnavailable
+from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
+from transports.rdma_endpoints import EndpointStore
+
+try:
+    from mooncake._core import verbs as V
+    from mooncake._core import verbs_kernel as K
+except ImportError:  # built without libibverbs: probe() says so
+    V = K = None  # type: ignore[assignment]
+
+_E_PEER = 1001  # MC_E_PEER in mc_batch.h
+_E_TIMEOUT = 1002  # MC_E_TIMEOUT
+
+__all__ = ["RdmaTransport", "select_gid"]
+
+log = logging.getLogger(__name__)
+
+_SOFT_VENDOR = 0xFFFFFF  # rxe/siw report this vendor id: no PCIe, relaxed ordering is moot
+
+
+def select_gid(entries: list[tuple[int, bytes, int]], link_layer_ib: bool) -> int | None:
+    """Pick a GID index from ``(index, gid, type)`` rows: a RoCE v2 IPv4-mapped GID first, then
+    any RoCE v2 GID, then (InfiniBand) index 0 / the first non-zero GID; None when empty."""
+    valid = [(i, g, t) for i, g, t in entries if any(g)]
+    v4 = bytes(10) + b"\xff\xff"
+    for pred in (lambda g, t: t == V.GID_TYPE_ROCE_V2 and g[:12] == v4,
+                 lambda g, t: t == V.GID_TYPE_ROCE_V2):
+        for i, g, t in valid:
+            if pred(g, t):
+                return i
+    if link_layer_ib and valid:
+        return valid[0][0]
+    return valid[0][0] if valid else None
+
+
+@dataclass(eq=False)
+class _Dev:
+    """One opened local device and everything hanging off it."""
+
+    index: int
+    dev: Any
+    port: int
+    gid_index: int
+    gid: bytes
+    lid: int
+    mtu: int
+    slots: list = field(default_factory=list)
+    channels: list = field(default_factory=list)
+    workers: list = field(default_factory=list)
+    threads: list = field(default_factory=list)
+    store: EndpointStore | None = None
+    ltab: Any = None
+    ep_seq: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.dev.name
+
+
+class RdmaTransport(Transport):
+    """RDMA (RoCE/InfiniBand) transport on real verbs."""
+
+    name: ClassVar[str] = "rdma"
+    auto_priority: ClassVar[int] = 20
+    memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu"})
+
+    @classmethod
+    def probe(cls) -> str | None:
+        if V is None:
+            return "unavailable: built without libibverbs"
+        if not V.device_names():
+            return "no RDMA device (ibv_get_device_list found none)"
+        return None
+
+    def __init__(self, ctx: TransportContext) -> None:
+        super().__init__(ctx)
+        if V is None:
+            raise TransportUnavailable("rdma transport unavailable: built without libibverbs")
+        g = self._cfg
+        self.port = int(g("MC_IB_PORT"))
+        self.num_cq = int(g("MC_NUM_CQ_PER_CTX"))
+        self.num_chan = int(g("MC_NUM_COMP_CHANNELS_PER_CTX"))
+        self.workers_per_ctx = int(g("MC_WORKERS_PER_CTX"))
+        self.qp_per_ep = int(g("MC_NUM_QP_PER_EP"))
+        self.max_ep = int(g("MC_MAX_EP_PER_CTX"))
+        self.store_type = str(g("MC_ENDPOINT_STORE_TYPE")).upper()
+        self.retry_cnt = int(g("MC_RETRY_CNT"))
+        self.max_wr = int(g("MC_MAX_WR"))
+        self.max_sge = int(g("MC_MAX_SGE"))
+        self.max_inline = int(g("MC_MAX_INLINE"))
+        self.max_cqe = int(g("MC_MAX_CQE_PER_CTX"))
+        self.mtu = int(g("MC_MTU"))
+        self.gid_index_cfg = int(g("MC_GID_INDEX"))
+        tc = int(g("MC_IB_TC"))
+        self.tc = 0 if tc < 0 else tc
+        self.relaxed = int(g("MC_IB_PCI_RELAXED_ORDERING"))
+        self.parallel_reg = int(g("MC_ENABLE_PARALLEL_REG_MR"))
+        self.dest_affinity = bool(g("MC_ENABLE_DEST_DEVICE_AFFINITY"))
+        self.roundrobin = bool(g("MC_PATH_ROUNDROBIN"))
+        self.connect_timeout = float(g("MC_HANDSHAKE_CONNECT_TIMEOUT"))
+        self.pkey_index = int(g("MC_PKEY_INDEX"))
+        if self.mtu not in V.MTU_ENUM:
+            raise ConfigError(f"MC_MTU={self.mtu} is not allowed; use one of {sorted(V.MTU_ENUM)}")
+        if self.relaxed not in (0, 1, 2):
+            raise ConfigError(f"MC_IB_PCI_RELAXED_ORDERING={self.relaxed} is not allowed; "
+                              "use 0 (off), 1 (on) or 2 (auto)")
+        EndpointStore(self.max_ep, self.store_type)  # validates both knobs early
+        self.device_filter = [d.strip() for d in
+                              (getattr(ctx, "device_name", "") or "").split(",") if d.strip()]
+        self.instance = uuid.uuid4().hex
+        self.devs: list[_Dev] = []
+        #: knob -> (asked, used, why) for every value clamped to a device limit
+        self.clamped: dict[str, tuple[int, int, str]] = {}
+        self._lock = threading.RLock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+        self._by_id: dict[int, Any] = {}
+        self._retired: list = []
+        self._mrs: dict[int, list] = {}
+        self._rtabs: dict[tuple, Any] = {}
+        self._ep_ids = 0
+        self._rr = 0
+        self._hub = None
+        self._repair_thread: threading.Thread | None = None
+        self._closing = False
+        self._started = False
+
+    # ------------------------------------------------------------------ config helpers
+    def _cfg(self, key: str) -> Any:
+        return self.ctx.config[key]
+
+    def _clamp(self, key: str, value: int, limit: int, what: str) -> int:
+        """Lower a knob to a device limit: warn naming both values and record it in the
+        config (``config.clamp``) and in ``self.clamped``."""
+        if value <= limit:
+            return value
+        reason = f"device {what}={limit}"
+        self.clamped[key] = (value, limit, reason)
+        cfg = self.ctx.config
+        try:
+            if cfg[key] > limit:
+                cfg.clamp(key, limit, reason)  # warns "KEY=value clamped to limit (reason)"
+        except (AttributeError, KeyError):
+            log.warning("%s=%d clamped to %d (%s)", key, value, limit, reason)
+        return limit
+
+    # ------------------------------------------------------------------ lifecycle
+    def _pick_devices(self) -> list[str]:
+        have = V.device_names()
+        allow = set(self._cfg("MC_TE_FILTERS") or ())
+        deny = set(self._cfg("MC_TE_FILTERS_EXCLUDE") or ())
+        if not self.device_filter:
+            return [d for d in have if (not allow or d in allow) and d not in deny]
+        missing = [d for d in self.device_filter if d not in have]
+        if missing:
+            raise TransportUnavailable(f"rdma: device(s) {', '.join(missing)} not found "
+                                       f"(have: {', '.join(have) or 'none'})")
+        return list(self.device_filter)
+
+    def _open(self, index: int, name: str) -> _Dev:
+        dev = V.Device(name)
+        lim = dev.limits
+        if self.port < 1 or self.port > lim["phys_port_cnt"]:
+            raise ConfigError(f"MC_IB_PORT={self.port} is not allowed on {name}: it has ports "
+                              f"1..{lim['phys_port_cnt']}")
+        port = dev.query_port(self.port)
+        if port["state"] != V.PORT_ACTIVE:
+            log.warning("rdma: %s port %d is not ACTIVE (state %d)", name, self.port,
+                        port["state"])
+        self.max_wr = self._clamp("MC_MAX_WR", self.max_wr, lim["max_qp_wr"], "max_qp_wr")
+        self.max_sge = self._clamp("MC_MAX_SGE", self.max_sge, lim["max_sge"], "max_sge")
+        self.max_cqe = self._clamp("MC_MAX_CQE_PER_CTX", self.max_cqe, lim["max_cqe"],
+                                   "max_cqe")
+        self.num_cq = self._clamp("MC_NUM_CQ_PER_CTX", self.num_cq, lim["max_cq"], "max_cq")
+        self.max_ep = self._clamp("MC_MAX_EP_PER_CTX", self.max_ep,
+                                  max(1, lim["max_qp"] // self.qp_per_ep), "max_qp/qp_per_ep")
+        if self.max_cqe < self.max_wr * self.qp_per_ep:
+            log.warning("MC_MAX_CQE_PER_CTX=%d is below the sum of one endpoint's QP depths "
+                        "(MC_MAX_WR=%d x MC_NUM_QP_PER_EP=%d = %d): posting will stall on the "
+                        "CQ", self.max_cqe, self.max_wr, self.qp_per_ep,
+                        self.max_wr * self.qp_per_ep)
+        ll_ib = port["link_layer"] != V.LINK_LAYER_ETHERNET
+        if self.gid_index_cfg < 0:
+            n = min(port["gid_tbl_len"], 256)
+            rows = []
+            for i in range(n):
+                e = dev.gid_entry(self.port, i)
+                if e is not None:
+                    rows.append((i, e[0], e[1]))
+            gidx = select_gid(rows, ll_ib)
+            if gidx is None:
+                raise TransportUnavailable(f"rdma: {name} port {self.port} has no usable GID")
+        else:
+            gidx = self.gid_index_cfg
+            if gidx >= port["gid_tbl_len"] or dev.gid_entry(self.port, gidx) is None:
+                raise ConfigError(f"MC_GID_INDEX={gidx} is not allowed on {name} port "
+                                  f"{self.port}: that GID slot is empty (auto: -1)")
+        gid = dev.query_gid(self.port, gidx)
+        mtu = min(self.mtu, port["active_mtu"] or self.mtu)
+        d = _Dev(index=index, dev=dev, port=self.port, gid_index=gidx, gid=gid,
+                 lid=port["lid"], mtu=mtu)
+        d.channels = [V.CompChannel(dev) for _ in range(self.num_chan)]
+        d.slots = [K.CQSlot(V.CQ(dev, self.max_cqe, d.channels[i % self.num_chan], i))
+                   for i in range(self.num_cq)]
+        for w in range(self.workers_per_ctx):
+            mine = [s for i, s in enumerate(d.slots) if i % self.workers_per_ctx == w]
+            if not mine:
+                mine = [d.slots[w % self.num_cq]]
+            d.workers.append(K.Worker(mine, self._hub, self.retry_cnt))
+        d.store = EndpointStore(self.max_ep, self.store_type)
+        d.ltab = K.KeyTable([], 1)
+        return d
+
+    def start(self) -> dict:
+        """Open the devices, start workers and the repair thread; publish the devices."""
+        names = self._pick_devices()
+        if not names:
+            raise TransportUnavailable("rdma: no RDMA device found")
+        self._hub = K.Hub()
+        self.devs = [self._open(i, n) for i, n in enumerate(names)]
+        for d in self.devs:
+            for i, w in enumerate(d.workers):
+                t = threading.Thread(target=w.run, name=f"mc-rdma-{d.name}-w{i}", daemon=True)
+                t.start()
+                d.threads.append(t)
+        self._repair_thread = threading.Thread(target=self._repair_loop, name="mc-rdma-repair",
+                                               daemon=True)
+        self._repair_thread.start()
+        self.ctx.add_rpc_handler("rdma.connect", self._on_connect)
+        self._started = True
+        return {
+            "instance": self.instance,
+            "devices": [{"name": d.name, "gid": d.gid.hex(), "lid": d.lid, "port": d.port,
+                         "gid_index": d.gid_index, "mtu": d.mtu} for d in self.devs],
+        }
+
+    def _access(self, d: _Dev) -> int:
+        acc = V.ACCESS_RW
+        if self.relaxed == 1 or (self.relaxed == 2 and d.dev.limits["vendor_id"] != _SOFT_VENDOR):
+            acc |= V.ACCESS_RELAXED_ORDERING  # an optional flag: ignored where unsupported
+        return acc
+
+    def register(self, region: Region) -> dict | None:
+        """Register ``region`` on every device; publish its rkeys (one per device)."""
+        def reg(d: _Dev) -> Any:
+            return V.MR(d.dev, region.addr, region.length, self._access(d))
+
+        parallel = self.parallel_reg == 1 or (self.parallel_reg == -1 and len(self.devs) > 1)
+        if parallel and len(self.devs) > 1:
+            with ThreadPoolExecutor(len(self.devs)) as ex:
+                mrs = list(ex.map(reg, self.devs))
+        else:
+            mrs = [reg(d) for d in self.devs]
+        with self._lock:
+            self._mrs[region.addr] = mrs
+            self._rebuild_ltabs()
+        return {"rkey": [m.rkey for m in mrs], "devices": [d.name for d in self.devs]}
+
+    def unregister(self, region: Region) -> None:
+        with self._lock:
+            mrs = self._mrs.pop(region.addr, None)
+            self._rebuild_ltabs()
+        for m in mrs or []:
+            m.close()
+
+    def _rebuild_ltabs(self) -> None:
+        for d in self.devs:
+            d.ltab = K.KeyTable([(m[d.index].addr, m[d.index].length, [m[d.index].lkey])
+                                 for m in self._mrs.values()], 1)
+
+    def can_reach(self, peer: SegmentDesc) -> str | None:
+        info = peer.transports.get(self.name)
+        if not info or not info.get("devices"):
+            return f"peer {peer.name} publishes no RDMA devices"
+        if not self.devs:
+            return "rdma transport not started"
+        return None
+
+    # ------------------------------------------------------------------ endpoints
+    def _new_qps(self, d: _Dev, n: int, slot: Any) -> list:
+        qps = []
+        for _ in range(n):
+            qp = V.QP(d.dev, slot.cq, self.max_wr, self.max_sge, self.max_inline)
+            qp.to_init(d.port, V.ACCESS_RW, self.pkey_index)
+            qps.append(qp)
+        return qps
+
+    def _bring_up(self, d: _Dev, qps: list, remote: dict, my_psns: list) -> None:
+        gid = bytes.fromhex(remote["gid"])
+        mtu = min(d.mtu, int(remote["mtu"]))
+        for qp, rqpn, rpsn, mpsn in zip(qps, remote["qpns"], remote["psns"], my_psns,
+                                               strict=True):
+            qp.to_rtr(rqpn, gid, int(remote["lid"]), rpsn, mtu, d.port, d.gid_index, self.tc)
+            qp.to_rts(mpsn)
+
+    def _make_ep(self, d: _Dev, qps: list, slot: Any, worker: Any, key: tuple) -> Any:
+        with self._lock:
+            self._ep_ids += 1
+            ep = K.Endpoint(self._ep_ids, qps, worker, slot)
+            ep.info = {"dev": d, "key": key}
+            self._by_id[ep.id] = ep
+        return ep
+
+    def _place(self, d: _Dev) -> tuple[Any, Any]:
+        """The (worker, CQ slot) of the next endpoint on ``d``."""
+        d.ep_seq += 1
+        w = d.ep_seq % len(d.workers)
+        worker = d.workers[w]
+        return worker, worker.slots[(d.ep_seq // len(d.workers)) % len(worker.slots)]
+
+    def _retire(self, eps: list) -> None:
+        for ep in eps:
+            if ep is not None:
+                self._retired.append(ep)
+
+    def _install(self, d: _Dev, key: tuple, ep: Any) -> None:
+        with self._lock:
+            self._retire(d.store.insert(key, ep))
+
+    def _on_connect(self, args: dict) -> dict:
+        """RPC ``rdma.connect``: the passive side of an endpoint handshake."""
+        if self._closing:
+            raise PeerUnreachable("rdma transport is closing")
+        name = args["dst_dev"]
+        d = next((x for x in self.devs if x.name == name), None)
+        if d is None:
+            raise ValueError(f"no RDMA device {name!r} here (have: "
+                             f"{', '.join(x.name for x in self.devs)})")
+        n = len(args["qpns"])
+        if not 1 <= n <= 255:
+            raise ValueError(f"qpns must list 1..255 QPs, got {n}")
+        with self._lock:
+            worker, slot = self._place(d)
+        qps = self._new_qps(d, n, slot)
+        psns = [random.getrandbits(24) for _ in qps]
+        self._bring_up(d, qps, args, psns)
+        key = (args["segment"], args["instance"], args["src_dev"])
+        self._install(d, key, self._make_ep(d, qps, slot, worker, key))
+        return {"instance": self.instance, "gid": d.gid.hex(), "lid": d.lid,
+                "qpns": [q.qp_num for q in qps], "psns": psns, "mtu": d.mtu}
+
+    def _connect(self, d: _Dev, peer_name: str, inst: str, pdev: str) -> Any:
+        with self._lock:
+            worker, slot = self._place(d)
+        qps = self._new_qps(d, self.qp_per_ep, slot)
+        psns = [random.getrandbits(24) for _ in qps]
+        args = {"segment": self.ctx.segment_name, "instance": self.instance, "src_dev": d.name,
+                "dst_dev": pdev, "gid": d.gid.hex(), "lid": d.lid,
+                "qpns": [q.qp_num for q in qps], "psns": psns, "mtu": d.mtu}
+        try:
+            remote = self.ctx.rpc_call(peer_name, "rdma.connect", args, self.connect_timeout)
+        except Exception as e:
+            for q in qps:
+                q.close()
+            raise PeerUnreachable(f"rdma handshake with {peer_name} ({pdev}) failed: {e}") from e
+        if inst and remote.get("instance") != inst:
+            for q in qps:
+                q.close()
+            raise PeerUnreachable(f"{peer_name} restarted (instance {remote.get('instance')}, "
+                                  f"expected {inst})")
+        self._bring_up(d, qps, remote, psns)
+        key = (peer_name, inst, pdev)
+        ep = self._make_ep(d, qps, slot, worker, key)
+        self._install(d, key, ep)
+        return ep
+
+    def _endpoint(self, d: _Dev, peer_name: str, inst: str, pdev: str) -> Any:
+        key = (peer_name, inst, pdev)
+        with self._lock:
+            ep = d.store.get(key)
+            if ep is not None and ep.healthy == len(ep.qps) and not ep.aborted:
+                return ep
+            lock = self._key_locks.setdefault((d.index, key), threading.Lock())
+        with lock:
+            with self._lock:
+                ep = d.store.get(key)
+                if ep is not None and ep.healthy == len(ep.qps) and not ep.aborted:
+                    return ep
+                if ep is not None:
+                    self._retire([d.store.remove(key, ep)])
+            return self._connect(d, peer_name, inst, pdev)
+
+    # ------------------------------------------------------------------ data path
+    def _remote_table(self, peer: SegmentDesc, pdevs: list[str]) -> Any:
+        ck = (peer.name, id(peer), peer.timestamp, len(peer.buffers))
+        t = self._rtabs.get(ck)
+        if t is None:
+            rows = []
+            for b in peer.buffers:
+                f = b.transports.get(self.name)
+                if f and len(f.get("rkey", ())) == len(pdevs):
+                    rows.append((b.addr, b.length, [int(k) for k in f["rkey"]]))
+            t = K.KeyTable(rows, max(1, len(pdevs)))
+            if len(self._rtabs) > 256:
+                self._rtabs.clear()
+            self._rtabs[ck] = t
+        return t
+
+    def submit(self, peer: SegmentDesc, slices: Any) -> None:
+        info = peer.transports.get(self.name) or {}
+        pdevs = [x["name"] for x in info.get("devices", [])]
+        if not pdevs or not self.devs or self._closing:
+            slices.fail_all(_E_PEER)
+            return
+        inst = info.get("instance", "")
+        with self._lock:
+            self._rr += 1
+            d = self.devs[self._rr % len(self.devs)]
+        if self.dest_affinity and d.name in pdevs:
+            cols = [pdevs.index(d.name)]
+        else:
+            cols = list(range(len(pdevs)))
+        try:
+            eps = [self._endpoint(d, peer.name, inst, pdevs[c]) for c in cols]
+        except Exception as e:  # every slice must be reported, failures included
+            log.warning("rdma: no endpoint to %s: %s", peer.name, e)
+            slices.fail_all(_E_PEER)
+            return
+        K.submit(slices, d.ltab, 0, self._remote_table(peer, pdevs), cols, eps,
+                 self.roundrobin)
+
+    def _repair_loop(self) -> None:
+        while not self._closing:
+            orphans = self._hub.take(0.1)
+            if orphans is not None:
+                for ep_id in orphans.groups():
+                    self._repair(orphans, ep_id)
+            self._reclaim()
+
+    def _repair(self, orphans: Any, ep_id: int) -> None:
+        old = self._by_id.get(ep_id)
+        if old is None or self._closing or old.aborted:
+            orphans.fail(ep_id, _E_TIMEOUT if old is not None and old.aborted else _E_PEER)
+            return
+        d, (peer, inst, pdev) = old.info["dev"], old.info["key"]
+        try:
+            new = self._endpoint(d, peer, inst, pdev)
+        except Exception as e:  # the peer is gone (or restarted): the slices fail
+            log.warning("rdma: cannot rebuild endpoint to %s/%s: %s", peer, pdev, e)
+            orphans.fail(ep_id, _E_PEER)
+            return
+        orphans.resubmit(ep_id, new)
+
+    def _reclaim(self) -> None:
+        with self._lock:
+            keep = []
+            for ep in self._retired:
+                if ep.users == 0:
+                    ep.destroy()
+                    self._by_id.pop(ep.id, None)
+                else:
+                    keep.append(ep)
+            self._retired = keep
+
+    def endpoints(self) -> list[tuple]:
+        """``(local device, key, endpoint)`` for every stored endpoint (diagnostics, tests)."""
+        with self._lock:
+            return [(d.name, k, ep) for d in self.devs for k, ep in
+                    zip(d.store.keys(), d.store.values(), strict=True)]
+
+    def abort(self, peer: SegmentDesc) -> None:
+        with self._lock:
+            for d in self.devs:
+                for k in [k for k in d.store.keys() if k[0] == peer.name]:
+                    ep = d.store.remove(k)
+                    ep.abort()
+                    self._retire([ep])
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        with self._lock:
+            for d in self.devs:
+                for k in d.store.keys():
+                    ep = d.store.remove(k)
+                    ep.abort()
+                    self._retire([ep])
+        if self._repair_thread is not None:
+            self._repair_thread.join(5)
+        # workers poll the flushed completions; give them a moment, then stop them
+        for _ in range(200):
+            with self._lock:
+                if all(ep.users == 0 for ep in self._retired):
+                    break
+            threading.Event().wait(0.01)
+        for d in self.devs:
+            for w in d.workers:
+                w.stop()
+            for t in d.threads:
+                t.join(5)
+        if self._hub is not None:
+            self._hub.close()
+            while (o := self._hub.take(0)) is not None:
+                o.fail(-1, _E_PEER)
+        self._reclaim()
+        for mrs in self._mrs.values():
+            for m in mrs:
+                m.close()
+        self._mrs.clear()
+        self.devs = []
+
+    def stats(self) -> dict:
+        """Per-device worker counters, endpoint counts and clamped knobs."""
+        return {d.name: {"workers": [w.stats() for w in d.workers], "endpoints": len(d.store),
+                         "evictions": d.store.evictions} for d in self.devs} | {
+            "clamped": dict(self.clamped), "retired": len(self._retired)}
