@@ -50,7 +50,7 @@ for line in sys.stdin:
         regions.append(r)
         out(r.addr)
     elif c["op"] == "desc":
-        out({"name": "cxlpeer:1", "host_id": host_identity(), "pid": os.getpid(),
+        out({"name": "cxlpeer:1", "host_id": host_identity(), "pid": os.getpid(), "timestamp": 0,
              "buffers": [r.describe() for r in regions], "transports": {"cxl": fields}})
     elif c["op"] == "crc":
         out(zlib.crc32(ctypes.string_at(w.address(c["off"]), c["n"])))
@@ -219,6 +219,7 @@ def test_reach_reasons(xport, win_file):
         assert "another CXL window" in xport.can_reach(decode("cxlpeer:1", other))
         other = dict(raw, host_id="elsewhere/1")
         assert "another host" in xport.can_reach(decode("cxlpeer:1", other))
-        assert "does not publish cxl" in xport.can_reach(decode("x:1", dict(raw, transports={})))
+        nocxl = dict(raw, transports={})
+        assert "does not publish cxl" in xport.can_reach(decode("cxlpeer:1", nocxl))
     finally:
         peer.close()

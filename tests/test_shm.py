@@ -46,7 +46,7 @@ regions, keep = {}, {}
 def out(x):
     sys.stdout.write(json.dumps(x) + "\n"); sys.stdout.flush()
 def desc():
-    return {"name": "peer:1", "host_id": host_identity(), "pid": os.getpid(),
+    return {"name": "peer:1", "host_id": host_identity(), "pid": os.getpid(), "timestamp": 0,
             "buffers": [r.describe() for r in regions.values()], "transports": {"shm": fields}}
 def reg(addr, n, owner, shm_name=None):
     r = Region(addr, n, "cpu:0", shm_name, owner)
@@ -264,7 +264,7 @@ def test_same_process_loopback(shm):
     a = np.arange(1 << 20, dtype=np.uint8)
     r = Region(a.ctypes.data, a.nbytes, "cpu:0", None, a)
     r.fields["shm"] = shm.register(r)
-    d = decode("me:1", {"name": "me:1", "host_id": host_identity(), "pid": os.getpid(),
+    d = decode("me:1", {"name": "me:1", "host_id": host_identity(), "pid": os.getpid(), "timestamp": 0,
                         "buffers": [r.describe()],
                         "transports": {"shm": {"ctl": shm.ctl.name, "pid": os.getpid(),
                                                "token_addr": shm.ctl.token_addr}}})
