@@ -264,7 +264,8 @@ def test_same_process_loopback(shm):
     a = np.arange(1 << 20, dtype=np.uint8)
     r = Region(a.ctypes.data, a.nbytes, "cpu:0", None, a)
     r.fields["shm"] = shm.register(r)
-    d = decode("me:1", {"name": "me:1", "host_id": host_identity(), "pid": os.getpid(), "timestamp": 0,
+    d = decode("me:1", {"name": "me:1", "host_id": host_identity(), "pid": os.getpid(),
+                        "timestamp": 0,
                         "buffers": [r.describe()],
                         "transports": {"shm": {"ctl": shm.ctl.name, "pid": os.getpid(),
                                                "token_addr": shm.ctl.token_addr}}})
