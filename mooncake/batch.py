@@ -86,26 +86,31 @@ class TransferBatch:
             out.append(TaskStatus(s, nbytes, error_text(err) if err else ""))
         return out
 
-    def wait(self, timeout: float | None = None) -> list[TaskStatus]:
-        """Block until every task ends (at most ``timeout`` s, default: the batch deadline)."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every task ends (at most ``timeout`` s, default: the batch deadline);
+        raise :class:`TransferFailed` (with every task's status) if any did not complete."""
         left = self.deadline - time.monotonic()
         limit = left if timeout is None else min(timeout, left)
         if not self.core.wait(max(limit, 0.0)):
             if timeout is not None and timeout < left:
                 raise TransferTimeout(f"batch to {self.peer.name} still running after {timeout}s")
             self._expire()
+        if self.core.first_not_completed() < 0:
+            return
         sts = self.statuses()
         bad = [(i, s) for i, s in enumerate(sts) if s.status != Status.COMPLETED]
-        if bad:
-            i, s = bad[0]
-            cls = TransferTimeout if s.status == Status.TIMEOUT else TransferFailed
-            raise cls(f"{len(bad)} of {len(sts)} tasks to {self.peer.name} failed; "
-                      f"task {i}: {s.status.name}: {s.error}", sts)
-        return sts
+        i, s = bad[0]
+        cls = TransferTimeout if s.status == Status.TIMEOUT else TransferFailed
+        raise cls(f"{len(bad)} of {len(sts)} tasks to {self.peer.name} failed; "
+                  f"task {i}: {s.status.name}: {s.error}", sts)
 
     def __await__(self):
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(None, self.wait).__await__()
+        return loop.run_in_executor(None, self._wait_statuses).__await__()
+
+    def _wait_statuses(self) -> list[TaskStatus]:
+        self.wait()
+        return self.statuses()
 
     def close(self) -> None:
         """Forget the batch (waits for in-flight slices so no memory is touched afterwards)."""

@@ -169,19 +169,25 @@ class MooncakeAPI:
 
     def transfer_sync_write(self, target_hostname: str, buffer: int, peer_buffer_address: int,
                             length: int, transport_hint: str = "") -> int:
-        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length,
-                                  TransferOpcode.Write)
+        try:
+            self.transfer(target_hostname, 1, (buffer,), (peer_buffer_address,), (length,))
+            return 0
+        except MooncakeError as e:
+            return _code("transfer_sync_write", e)
 
     def transfer_sync_read(self, target_hostname: str, buffer: int, peer_buffer_address: int,
                            length: int, transport_hint: str = "") -> int:
-        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length,
-                                  TransferOpcode.Read)
+        try:
+            self.transfer(target_hostname, 0, (buffer,), (peer_buffer_address,), (length,))
+            return 0
+        except MooncakeError as e:
+            return _code("transfer_sync_read", e)
 
     def transfer_sync(self, target_hostname: str, buffer: int, peer_buffer_address: int,
                       length: int, opcode: int, notify: TransferNotify | None = None,
                       transport_hint: str = "") -> int:
-        return self.batch_transfer_sync(target_hostname, [buffer], [peer_buffer_address],
-                                        [length], opcode, notify)
+        return self.batch_transfer_sync(target_hostname, (buffer,), (peer_buffer_address,),
+                                        (length,), opcode, notify)
 
     def batch_transfer_sync_write(self, target_hostname: str, buffers: list[int],
                                   peer_buffer_addresses: list[int], lengths: list[int],
@@ -262,11 +268,10 @@ class MooncakeAPI:
             return _code("transfer_check_status", e)
         if not b.done:
             return 0
-        sts = b.statuses()
         b.close()
-        if all(s.status == Status.COMPLETED for s in sts):
+        if b.core.first_not_completed() < 0:
             return 1
-        return -2 if any(s.status == Status.TIMEOUT for s in sts) else -1
+        return -2 if any(s.status == Status.TIMEOUT for s in b.statuses()) else -1
 
     # -- peers --------------------------------------------------------------------------------
 

@@ -75,7 +75,8 @@ def test_mixed_size_batch_sync_and_async(engine, peer, remote, local):
     engine.register(dst)
     b = engine.submit(peer.segment, "read", [dst.ctypes.data + x for x in offs],
                       [raddr + x for x in offs], sizes)
-    sts = b.wait(30)
+    b.wait(30)
+    sts = b.statuses()
     assert [s.status for s in sts] == [Status.COMPLETED] * len(sizes)
     assert [s.transferred_bytes for s in sts] == sizes
     for x, s in zip(offs, sizes, strict=True):

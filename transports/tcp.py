@@ -2,8 +2,8 @@
 
 Each peer gets ``MC_TCP_LANES_PER_PEER`` connections to its data port.  A synchronous transfer
 takes an idle lane and drives it from the calling thread (no thread hand-offs: the latency of a
-raw socket ping-pong); asynchronous batches are spread over all lanes, each with a sender and a
-receiver thread.  The target checks every range against its registered memory and refuses the
+raw socket ping-pong); asynchronous batches are spread over the lanes, each driven by its own
+worker thread with the same pipelined loop.  The target checks every range against its registered memory and refuses the
 rest; a connection that sends garbage is closed, nothing else is affected.
 """
 
@@ -126,10 +126,10 @@ class TcpTransport(Transport):
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lane = _tcp.Lane(s)
-        for fn, what in ((lane.run_sender, "send"), (lane.run_receiver, "recv")):
-            t = threading.Thread(target=fn, name=f"mc-tcp-{what}-{name}", daemon=True)
-            t.start()
-            p.threads.append(t)
+        t = threading.Thread(target=lane.run_worker, args=(self.frame_timeout,),
+                             name=f"mc-tcp-lane-{name}", daemon=True)
+        t.start()
+        p.threads.append(t)
         p.lanes.append(lane)
 
     def _retire(self, p: _Peer) -> None:

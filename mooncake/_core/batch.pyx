@@ -60,6 +60,14 @@ cdef class Batch:
     def statuses(self):
         return [self.status(t) for t in range(self.ntasks)]
 
+    def first_not_completed(self):
+        """Index of the first task that is not COMPLETED, or -1 when all completed."""
+        cdef uint32_t t
+        for t in range(self.ntasks):
+            if mc_task_status(self.b, t) != MC_COMPLETED:
+                return t
+        return -1
+
     @property
     def done(self):
         return mc_open_tasks(self.b) == 0

@@ -4,9 +4,8 @@
  * Response (16 B): magic "MCR1", status, seq, rsv                       [+ len payload bytes if READ ok]
  * Responses come back in request order on each connection.
  *
- * Initiator lane modes:
- *   async - jobs queued by submit(); a sender thread sends them, a receiver thread matches responses
- *   owned - a synchronous caller takes an idle lane and drives send+receive itself (no thread hops)
+ * Initiator: a lane is driven by its owner, a synchronous caller or the lane's worker thread
+ * (for queued jobs), with the same pipelined send/receive loop.
  */
 #ifndef MC_TCP_H
 #define MC_TCP_H
@@ -121,19 +120,27 @@ static inline int mc_send_iov(int fd, struct iovec *iov, int cnt) {
 
 /* ---------- target side ---------- */
 
-/* Serve one data connection until it closes or misbehaves.  Returns 0 on orderly close,
- * 1 on a protocol violation (bad magic/op, frame above max_frame, a frame not finished within
+/* Serve one data connection until it closes or misbehaves.  Responses (and READ payloads,
+ * gathered straight from registered memory) are sent in one sendmsg when the next request is not
+ * buffered yet, or when MC_MAX_IOV responses / MC_RBUF_CAP payload bytes are pending; the region
+ * read lock is held until then, so unregistering waits for the memory to be sent.
+ * Returns 0 on orderly close, 1 on a protocol violation (bad magic/op, frame above max_frame, a frame not finished within
  * frame_timeout seconds), -errno on I/O error. */
 static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout) {
     mc_rbuf_t r = {(char *)malloc(MC_RBUF_CAP), 0, 0, MC_RBUF_CAP};
     mc_rsp_t pend[MC_MAX_IOV];
-    int np = 0, rc = 0;
+    struct iovec out[2 * MC_MAX_IOV];
+    int np = 0, nout = 0, rc = 0, locked = 0;
+    size_t outbytes = 0;
     if (!r.buf) return -ENOMEM;
+#define MC_FLUSH() do { \
+        if (nout) { rc = mc_send_iov(fd, out, nout); nout = 0; np = 0; outbytes = 0; } \
+        if (locked) { pthread_rwlock_unlock(&regs->lock); locked = 0; } \
+    } while (0)
     for (;;) {
-        if (r.len - r.pos < sizeof(mc_req_t) && np) {  /* about to block: flush responses */
-            struct iovec v = {pend, np * sizeof(mc_rsp_t)};
-            if ((rc = mc_send_iov(fd, &v, 1))) break;
-            np = 0;
+        if (r.len - r.pos < sizeof(mc_req_t) && (nout || locked)) {  /* about to block */
+            MC_FLUSH();
+            if (rc) break;
         }
         /* idle between frames: wait forever; a started frame must finish within frame_timeout */
         if (r.len == r.pos) {
@@ -145,34 +152,27 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
         if (rc) { if (rc == 1 || rc == -ETIMEDOUT) rc = 1; break; }
         mc_req_t h; memcpy(&h, r.buf + r.pos, sizeof h); r.pos += sizeof h;
         if (h.magic != MC_REQ_MAGIC || h.op > MC_OP_WRITE || h.len > max_frame) { rc = 1; break; }
-        mc_rsp_t s = {MC_RSP_MAGIC, MC_ST_OK, h.seq, 0};
-        pthread_rwlock_rdlock(&regs->lock);
+        mc_rsp_t *s = &pend[np++];
+        s->magic = MC_RSP_MAGIC; s->status = MC_ST_OK; s->seq = h.seq; s->rsv = 0;
+        if (!locked) { pthread_rwlock_rdlock(&regs->lock); locked = 1; }
         int ok = h.len > 0 && mc_regions_find_locked(regs, h.addr, h.len) >= 0;
-        if (!ok) s.status = MC_ST_REFUSED;
+        if (!ok) s->status = MC_ST_REFUSED;
         if (h.op == MC_OP_WRITE) {
             rc = mc_read_exact(fd, &r, ok ? (char *)(uintptr_t)h.addr : NULL, h.len, deadline);
-            pthread_rwlock_unlock(&regs->lock);
             if (rc) { rc = rc == -ETIMEDOUT ? 1 : -ECONNRESET; break; }
-            pend[np++] = s;
-        } else if (ok) {
-            struct iovec v[2] = {{pend, np * sizeof(mc_rsp_t) + 0}, {NULL, 0}};
-            pend[np++] = s;
-            v[0].iov_len = np * sizeof(mc_rsp_t);
-            v[1].iov_base = (void *)(uintptr_t)h.addr; v[1].iov_len = h.len;
-            rc = mc_send_iov(fd, v, 2);
-            pthread_rwlock_unlock(&regs->lock);
-            np = 0;
-            if (rc) break;
-        } else {
-            pthread_rwlock_unlock(&regs->lock);
-            pend[np++] = s;
         }
-        if (np == MC_MAX_IOV) {
-            struct iovec v = {pend, np * sizeof(mc_rsp_t)};
-            if ((rc = mc_send_iov(fd, &v, 1))) break;
-            np = 0;
+        out[nout].iov_base = s; out[nout].iov_len = sizeof *s; nout++;
+        if (h.op == MC_OP_READ && ok) {
+            out[nout].iov_base = (void *)(uintptr_t)h.addr; out[nout].iov_len = h.len; nout++;
+            outbytes += h.len;
+        }
+        if (np == MC_MAX_IOV || outbytes >= MC_RBUF_CAP) {
+            MC_FLUSH();
+            if (rc) break;
         }
     }
+    if (locked) pthread_rwlock_unlock(&regs->lock);
+#undef MC_FLUSH
     free(r.buf);
     return rc;
 }
@@ -203,13 +203,15 @@ static inline mc_job_t *mc_ring_at(mc_ring_t *q, size_t i) { return &q->v[(q->he
 
 static inline void mc_ring_pop(mc_ring_t *q) { q->head = (q->head + 1) % q->cap; q->len--; }
 
+/* A lane: one connection.  Whoever owns it (a synchronous caller, or the lane's worker thread
+ * for queued jobs) drives the socket itself: pipelined sends interleaved with in-order reads of
+ * the responses, so no job ever changes threads. */
 typedef struct {
     int fd;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    mc_ring_t q;          /* submitted, not sent */
-    mc_ring_t inf;        /* sent, awaiting responses (in order) */
-    int owned, dead, closing, head_busy;
+    mc_ring_t q;          /* submitted, not yet taken by the worker */
+    int owned, dead, closing;
     int32_t dead_err;
     uint32_t seq;
     mc_rbuf_t rb;
@@ -227,51 +229,42 @@ static inline mc_lane_t *mc_lane_new(int fd) {
     return l;
 }
 
-static inline void mc_job_finish(const mc_job_t *j, int32_t err) {
-    mc_slice_done(j->b, j->task, err ? 0 : (int64_t)j->len, err);
-    mc_batch_unref(j->b);
-}
-
-/* Mark the lane dead and fail everything queued or in flight (except the in-flight head a
- * receiver is filling right now: the receiver fails it when its recv errors out). */
+/* Mark the lane dead (first error wins), fail every queued job, shut the socket down: an owner
+ * in the middle of a drive sees the error and fails its own jobs with `dead_err`. */
 static inline void mc_lane_fail(mc_lane_t *l, int32_t err) {
     pthread_mutex_lock(&l->mu);
     if (!l->dead) { l->dead = 1; l->dead_err = err; }
-    mc_ring_t q = l->q, inf = l->inf;
-    size_t keep = (l->head_busy && inf.len) ? 1 : 0;
+    err = l->dead_err;
+    mc_ring_t q = l->q;
     memset(&l->q, 0, sizeof l->q);
-    if (keep) {   /* leave the busy head in place */
-        l->inf.len = 1;
-        inf.head = (inf.head + 1) % inf.cap; inf.len -= 1;
-        mc_job_t *copy = (mc_job_t *)malloc(inf.len * sizeof(mc_job_t) + 1);
-        for (size_t i = 0; i < inf.len; i++) copy[i] = *mc_ring_at(&inf, i);
-        inf.v = copy; inf.head = 0; inf.cap = inf.len ? inf.len : 1;
-    } else {
-        memset(&l->inf, 0, sizeof l->inf);
-    }
     pthread_cond_broadcast(&l->cv);
     pthread_mutex_unlock(&l->mu);
     shutdown(l->fd, SHUT_RDWR);
-    for (size_t i = 0; i < q.len; i++) mc_job_finish(mc_ring_at(&q, i), err);
-    for (size_t i = 0; i < inf.len; i++) mc_job_finish(mc_ring_at(&inf, i), err);
+    for (size_t i = 0; i < q.len; i++) {
+        mc_job_t *j = mc_ring_at(&q, i);
+        mc_slice_done(j->b, j->task, 0, err);
+        mc_batch_unref(j->b);
+    }
     free(q.v);
-    free(inf.v);
 }
 
-/* Queue jobs (each takes a batch reference).  Fails them at once on a dead lane. */
+/* Queue jobs for the worker (each takes a batch reference).  Fails them at once on a dead lane. */
 static inline void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n) {
     pthread_mutex_lock(&l->mu);
     int dead = l->dead || l->closing;
     int32_t err = l->dead_err ? l->dead_err : MC_E_PEER;
+    size_t queued = 0;
     if (!dead) {
-        for (size_t i = 0; i < n; i++) {
-            mc_batch_ref(jobs[i].b);
-            if (mc_ring_push(&l->q, &jobs[i])) { mc_batch_unref(jobs[i].b); dead = 2; err = MC_E_LOCAL; n = i; break; }
+        for (; queued < n; queued++) {
+            mc_batch_ref(jobs[queued].b);
+            if (mc_ring_push(&l->q, &jobs[queued])) {
+                mc_batch_unref(jobs[queued].b); err = MC_E_LOCAL; break;
+            }
         }
         pthread_cond_broadcast(&l->cv);
     }
     pthread_mutex_unlock(&l->mu);
-    if (dead == 1) for (size_t i = 0; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
+    for (size_t i = queued; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
 }
 
 static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct iovec *iov,
@@ -291,78 +284,13 @@ static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct i
 }
 
 #define MC_SEND_BATCH 64
+#define MC_WORKER_BATCH 1024
 
-/* Sender thread body. */
-static inline void mc_lane_sender(mc_lane_t *l) {
-    mc_job_t jobs[MC_SEND_BATCH];
-    mc_req_t hdr[MC_SEND_BATCH];
-    struct iovec iov[2 * MC_SEND_BATCH];
-    for (;;) {
-        pthread_mutex_lock(&l->mu);
-        while (!l->closing && !l->dead && (l->q.len == 0 || l->owned))
-            pthread_cond_wait(&l->cv, &l->mu);
-        if (l->closing || l->dead) { pthread_mutex_unlock(&l->mu); return; }
-        size_t n = 0;
-        while (n < MC_SEND_BATCH && l->q.len) {
-            jobs[n] = *mc_ring_at(&l->q, 0);
-            if (mc_ring_push(&l->inf, &jobs[n])) break;
-            mc_ring_pop(&l->q);
-            n++;
-        }
-        uint32_t seq0 = l->seq; l->seq += (uint32_t)n;
-        pthread_cond_broadcast(&l->cv);
-        pthread_mutex_unlock(&l->mu);
-        int c = mc_build_iov(jobs, n, hdr, iov, seq0);
-        if (mc_send_iov(l->fd, iov, c)) { mc_lane_fail(l, MC_E_PEER); return; }
-    }
-}
-
-/* Receiver thread body. */
-static inline void mc_lane_receiver(mc_lane_t *l) {
-    for (;;) {
-        pthread_mutex_lock(&l->mu);
-        while (!l->closing && !l->dead && l->inf.len == 0) pthread_cond_wait(&l->cv, &l->mu);
-        if (l->closing || l->dead) { pthread_mutex_unlock(&l->mu); return; }
-        mc_job_t j = *mc_ring_at(&l->inf, 0);
-        uint32_t want = l->seq - (uint32_t)l->inf.len;
-        l->head_busy = 1;
-        pthread_mutex_unlock(&l->mu);
-        int32_t err = 0;
-        mc_rsp_t s;
-        int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, 0);
-        if (rc == 0 && (s.magic != MC_RSP_MAGIC || s.seq != want)) err = MC_E_PROTO;
-        else if (rc == 0 && s.status != MC_ST_OK) err = MC_E_REFUSED;
-        else if (rc == 0 && j.op == MC_OP_READ)
-            rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j.local, j.len, 0);
-        if (rc) err = MC_E_PEER;
-        pthread_mutex_lock(&l->mu);
-        l->head_busy = 0;
-        int fatal = err == MC_E_PEER || err == MC_E_PROTO;
-        if (l->inf.len && !l->dead) mc_ring_pop(&l->inf);
-        else if (l->dead) { /* mc_lane_fail left our head in place */
-            if (l->inf.len) mc_ring_pop(&l->inf);
-            if (!err) err = l->dead_err;
-        }
-        pthread_cond_broadcast(&l->cv);
-        pthread_mutex_unlock(&l->mu);
-        mc_job_finish(&j, err);
-        if (fatal) { mc_lane_fail(l, err); return; }
-    }
-}
-
-/* Owned (synchronous) mode: the caller drives the socket itself.  Returns -EBUSY when the lane
- * is not idle; otherwise 0 and every job is completed into its batch (errors included). */
-static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout) {
-    pthread_mutex_lock(&l->mu);
-    if (l->owned || l->dead || l->closing || l->q.len || l->inf.len) {
-        pthread_mutex_unlock(&l->mu);
-        return -EBUSY;
-    }
-    l->owned = 1;
-    uint32_t seq0 = l->seq;
-    l->seq += (uint32_t)n;
-    pthread_mutex_unlock(&l->mu);
-
+/* Drive jobs[0..n) (sequence numbers from seq0) from this thread; the caller owns the lane.
+ * Every job is completed into its batch, errors included.  `timeout` bounds the whole drive,
+ * or, with `idle`, each stretch without progress. */
+static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_t seq0,
+                                 double timeout, int idle) {
     double deadline = mc_now() + timeout;
     mc_req_t hdr[MC_SEND_BATCH];
     struct iovec iov[2 * MC_SEND_BATCH];
@@ -418,6 +346,7 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
             progressed = 1;
         }
         if (err) break;
+        if (progressed && idle) deadline = mc_now() + timeout;
         if (!progressed) {   /* socket full and no response yet: wait for either */
             double left = deadline - mc_now();
             if (left <= 0) { err = MC_E_TIMEOUT; break; }
@@ -429,20 +358,68 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
         }
     }
     if (err) {
-        for (size_t i = done; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
         pthread_mutex_lock(&l->mu);
-        l->dead = 1; l->dead_err = err;
+        if (l->dead) err = l->dead_err;      /* aborted from outside: report why */
+        else { l->dead = 1; l->dead_err = err; }
         pthread_mutex_unlock(&l->mu);
         shutdown(l->fd, SHUT_RDWR);
+        for (size_t i = done; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
     }
+}
+
+/* Own the lane for n jobs (caller holds mu); their sequence numbers start at *seq0. */
+static inline void mc_lane_take(mc_lane_t *l, size_t n, uint32_t *seq0) {
+    l->owned = 1;
+    *seq0 = l->seq;
+    l->seq += (uint32_t)n;
+}
+
+/* A synchronous caller drives its jobs itself; -EBUSY when the lane is not idle. */
+static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout) {
+    uint32_t seq0;
+    pthread_mutex_lock(&l->mu);
+    if (l->owned || l->dead || l->closing || l->q.len) {
+        pthread_mutex_unlock(&l->mu);
+        return -EBUSY;
+    }
+    mc_lane_take(l, n, &seq0);
+    pthread_mutex_unlock(&l->mu);
+    mc_lane_drive(l, jobs, n, seq0, timeout, 0);
     pthread_mutex_lock(&l->mu);
     l->owned = 0;
-    if (l->q.len) pthread_cond_broadcast(&l->cv);  /* jobs queued meanwhile: wake the sender */
+    if (l->q.len) pthread_cond_broadcast(&l->cv);  /* jobs queued meanwhile: wake the worker */
     pthread_mutex_unlock(&l->mu);
     return 0;
 }
 
-/* Stop the lane threads: they return; remaining jobs are failed by mc_lane_fail afterwards. */
+/* Worker thread body: drive queued jobs, up to MC_WORKER_BATCH at a time, until closed.
+ * `idle_timeout`: a peer that makes no progress for that long fails the jobs. */
+static inline void mc_lane_worker(mc_lane_t *l, double idle_timeout) {
+    mc_job_t *jobs = (mc_job_t *)malloc(MC_WORKER_BATCH * sizeof(mc_job_t));
+    if (!jobs) { mc_lane_fail(l, MC_E_LOCAL); return; }
+    for (;;) {
+        uint32_t seq0;
+        pthread_mutex_lock(&l->mu);
+        while (!l->closing && !l->dead && (l->q.len == 0 || l->owned))
+            pthread_cond_wait(&l->cv, &l->mu);
+        if (l->closing || l->dead) { pthread_mutex_unlock(&l->mu); break; }
+        size_t n = 0;
+        for (; n < MC_WORKER_BATCH && l->q.len; n++) {
+            jobs[n] = *mc_ring_at(&l->q, 0);
+            mc_ring_pop(&l->q);
+        }
+        mc_lane_take(l, n, &seq0);
+        pthread_mutex_unlock(&l->mu);
+        mc_lane_drive(l, jobs, n, seq0, idle_timeout, 1);
+        for (size_t i = 0; i < n; i++) mc_batch_unref(jobs[i].b);
+        pthread_mutex_lock(&l->mu);
+        l->owned = 0;
+        pthread_mutex_unlock(&l->mu);
+    }
+    free(jobs);
+}
+
+/* Stop the worker: it returns; queued jobs are failed by mc_lane_fail afterwards. */
 static inline void mc_lane_close(mc_lane_t *l) {
     pthread_mutex_lock(&l->mu);
     l->closing = 1;
@@ -454,7 +431,7 @@ static inline void mc_lane_close(mc_lane_t *l) {
 static inline void mc_lane_free(mc_lane_t *l) {
     pthread_mutex_destroy(&l->mu);
     pthread_cond_destroy(&l->cv);
-    free(l->q.v); free(l->inf.v); free(l->rb.buf);
+    free(l->q.v); free(l->rb.buf);
     free(l);
 }
 

@@ -22,8 +22,7 @@ cdef extern from "mc_tcp.h" nogil:
         int32_t dead_err
     mc_lane_t *mc_lane_new(int fd)
     void mc_lane_free(mc_lane_t *l)
-    void mc_lane_sender(mc_lane_t *l)
-    void mc_lane_receiver(mc_lane_t *l)
+    void mc_lane_worker(mc_lane_t *l, double idle_timeout)
     void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n)
     int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout)
     void mc_lane_fail(mc_lane_t *l, int32_t err)
@@ -34,8 +33,8 @@ cdef extern from "mc_tcp.h" nogil:
 cdef class Lane:
     """One persistent connection to a peer's data port.
 
-    Run :meth:`run_sender` and :meth:`run_receiver` each in its own thread (they release the GIL
-    for their whole life); :meth:`close` stops them, then :meth:`fail_pending` fails leftovers.
+    Run :meth:`run_worker` in a thread of its own (it releases the GIL for its whole life): it
+    drives queued jobs.  :meth:`close` stops it; :meth:`abort` fails what is left.
     """
 
     cdef mc_lane_t *l
@@ -52,13 +51,10 @@ cdef class Lane:
             mc_lane_free(self.l)
             self.l = NULL
 
-    def run_sender(self):
+    def run_worker(self, double idle_timeout):
+        """Drive queued jobs until closed; a peer silent for ``idle_timeout`` s fails them."""
         with nogil:
-            mc_lane_sender(self.l)
-
-    def run_receiver(self):
-        with nogil:
-            mc_lane_receiver(self.l)
+            mc_lane_worker(self.l, idle_timeout)
 
     @property
     def dead(self):
@@ -70,7 +66,7 @@ cdef class Lane:
             mc_lane_fail(self.l, err)
 
     def close(self):
-        """Ask both threads to stop (join them, then call ``abort`` for leftovers)."""
+        """Ask the worker to stop (join it, then call ``abort`` for leftovers)."""
         with nogil:
             mc_lane_close(self.l)
 
