@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Sequence
@@ -41,9 +40,9 @@ from mooncake.errors import (
 from mooncake.memory import ManagedBuffer, allocate_shm, buffer_info
 from mooncake.metadata.base import MetadataContext, parse_metadata_server
 from mooncake.registry import get_metadata, get_transport, transport_names
-from mooncake.rpc import RpcClient, RpcServer
+from mooncake.rpc import RpcClient, RpcServer, port_candidates
 from mooncake.segments import SegmentCache, host_identity
-from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
+from mooncake.transport import Region, SegmentDesc, Transport, TransportContext, memory_kind
 
 __all__ = ["TransferEngine", "TransferNotify", "TransferOpcode", "Status", "TaskStatus"]
 
@@ -95,16 +94,13 @@ class TransferEngine(MooncakeAPI):
         self._notifies: list[TransferNotify] = []
         self._routes: dict[str, tuple[Transport, dict]] = {}
         self._warned: set[str] = set()
+        self._kinds: set[str] = set()  # memory kinds registered here ("cpu", "cuda", ...)
         self._bytes = 0
         self._timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
         self._rpc_client = RpcClient(cfg["MC_HANDSHAKE_MAX_LENGTH"],
                                      float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
-        if port is not None:
-            ports = [port]
-        else:
-            ports = list(range(cfg["MC_MIN_RPC_PORT"], cfg["MC_MAX_RPC_PORT"] + 1))
-            random.shuffle(ports)
-            ports = ports[:500]
+        ports = [port] if port is not None else port_candidates(cfg["MC_MIN_RPC_PORT"],
+                                                                 cfg["MC_MAX_RPC_PORT"])
         self._rpc = RpcServer(bind, ports, cfg["MC_HANDSHAKE_MAX_LENGTH"],
                               frame_timeout=self._timeout)
         try:
@@ -288,6 +284,7 @@ class TransferEngine(MooncakeAPI):
             raise
         with self._lock:
             self._regions[addr] = region
+            self._kinds = {memory_kind(r.location) for r in self._regions.values()}
         if publish:
             self._publish()
         return region
@@ -299,6 +296,7 @@ class TransferEngine(MooncakeAPI):
             obj if isinstance(obj, int) else buffer_info(obj)[0])
         with self._lock:
             region = self._regions.pop(addr, None)
+            self._kinds = {memory_kind(r.location) for r in self._regions.values()}
         if region is None:
             raise InvalidAddress(f"0x{addr:x} is not the start of a registered region")
         self.regions.remove(addr)  # waits for peers' in-progress access to finish
@@ -411,6 +409,7 @@ class TransferEngine(MooncakeAPI):
                     f"the {len(entry.desc.buffers)} buffers segment {segment!r} registered")
         peer = entry.desc
         t = self._route(peer)
+        self._check_kinds(t, entry, local, remote, length)
         core = _core.Batch(n)
         slices = _core.slice_requests(core, OPS[op], local, remote, length, t.slice_size,
                                       t.fragment_ratio)
@@ -475,6 +474,7 @@ class TransferEngine(MooncakeAPI):
                     f"{len(entry.desc.buffers)} buffers segment {segment!r} registered")
         peer = entry.desc
         t = self._route(peer)
+        self._check_kinds(t, entry, (local,), (remote,), (length,))
         core = _core.Batch(1)
         slices = _core.slice_one(core, OPS[op], local, remote, length, t.slice_size,
                                  t.fragment_ratio)
@@ -484,6 +484,21 @@ class TransferEngine(MooncakeAPI):
             self._bytes += length
             return
         self._finish(peer, t, core, in_time, tmo)
+
+    def _check_kinds(self, t: Transport, entry, local, remote, length) -> None:
+        """TransportUnavailable when a range is memory ``t`` cannot move (e.g. CUDA over tcp)."""
+        if self._kinds | entry.kinds <= t.memory_kinds:
+            return
+        for i, (a, r, n) in enumerate(zip(local, remote, length, strict=True)):
+            lk = memory_kind(next((x.location for x in self._regions.values()
+                                   if x.contains(int(a), int(n))), "cpu"))
+            buf = entry.desc.find_buffer(int(r), int(n))
+            rk = memory_kind(buf.location if buf else "cpu")
+            for side, kind in (("local", lk), ("remote", rk)):
+                if kind not in t.memory_kinds:
+                    raise TransportUnavailable(
+                        f"request {i}: transport {t.name!r} cannot move {kind} memory ({side} "
+                        f"range); it moves {', '.join(sorted(t.memory_kinds))}")
 
     def submit(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                length: Sequence[int], timeout: float | None = None) -> TransferBatch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import struct
 import threading
@@ -18,7 +19,8 @@ from typing import Any
 
 from mooncake.errors import MooncakeError, PeerUnreachable, ProtocolError
 
-__all__ = ["RpcServer", "RpcClient", "RemoteError"]
+__all__ = ["Listener", "RpcServer", "RpcClient", "RemoteError", "bind_first",
+           "port_candidates"]
 
 log = logging.getLogger(__name__)
 
@@ -75,30 +77,29 @@ def recv_frame(sock: socket.socket, max_length: int,
         raise ProtocolError(f"RPC body is not JSON: {e}") from None
 
 
-class RpcServer:
-    """Threaded RPC listener bound to ``(host, port)``."""
+class Listener:
+    """A TCP listener that serves each accepted connection in a daemon thread of its own.
 
-    def __init__(self, host: str, ports: list[int], max_length: int, backlog: int = 128,
-                 frame_timeout: float = 30.0) -> None:
-        self.max_length = max_length
-        self.frame_timeout = frame_timeout
-        self._handlers: dict[str, Callable[[dict], Any]] = {}
+    ``serve(conn, addr)`` runs per connection; the listener closes the socket afterwards.
+    :meth:`close` stops accepting and shuts every open connection down.
+    """
+
+    def __init__(self, host: str, ports: list[int], serve: Callable[[socket.socket, tuple], None],
+                 name: str, backlog: int = 128) -> None:
+        self._serve = serve
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self.sock = _bind_first(host, ports, backlog)
-        self.port = self.sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept_loop, name=f"mc-rpc-{self.port}",
+        self.sock = bind_first(host, ports, backlog, name)
+        self.port: int = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, name=f"mc-listen-{self.port}",
                                         daemon=True)
         self._thread.start()
 
-    def add_handler(self, method: str, fn: Callable[[dict], Any]) -> None:
-        self._handlers[method] = fn
-
     def _accept_loop(self) -> None:
-        while not self._closed:
+        while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -107,10 +108,45 @@ class RpcServer:
                     conn.close()
                     return
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                             name="mc-rpc-conn").start()
+            threading.Thread(target=self._run, args=(conn, addr), daemon=True,
+                             name=self._thread.name + "-conn").start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _run(self, conn: socket.socket, addr: tuple) -> None:
+        try:
+            self._serve(conn, addr)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns)
+        for s in [self.sock, *conns]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.sock.close()
+        self._thread.join(timeout=2)
+
+
+class RpcServer:
+    """The engine's RPC listener on ``(host, port)``: methods added with :meth:`add_handler`."""
+
+    def __init__(self, host: str, ports: list[int], max_length: int, backlog: int = 128,
+                 frame_timeout: float = 30.0) -> None:
+        self.max_length = max_length
+        self.frame_timeout = frame_timeout
+        self._handlers: dict[str, Callable[[dict], Any]] = {}
+        self._listener = Listener(host, ports, self._serve, "RPC listener", backlog)
+        self.port = self._listener.port
+
+    def add_handler(self, method: str, fn: Callable[[dict], Any]) -> None:
+        self._handlers[method] = fn
+
+    def _serve(self, conn: socket.socket, addr: tuple) -> None:
         try:
             while True:
                 kind, msg = recv_frame(conn, self.max_length, self.frame_timeout)
@@ -124,10 +160,6 @@ class RpcServer:
             pass
         except ProtocolError as e:
             log.warning("RPC: dropping connection: %s", e)
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
 
     def _dispatch(self, method: str, args: dict) -> dict:
         fn = self._handlers.get(method)
@@ -140,23 +172,18 @@ class RpcServer:
             return {"ok": False, "error": str(e), "type": type(e).__name__}
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            conns = list(self._conns)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._thread.join(timeout=2)
+        self._listener.close()
 
 
-def _bind_first(host: str, ports: list[int], backlog: int) -> socket.socket:
+def port_candidates(lo: int, hi: int, limit: int = 500) -> list[int]:
+    """Up to ``limit`` ports of ``[lo, hi]`` in random order (as Mooncake: 500 attempts)."""
+    ports = list(range(lo, hi + 1))
+    random.shuffle(ports)
+    return ports[:limit]
+
+
+def bind_first(host: str, ports: list[int], backlog: int, what: str = "listener") -> socket.socket:
+    """A socket listening on ``host`` at the first port of ``ports`` that binds."""
     last: OSError | None = None
     for port in ports:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -169,7 +196,7 @@ def _bind_first(host: str, ports: list[int], backlog: int) -> socket.socket:
             s.close()
             last = e
     shown = f"{ports[0]}" if len(ports) == 1 else f"{min(ports)}..{max(ports)}"
-    raise PeerUnreachable(f"cannot bind the RPC listener on {host}:{shown}: {last}")
+    raise PeerUnreachable(f"cannot bind the {what} on {host}:{shown}: {last}")
 
 
 class RpcClient:

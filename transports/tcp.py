@@ -3,8 +3,8 @@
 Each peer gets ``MC_TCP_LANES_PER_PEER`` connections to its data port.  A synchronous transfer
 takes an idle lane and drives it from the calling thread (no thread hand-offs: the latency of a
 raw socket ping-pong); asynchronous batches are spread over the lanes, each driven by its own
-worker thread with the same pipelined loop.  The target checks every range against its registered memory and refuses the
-rest; a connection that sends garbage is closed, nothing else is affected.
+worker thread with the same pipelined loop.  The target checks every range against its registered
+memory and refuses the rest; a connection that sends garbage is closed, nothing else is affected.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from itertools import count
 from mooncake._core import tcp as _tcp
 from mooncake._core.batch import Slices
 from mooncake.errors import PeerUnreachable
+from mooncake.rpc import Listener, port_candidates
 from mooncake.transport import SegmentDesc, Transport, TransportContext
 
 __all__ = ["TcpTransport"]
@@ -52,47 +53,22 @@ class TcpTransport(Transport):
         self.frame_timeout: float = float(cfg["MC_TRANSFER_TIMEOUT"])
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._closed = False
-        self.listener: socket.socket | None = None
+        self.listener: Listener | None = None
 
     # -- target side ---------------------------------------------------------------------------
 
     def start(self) -> dict:
-        host = self.ctx.config["MC_TCP_BIND_ADDRESS"] or self.ctx.host
-        lo, hi = self.ctx.config["MC_MIN_RPC_PORT"], self.ctx.config["MC_MAX_RPC_PORT"]
-        self.listener = _listen(host, lo, hi)
-        port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept_loop, name=f"mc-tcp-accept-{port}",
-                         daemon=True).start()
-        return {"host": host, "data_port": port, "version": 1}
-
-    def _accept_loop(self) -> None:
-        assert self.listener is not None
-        while True:
-            try:
-                conn, addr = self.listener.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    return
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
-                             name="mc-tcp-serve").start()
+        cfg = self.ctx.config
+        host = cfg["MC_TCP_BIND_ADDRESS"] or self.ctx.host
+        ports = port_candidates(cfg["MC_MIN_RPC_PORT"], cfg["MC_MAX_RPC_PORT"])
+        self.listener = Listener(host, ports, self._serve, "tcp data listener")
+        return {"host": host, "data_port": self.listener.port, "version": 1}
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
-        try:
-            rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME, self.frame_timeout)
-            if rc == 1:
-                log.warning("tcp: dropped data connection from %s:%s: malformed or stalled frame",
-                            *addr[:2])
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
+        rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME, self.frame_timeout)
+        if rc == 1:
+            log.warning("tcp: dropped data connection from %s:%s: malformed or stalled frame",
+                        *addr[:2])
 
     # -- initiator side ------------------------------------------------------------------------
 
@@ -170,41 +146,10 @@ class TcpTransport(Transport):
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
             peers = list(self._peers.values())
             self._peers.clear()
-            conns = list(self._conns)
         for p in peers:
             with p.lock:
                 self._retire(p)
         if self.listener is not None:
-            try:
-                self.listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self.listener.close()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-def _listen(host: str, lo: int, hi: int) -> socket.socket:
-    """Bind a listener on ``host`` at a free port in ``[lo, hi]`` (the configured RPC range)."""
-    import random
-
-    ports = list(range(lo, hi + 1))
-    random.shuffle(ports)
-    last: OSError | None = None
-    for port in ports[:500]:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart on TIME_WAIT
-        try:
-            s.bind((host, port))
-            s.listen(128)
-            return s
-        except OSError as e:
-            s.close()
-            last = e
-    raise PeerUnreachable(f"tcp: no free data port on {host} in {lo}..{hi}: {last}")
