@@ -10,7 +10,7 @@ from typing import Any
 from mooncake._core.regions import RegionTable
 from mooncake.errors import SegmentNotFound
 from mooncake.metadata.base import validate_descriptor
-from mooncake.transport import BufferDesc, SegmentDesc
+from mooncake.transport import BufferDesc, SegmentDesc, memory_kind
 
 __all__ = ["host_identity", "decode", "SegmentCache"]
 
@@ -39,10 +39,11 @@ def decode(name: str, obj: Any) -> SegmentDesc:
 
 
 class _Entry:
-    __slots__ = ("desc", "table", "fetched")
+    __slots__ = ("desc", "table", "fetched", "kinds")
 
     def __init__(self, desc: SegmentDesc) -> None:
         self.desc = desc
+        self.kinds = {memory_kind(b.location) for b in desc.buffers}
         self.fetched = time.monotonic()
         self.table = RegionTable()
         for b in desc.buffers:

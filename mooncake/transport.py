@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from mooncake._core.batch import Slices
     from mooncake.config import Config
 
-__all__ = ["Region", "BufferDesc", "SegmentDesc", "TransportContext", "Transport"]
+__all__ = ["Region", "BufferDesc", "SegmentDesc", "TransportContext", "Transport", "memory_kind"]
+
+
+def memory_kind(location: str) -> str:
+    """``"cuda"`` for ``cuda:N``, ``"cxl"`` for ``cxl...``, else ``"cpu"`` (``cpu:N``, ``*``,
+    Mooncake's ``segments:...`` NUMA layouts)."""
+    head = location.split(":", 1)[0].lower()
+    return head if head in ("cuda", "cxl") else "cpu"
 
 
 @dataclass(eq=False)

@@ -211,3 +211,14 @@ def test_failed_transfer_error_is_typed(engine, peer, remote, local):
         engine._segments.drop(peer.segment)
     engine.write(peer.segment, local.ctypes.data, remote, 4096)  # the lane is still usable
     assert peer.sha(remote, 4096) == sha(local[:4096])
+
+
+def test_device_memory_over_tcp_is_refused_not_corrupted(engine, peer, remote):
+    """TCP moves host memory only: a range registered as CUDA memory gets a clear error."""
+    fake_gpu = np.zeros(4096, np.uint8)  # host memory labelled cuda:0: TCP must refuse, not move
+    engine.register(fake_gpu, location="cuda:0")
+    with pytest.raises(TransportUnavailable, match="cannot move cuda memory .local range"):
+        engine.write(peer.segment, fake_gpu, remote)
+    host = np.zeros(4096, np.uint8)
+    engine.register(host, location="segments:4096:0,0")  # Mooncake's NUMA layout: still host
+    engine.write(peer.segment, host, remote)
