@@ -75,6 +75,8 @@ def src():
 
 
 def record(benchmark, key: str, nbytes: int) -> float:
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing measured
+        return 0.0
     gbps = nbytes / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update({"GB/s": round(gbps, 2), "block": BLOCK,
                                  "working_set": WORKING_SET})
