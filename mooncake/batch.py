@@ -113,9 +113,9 @@ class TransferBatch:
         return self.statuses()
 
     def close(self) -> None:
-        """Forget the batch (waits for in-flight slices so no memory is touched afterwards)."""
-        if not self.core.done:
-            self.deadline = min(self.deadline, time.monotonic())
+        """Forget the batch.  Waits (until its deadline) for in-flight slices, so no memory is
+        touched afterwards; past the deadline the peer's in-flight work is aborted."""
+        if not self.core.wait(max(self.deadline - time.monotonic(), 0.0)):
             self._expire()
         if self._on_close is not None:
             self._on_close(self)

@@ -115,8 +115,7 @@ class TransferEngine(MooncakeAPI):
                 self.metadata.fetch, enabled=not cfg["MC_DISABLE_METACACHE"],
                 refresh_interval=float(cfg["MC_TE_METADATA_REFRESH_INTERVAL_SECONDS"]))
             ctx = TransportContext(cfg, self.segment_name, bind, self.host_id, self.regions,
-                                   self._rpc.add_handler, self._rpc_call)
-            ctx.device_name = self.device_name  # type: ignore[attr-defined]
+                                   self._rpc.add_handler, self._rpc_call, self.device_name)
             self.transports = self._start_transports(ctx)
             self._started = True
             self._publish()
@@ -524,6 +523,7 @@ class TransferEngine(MooncakeAPI):
     def _forget_batch(self, b: TransferBatch) -> None:
         with self._lock:
             self._batches.pop(getattr(b, "id", None), None)
+        self._bytes += sum(st[1] for st in b.core.statuses())
 
     def _after_failure(self, peer: SegmentDesc, b: TransferBatch) -> None:
         if any(s.error == _core.ERROR_NAMES[E_PEER] for s in b.statuses()):

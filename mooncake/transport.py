@@ -111,6 +111,8 @@ class TransportContext:
     add_rpc_handler: Callable[[str, Callable[[dict], Any]], None]
     #: ``rpc_call(segment_name, method, args, timeout) -> Any`` to a peer's RPC port
     rpc_call: Callable[..., Any]
+    #: the ``device_name`` argument of ``initialize``: a comma-separated device whitelist
+    device_name: str = ""
 
 
 class Transport:

@@ -145,3 +145,20 @@ def test_cli_config_show_and_transports():
     assert row["value"] == 131072 and row["source"] == "env:MC_SLICE_SIZE"
     r = subprocess.run(["mooncake", "transports"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "tcp" in r.stdout
+
+
+def test_te_metric_logs_throughput(peer, caplog):
+    import logging
+    import time
+
+    raddr = peer.alloc(MiB := 1 << 20)
+    with caplog.at_level(logging.INFO, logger="mooncake"):
+        with TransferEngine("127.0.0.1", protocol="tcp", MC_TE_METRIC=True,
+                            MC_TE_METRIC_INTERVAL_SECONDS=0.3) as e:
+            buf = np.ones(MiB, np.uint8)
+            e.register(buf)
+            e.write(peer.segment, buf, raddr)
+            e.submit(peer.segment, "write", [buf.ctypes.data], [raddr], [MiB]).close()
+            time.sleep(0.8)
+    lines = [r.getMessage() for r in caplog.records if "throughput" in r.getMessage()]
+    assert lines and any(not ln.startswith("throughput 0.000") for ln in lines)

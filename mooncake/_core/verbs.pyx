@@ -6,6 +6,7 @@ destruction runs children first.  Errors raise ``OSError(errno, "<verb> on <devi
 The data path (posting and polling without the GIL) is in ``verbs_kernel``.
 """
 
+cimport cython
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset, strerror
@@ -149,6 +150,8 @@ cdef class Device:
         return bytes(e.gid.raw[:16]), e.gid_type
 
 
+# children keep their parents alive until their own dealloc, even inside a collected cycle
+@cython.no_gc_clear
 cdef class MR:
     """A registered memory region (``ibv_reg_mr``)."""
 
@@ -186,6 +189,7 @@ cdef class MR:
         return self.mr.length
 
 
+@cython.no_gc_clear
 cdef class CompChannel:
     """A completion channel; its fd is non-blocking (poll it, then drain events)."""
 
@@ -206,6 +210,7 @@ cdef class CompChannel:
         return self.ch.fd
 
 
+@cython.no_gc_clear
 cdef class CQ:
     """A completion queue of ``cqe`` entries, optionally bound to a completion channel."""
 
@@ -239,6 +244,7 @@ cdef class CQ:
         return [(wcs[i].wr_id, wcs[i].status, wcs[i].byte_len) for i in range(got)]
 
 
+@cython.no_gc_clear
 cdef class QP:
     """A reliable-connected queue pair; bring it up with ``to_init``/``to_rtr``/``to_rts``."""
 

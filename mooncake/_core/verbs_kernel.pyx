@@ -20,6 +20,7 @@ and its job holds one reference on the batch.  An endpoint is destroyed only at 
 so its QPs drain first.
 """
 
+cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
@@ -168,7 +169,9 @@ cdef struct vep:
     int rr_left
     int64_t users
     int64_t state
+    int64_t abort_err
     int64_t last_status
+    int64_t done
     vworker *worker
     vcq *cq
 
@@ -177,10 +180,9 @@ cdef struct vep:
 cdef inline void _complete(vslice *s, int err) noexcept nogil:
     """Report a finished slice; afterwards ``s`` may be freed."""
     cdef vjob *job = s.job
-    cdef vep *ep = s.ep
+    if s.ep != NULL:  # first: the endpoint may be destroyed once a waiter sees the batch done
+        mcv_add(&s.ep.users, -1)
     mc_slice_done(job.batch, s.task, 0 if err else <int64_t>s.length, err)
-    if ep != NULL:
-        mcv_add(&ep.users, -1)
     if mcv_add(&job.remaining, -1) == 0:
         mc_batch_unref(job.batch)
         free(job)
@@ -246,7 +248,7 @@ cdef inline void _on_error(vworker *w, vslice *s, int status) noexcept nogil:
     if status != IBV_WC_WR_FLUSH_ERR:
         mcv_store(&ep.last_status, status)
     if mcv_load(&ep.state) == EP_ABORTED:
-        _complete(s, MC_E_TIMEOUT)
+        _complete(s, <int>mcv_load(&ep.abort_err))
     elif _fatal(status):
         w.failed += 1
         _complete(s, MC_E_REFUSED if (status == IBV_WC_REM_ACCESS_ERR or
@@ -315,7 +317,7 @@ cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
         s.next = NULL
         ep = s.ep
         if mcv_load(&ep.state) == EP_ABORTED:
-            _complete(s, MC_E_TIMEOUT)
+            _complete(s, <int>mcv_load(&ep.abort_err))
             s = nxt
             continue
         q = _pick_qp(ep) if mcv_load(&ep.cq.out) < ep.cq.cap else -1
@@ -370,6 +372,7 @@ cdef int _poll_cqs(vworker *w) noexcept nogil:
         n = ibv_poll_cq(cq.cq, POLL_BATCH, wcs)
         for i in range(n):
             s = <vslice *><uintptr_t>wcs[i].wr_id
+            mcv_add(&s.ep.done, 1)
             mcv_add(&s.ep.qp_out[s.qp], -1)
             mcv_add(&cq.out, -1)
             if wcs[i].status == IBV_WC_SUCCESS:
@@ -478,6 +481,7 @@ cdef void _loop(vworker *w) noexcept nogil:
 # --------------------------------------------------------------------------------- classes
 
 
+@cython.no_gc_clear
 cdef class CQSlot:
     """A CQ as the kernel sees it: pointer, channel and outstanding-CQE budget."""
     cdef vcq c
@@ -619,6 +623,7 @@ cdef class Orphans:
         return n
 
 
+@cython.no_gc_clear
 cdef class Worker:
     """One worker thread's state; ``run()`` (in a thread) loops without the GIL until
     ``stop()``."""
@@ -670,6 +675,7 @@ cdef class Worker:
                     failed=w.failed, retried=w.retried, sleeps=w.sleeps)
 
 
+@cython.no_gc_clear
 cdef class Endpoint:
     """``len(qps)`` connected RC QPs to one peer device, served by one worker."""
     cdef vep *ep
@@ -725,12 +731,24 @@ cdef class Endpoint:
         return mcv_load(&self.ep.state) == EP_ABORTED
 
     @property
+    def completions(self):
+        """Work completions polled so far (progress, for stall detection)."""
+        return mcv_load(&self.ep.done)
+
+    @property
+    def abort_error(self):
+        """The error aborted slices end with (0 while not aborted)."""
+        return mcv_load(&self.ep.abort_err) if self.aborted else 0
+
+    @property
     def last_status(self):
         """The last error status seen (ibv_wc_status, or -errno of a failed post), 0 if none."""
         return mcv_load(&self.ep.last_status)
 
-    def abort(self):
-        """Fail all queued and in-flight work: QPs to ERR (posted WRs flush)."""
+    def abort(self, int err=MC_E_TIMEOUT):
+        """Fail all queued and in-flight work with ``err`` (default MC_E_TIMEOUT; MC_E_PEER
+        when the peer is gone): QPs to ERR, posted WRs flush."""
+        mcv_store(&self.ep.abort_err, err)
         mcv_store(&self.ep.state, EP_ABORTED)
         for i in range(self.ep.nqp):
             mcv_store(&self.ep.qp_bad[i], 1)
