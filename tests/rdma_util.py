@@ -25,13 +25,20 @@ needs_rxe = [
 class Peer:
     """A child process speaking JSON lines (``rdma_peer.py`` or ``rdma_pyverbs_peer.py``)."""
 
-    def __init__(self, script: str, *args: str, timeout: float = 120.0) -> None:
+    def __init__(self, script: str, *args: str, timeout: float = 180.0) -> None:
         self.timeout = timeout
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / script), *args], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, cwd=HERE.parent,
             env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-        self.info = self.recv()
+        self._info: dict | None = None
+
+    @property
+    def info(self) -> dict:
+        """The peer's first line (read on first use: peers start in the background)."""
+        if self._info is None:
+            self._info = self.recv()
+        return self._info
 
     def recv(self) -> dict:
         import select

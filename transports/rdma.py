@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -144,6 +145,11 @@ class RdmaTransport(Transport):
         self._repair_thread: threading.Thread | None = None
         self._closing = False
         self._started = False
+        #: endpoint id -> (completions seen, since when): stall detection
+        self._progress: dict[int, tuple[int, float]] = {}
+        self._last_watch = 0.0
+        #: seconds without a completion, with work in flight, before the peer is pinged
+        self.stall_s = 1.0
 
     # ------------------------------------------------------------------ config helpers
     def _cfg(self, key: str) -> Any:
@@ -194,11 +200,6 @@ class RdmaTransport(Transport):
         self.num_cq = self._clamp("MC_NUM_CQ_PER_CTX", self.num_cq, lim["max_cq"], "max_cq")
         self.max_ep = self._clamp("MC_MAX_EP_PER_CTX", self.max_ep,
                                   max(1, lim["max_qp"] // self.qp_per_ep), "max_qp/qp_per_ep")
-        if self.max_cqe < self.max_wr * self.qp_per_ep:
-            log.warning("MC_MAX_CQE_PER_CTX=%d is below the sum of one endpoint's QP depths "
-                        "(MC_MAX_WR=%d x MC_NUM_QP_PER_EP=%d = %d): posting will stall on the "
-                        "CQ", self.max_cqe, self.max_wr, self.qp_per_ep,
-                        self.max_wr * self.qp_per_ep)
         ll_ib = port["link_layer"] != V.LINK_LAYER_ETHERNET
         if self.gid_index_cfg < 0:
             n = min(port["gid_tbl_len"], 256)
@@ -247,6 +248,7 @@ class RdmaTransport(Transport):
                                                daemon=True)
         self._repair_thread.start()
         self.ctx.add_rpc_handler("rdma.connect", self._on_connect)
+        self.ctx.add_rpc_handler("rdma.ping", lambda args: {"instance": self.instance})
         self._started = True
         return {
             "instance": self.instance,
@@ -446,11 +448,49 @@ class RdmaTransport(Transport):
                 for ep_id in orphans.groups():
                     self._repair(orphans, ep_id)
             self._reclaim()
+            self._watch()
+
+    def _watch(self) -> None:
+        """Find endpoints with work in flight and no completion for ``stall_s``; if their peer
+        is gone (RPC fails, or another process answers), fail that work with MC_E_PEER.  (A
+        dead peer's QP does not always time out: Soft-RoCE may retransmit forever.)"""
+        now = time.monotonic()
+        if now - self._last_watch < self.stall_s / 2:
+            return
+        self._last_watch = now
+        stalled = []
+        with self._lock:
+            live = set()
+            for d in self.devs:
+                for key, ep in zip(d.store.keys(), d.store.values(), strict=True):
+                    live.add(ep.id)
+                    done = ep.completions
+                    seen = self._progress.get(ep.id)
+                    if ep.users == 0 or seen is None or seen[0] != done:
+                        self._progress[ep.id] = (done, now)
+                    elif now - seen[1] >= self.stall_s:
+                        stalled.append((d, key, ep))
+            for k in [k for k in self._progress if k not in live]:
+                del self._progress[k]
+        for d, (peer, inst, pdev), ep in stalled:
+            try:
+                who = self.ctx.rpc_call(peer, "rdma.ping", {}, max(2.0, self.stall_s))
+                if not inst or who.get("instance") == inst:
+                    self._progress[ep.id] = (ep.completions, time.monotonic())
+                    continue  # alive, just slow
+                why = f"another process ({who.get('instance')}) answers there now"
+            except Exception as e:
+                why = str(e)
+            log.warning("rdma: peer %s (%s) is gone (%s): failing its endpoint", peer, pdev, why)
+            with self._lock:
+                d.store.remove((peer, inst, pdev), ep)
+                ep.abort(_E_PEER)
+                self._retire([ep])
 
     def _repair(self, orphans: Any, ep_id: int) -> None:
         old = self._by_id.get(ep_id)
         if old is None or self._closing or old.aborted:
-            orphans.fail(ep_id, _E_TIMEOUT if old is not None and old.aborted else _E_PEER)
+            orphans.fail(ep_id, old.abort_error if old is not None and old.aborted else _E_PEER)
             return
         d, (peer, inst, pdev) = old.info["dev"], old.info["key"]
         try:
