@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Status", "TaskStatus", "TransferBatch", "error_text"]
 
-E_TIMEOUT = 1002  # MC_E_TIMEOUT
+E_TIMEOUT = _core.E_TIMEOUT
 
 
 class Status(enum.IntEnum):

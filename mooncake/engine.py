@@ -49,7 +49,7 @@ __all__ = ["TransferEngine", "TransferNotify", "TransferOpcode", "Status", "Task
 log = logging.getLogger("mooncake.engine")
 
 OPS = {"read": 0, "write": 1, 0: 0, 1: 1}
-E_PEER = 1001
+E_PEER = _core.E_PEER
 MAX_LENGTH = 1 << 48
 
 

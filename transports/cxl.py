@@ -33,6 +33,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from mooncake._core import batch as _batch
 from mooncake._core import copy as kc
 from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
@@ -45,7 +46,7 @@ __all__ = ["CxlTransport", "CxlWindow", "window", "DEFAULT_ALIGN"]
 
 DEFAULT_ALIGN = 2 << 20
 DAX_SYSFS = "/sys/bus/dax/devices"
-E_PEER = 1001
+E_PEER = _batch.E_PEER
 
 
 @dataclass(eq=False)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mooncake._core import batch as _batch
 from mooncake.errors import ConfigError, PeerUnreachable, TransportUnavailable
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
 from transports.rdma_endpoints import EndpointStore
@@ -30,8 +31,8 @@ try:
 except ImportError:  # built without libibverbs: probe() says so
     V = K = None  # type: ignore[assignment]
 
-_E_PEER = 1001  # MC_E_PEER in mc_batch.h
-_E_TIMEOUT = 1002  # MC_E_TIMEOUT
+_E_PEER = _batch.E_PEER
+_E_TIMEOUT = _batch.E_TIMEOUT
 
 __all__ = ["RdmaTransport", "select_gid"]
 

@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mooncake._core import batch as _batch
 from mooncake._core import copy as kc
 from mooncake.errors import TransportUnavailable
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
@@ -43,7 +44,7 @@ __all__ = ["ShmTransport", "ControlPage", "shm_path", "config_get"]
 
 log = logging.getLogger("mooncake.transports.shm")
 
-E_PEER = 1001  # mc_batch.h MC_E_PEER
+E_PEER = _batch.E_PEER
 
 # control page layout (u64 words)
 MAGIC = int.from_bytes(b"MCSHMCT1", "little")

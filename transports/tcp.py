@@ -14,6 +14,7 @@ import socket
 import threading
 from itertools import count
 
+from mooncake._core import batch as _batch
 from mooncake._core import tcp as _tcp
 from mooncake._core.batch import Slices
 from mooncake.errors import PeerUnreachable
@@ -24,7 +25,7 @@ __all__ = ["TcpTransport"]
 
 log = logging.getLogger(__name__)
 
-E_PEER = 1001  # MC_E_PEER in mc_batch.h
+E_PEER = _batch.E_PEER
 MAX_FRAME = 1 << 30  # a request above this is a protocol violation, not a transfer
 
 

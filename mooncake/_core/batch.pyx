@@ -5,6 +5,13 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memset
 
+#: slice error codes (mc_batch.h); 0 = ok, positive values below 1000 are errno numbers
+E_REFUSED = MC_E_REFUSED
+E_PEER = MC_E_PEER
+E_TIMEOUT = MC_E_TIMEOUT
+E_PROTO = MC_E_PROTO
+E_LOCAL = MC_E_LOCAL
+
 ERROR_NAMES = {
     MC_E_REFUSED: "target refused the range (outside its registered memory)",
     MC_E_PEER: "connection to the peer was lost",
