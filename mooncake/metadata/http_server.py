@@ -240,13 +240,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._reply(HTTPStatus.OK, "metadata updated")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _bodyless_key(self) -> str | None:
+        """The key of a POST/DELETE on the metadata path (body discarded), or None once an
+        error reply was sent."""
         path, q = self._route()
         self._discard_body()
         if path != self.server.path:
             self._reply(HTTPStatus.NOT_FOUND, f"unknown path {path!r}; use {self.server.path}")
-            return
-        key = self._key(q)
+            return None
+        return self._key(q)
+
+    def do_POST(self) -> None:  # noqa: N802
+        key = self._bodyless_key()
         if key is None:
             return
         ok, ttl = self._ttl()
@@ -258,12 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.NOT_FOUND, "metadata not found")
 
     def do_DELETE(self) -> None:  # noqa: N802
-        path, q = self._route()
-        self._discard_body()
-        if path != self.server.path:
-            self._reply(HTTPStatus.NOT_FOUND, f"unknown path {path!r}; use {self.server.path}")
-            return
-        key = self._key(q)
+        key = self._bodyless_key()
         if key is None:
             return
         if self.server.table.delete(key):
