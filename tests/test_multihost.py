@@ -391,6 +391,7 @@ def transfers_under_fault(a: Worker, b: Worker, rounds: int = 3) -> tuple[int, l
     return done, failed
 
 
+@pytest.mark.netem
 @pytest.mark.parametrize("spec", ["delay 20ms 10ms", "loss 3%", "delay 5ms reorder 25% 50%",
                                   "duplicate 5% corrupt 0.5%"])
 def test_netem_faults(pair: tuple[netns.Net, Worker, Worker], spec: str) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# tools/ci-rdma.sh — the Soft-RoCE part of CI: build the verbs kernel on the host, run
-# `pytest -m rdma` inside the rxe VM (tools/rxe-vm.sh), and exit with pytest's status.
+# tools/ci-rdma.sh — the part of CI that needs the VM's Debian kernel: build the verbs kernel on
+# the host, run `pytest -m "rdma or netem"` inside the rxe VM (tools/rxe-vm.sh: Soft-RoCE, and the
+# sch_netem qdisc this host's kernel lacks), and exit with pytest's status.
 #
 #   tools/ci-rdma.sh [extra pytest args...]
 #
@@ -31,8 +32,8 @@ python -c "import mooncake._core.verbs_kernel" || { say "verbs kernel did not bu
 
 set +e
 RXE_VM_TIMEOUT=${RXE_VM_TIMEOUT:-1500} bash tools/rxe-vm.sh -- \
-  python -m pytest -q -m rdma -p no:cacheprovider --junitxml="${RDMA_JUNIT:-rdma-junit.xml}" "$@"
+  python -m pytest -q -m "rdma or netem" -p no:cacheprovider --junitxml="${RDMA_JUNIT:-rdma-junit.xml}" "$@"
 rc=$?
 set -e
-say "rdma tests in the VM: exit status $rc, $(( $(date +%s) - t0 ))s in all"
+say "rdma and netem tests in the VM: exit status $rc, $(( $(date +%s) - t0 ))s in all"
 exit $rc
