@@ -119,6 +119,9 @@ OPTIONS: tuple[Option, ...] = (
        env=("MC_TCP_LANES_PER_PEER", "MC_TCP_MAX_CONNECTIONS_PER_PEER"),
        deprecated=("MC_TCP_MAX_CONNECTIONS_PER_PEER",), range=(1, 16), owner="tcp",
        doc="persistent TCP connections (lanes) per peer"),
+    _O("MC_TCP_SPIN_US", int, 30, range=(0, 10000), unit="µs", owner="tcp",
+       doc="a synchronous TCP call polls its socket this long before sleeping (0: never)",
+       hint="lower sync latency for a little CPU; 0 on oversubscribed hosts"),
     _O("transports/tcp/enable", bool, True, tent="transports/tcp/enable", owner="tcp",
        doc="TENT: enable the TCP transport"),
     # ---- metadata ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ memory and refuses the rest; a connection that sends garbage is closed, nothing 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from itertools import count
@@ -52,6 +53,8 @@ class TcpTransport(Transport):
         self.nlanes: int = cfg["MC_TCP_LANES_PER_PEER"]
         self.connect_timeout: float = float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"])
         self.frame_timeout: float = float(cfg["MC_TRANSFER_TIMEOUT"])
+        # spinning only pays when the peer can run meanwhile on another CPU
+        self.spin: float = cfg["MC_TCP_SPIN_US"] / 1e6 if _cpus() > 1 else 0.0
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self.listener: Listener | None = None
@@ -102,7 +105,7 @@ class TcpTransport(Transport):
                 f"tcp: cannot connect to {name} data port {host}:{port}: {e}") from None
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        lane = _tcp.Lane(s)
+        lane = _tcp.Lane(s, self.spin)
         t = threading.Thread(target=lane.run_worker, args=(self.frame_timeout,),
                              name=f"mc-tcp-lane-{name}", daemon=True)
         t.start()
@@ -154,3 +157,10 @@ class TcpTransport(Transport):
                 self._retire(p)
         if self.listener is not None:
             self.listener.close()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -20,6 +20,7 @@ cdef extern from "mc_tcp.h" nogil:
     ctypedef struct mc_lane_t:
         int dead
         int32_t dead_err
+        double spin
     mc_lane_t *mc_lane_new(int fd)
     void mc_lane_free(mc_lane_t *l)
     void mc_lane_worker(mc_lane_t *l, double idle_timeout)
@@ -40,11 +41,12 @@ cdef class Lane:
     cdef mc_lane_t *l
     cdef readonly object sock
 
-    def __cinit__(self, sock):
+    def __cinit__(self, sock, double spin=0.0):
         self.sock = sock
         self.l = mc_lane_new(sock.fileno())
         if self.l == NULL:
             raise MemoryError()
+        self.l.spin = spin
 
     def __dealloc__(self):
         if self.l != NULL:
