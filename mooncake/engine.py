@@ -12,7 +12,6 @@ accepts arrays and buffers::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -661,7 +660,3 @@ def _listdir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError:
         return []
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -25,7 +25,6 @@ cdef extern from "mc_batch.h" nogil:
     void mc_batch_ref(mc_batch_t *b)
     void mc_batch_unref(mc_batch_t *b)
     void mc_task_arm(mc_batch_t *b, uint32_t t, int64_t n)
-    void mc_task_fail_now(mc_batch_t *b, uint32_t t, int32_t err)
     void mc_slice_done(mc_batch_t *b, uint32_t t, int64_t nbytes, int32_t err)
     int mc_task_status(mc_batch_t *b, uint32_t t)
     int64_t mc_task_bytes(mc_batch_t *b, uint32_t t)

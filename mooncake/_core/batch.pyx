@@ -48,11 +48,6 @@ cdef class Batch:
         self._check(t)
         mc_task_arm(self.b, t, nslices)
 
-    def fail_now(self, uint32_t t, int32_t err):
-        """Mark task ``t`` failed with ``err`` before anything was posted."""
-        self._check(t)
-        mc_task_fail_now(self.b, t, err)
-
     def slice_done(self, uint32_t t, int64_t nbytes, int32_t err=0):
         """Report one finished slice of task ``t`` (for transports written in Python)."""
         self._check(t)

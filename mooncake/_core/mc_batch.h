@@ -83,15 +83,6 @@ static inline void mc_batch_wake(mc_batch_t *b) {
     pthread_mutex_unlock(&b->mu);
 }
 
-/* Record a task that failed before any slice was posted. */
-static inline void mc_task_fail_now(mc_batch_t *b, uint32_t t, int32_t err) {
-    mc_task_t *k = &b->tasks[t];
-    int32_t zero = 0;
-    atomic_compare_exchange_strong(&k->error, &zero, err);
-    k->total = 0;
-    atomic_store(&k->pending, 0);
-}
-
 /* One slice of task `t` finished; `err` 0 = ok.  Safe from any thread. */
 static inline void mc_slice_done(mc_batch_t *b, uint32_t t, int64_t nbytes, int32_t err) {
     mc_task_t *k = &b->tasks[t];
