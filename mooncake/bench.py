@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from mooncake.config import parse_size as config_size
 
 __all__ = ["main", "parse_size", "UNITS"]
 
@@ -39,17 +40,15 @@ UNITS: dict[str, tuple[float, bool]] = {
     "KB": (1e3, False), "KiB": (KiB, False), "Kb": (1e3, True),
 }
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """Bytes from ``65536``, ``64K``, ``64KiB``, ``256M``, ``1G`` (suffixes are binary, as in
-    ``mooncake config``)."""
-    m = _SIZE_RE.match(str(text))
-    if not m:
+    """Bytes from ``65536``, ``64K``, ``64KiB``, ``256M``, ``1G`` (the config's size syntax:
+    binary suffixes)."""
+    try:
+        n = config_size(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (allowed: bytes, or a number with K/M/G/T, e.g. 64K, 256MiB)")
-    n = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+            f"{text!r} is not a size (allowed: bytes, or a number with K/M/G/T, e.g. 64K, 256MiB)"
+        ) from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a size must be > 0")
     return n

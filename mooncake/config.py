@@ -119,6 +119,11 @@ def _size(raw: Any) -> int:
     return _int(raw)
 
 
+def parse_size(text: Any) -> int:
+    """Bytes from ``65536``, ``64K``, ``2MiB``, ``1.5G`` (binary suffixes); ValueError otherwise."""
+    return _size(text)
+
+
 def _float(raw: Any) -> float:
     if isinstance(raw, bool):
         raise _Invalid("a boolean is not a number")
