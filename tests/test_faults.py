@@ -125,3 +125,29 @@ def test_rpc_unknown_method_keeps_connection(engine, peer):
     with pytest.raises(RemoteError, match="unknown RPC method"):
         engine._rpc_call(peer.segment, "no.such.method", {})
     engine.probe(peer.segment)
+
+
+def test_engine_closed_with_batches_in_flight():
+    """close() fails what is in flight with its own reason; nothing hangs, the peer goes on."""
+    p = Peer(protocol="tcp")
+    try:
+        raddr = p.alloc(64 * MiB)
+        for _ in range(3):
+            e = TransferEngine("127.0.0.1", protocol="tcp")
+            buf = np.zeros(64 * MiB, np.uint8)
+            e.register(buf)
+            b = e.submit(p.segment, "read", [buf.ctypes.data + i * MiB for i in range(64)],
+                         [raddr + i * MiB for i in range(64)], [MiB] * 64)
+            e.close()
+            try:
+                b.wait(10)  # it may have finished before close()
+            except TransferFailed as ex:
+                bad = [s for s in ex.statuses if s.status.name != "COMPLETED"]
+                assert bad and all("engine was closed" in s.error for s in bad)
+        with TransferEngine("127.0.0.1", protocol="tcp") as e:
+            src = np.arange(MiB, dtype=np.uint8)
+            e.register(src)
+            e.write(p.segment, src, raddr)
+            assert p.sha(raddr, MiB) == sha(src)
+    finally:
+        p.close()

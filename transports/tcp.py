@@ -27,6 +27,8 @@ __all__ = ["TcpTransport"]
 log = logging.getLogger(__name__)
 
 E_PEER = _batch.E_PEER
+E_CLOSED = _batch.E_CLOSED
+E_TIMEOUT = _batch.E_TIMEOUT
 MAX_FRAME = 1 << 30  # a request above this is a protocol violation, not a transfer
 
 
@@ -112,14 +114,14 @@ class TcpTransport(Transport):
         p.threads.append(t)
         p.lanes.append(lane)
 
-    def _retire(self, p: _Peer) -> None:
-        """Close every lane of a peer (caller holds p.lock); in-flight slices end FAILED."""
+    def _retire(self, p: _Peer, err: int = E_PEER) -> None:
+        """Close every lane of a peer (caller holds p.lock); in-flight slices end with ``err``."""
         for lane in p.lanes:
-            lane.close()
+            lane.close(err)
         for t in p.threads:
             t.join(timeout=5)
         for lane in p.lanes:
-            lane.abort(E_PEER)
+            lane.abort(err)
             lane.sock.close()
         p.lanes, p.threads = [], []
 
@@ -146,7 +148,7 @@ class TcpTransport(Transport):
             p = self._peers.get(peer.name)
         if p is not None:
             with p.lock:
-                self._retire(p)
+                self._retire(p, E_TIMEOUT)
 
     def close(self) -> None:
         with self._lock:
@@ -154,7 +156,7 @@ class TcpTransport(Transport):
             self._peers.clear()
         for p in peers:
             with p.lock:
-                self._retire(p)
+                self._retire(p, E_CLOSED)
         if self.listener is not None:
             self.listener.close()
 

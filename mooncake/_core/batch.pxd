@@ -17,6 +17,7 @@ cdef extern from "mc_batch.h" nogil:
         MC_E_TIMEOUT
         MC_E_PROTO
         MC_E_LOCAL
+        MC_E_CLOSED
     ctypedef struct mc_task_t:
         int64_t total
     ctypedef struct mc_batch_t:

@@ -11,6 +11,7 @@ E_PEER = MC_E_PEER
 E_TIMEOUT = MC_E_TIMEOUT
 E_PROTO = MC_E_PROTO
 E_LOCAL = MC_E_LOCAL
+E_CLOSED = MC_E_CLOSED
 
 ERROR_NAMES = {
     MC_E_REFUSED: "target refused the range (outside its registered memory)",
@@ -18,6 +19,7 @@ ERROR_NAMES = {
     MC_E_TIMEOUT: "aborted after the transfer timeout",
     MC_E_PROTO: "malformed response from the peer",
     MC_E_LOCAL: "refused locally before posting",
+    MC_E_CLOSED: "the engine was closed while it was in flight",
 }
 STATUS_NAMES = ("WAITING", "PENDING", "INVALID", "CANCELED", "COMPLETED", "TIMEOUT", "FAILED")
 OP_READ = 0

@@ -26,7 +26,8 @@ enum { MC_E_REFUSED = 1000,   /* target refused the range (outside registered me
        MC_E_PEER = 1001,      /* connection to the peer lost */
        MC_E_TIMEOUT = 1002,   /* aborted after the transfer timeout */
        MC_E_PROTO = 1003,     /* malformed response */
-       MC_E_LOCAL = 1004 };   /* refused before posting (local validation) */
+       MC_E_LOCAL = 1004,     /* refused before posting (local validation) */
+       MC_E_CLOSED = 1005 };  /* the engine (or its transport) was closed meanwhile */
 
 typedef struct {
     _Atomic int64_t pending;   /* slices not finished yet */

@@ -437,10 +437,12 @@ static inline void mc_lane_worker(mc_lane_t *l, double idle_timeout) {
     free(jobs);
 }
 
-/* Stop the worker: it returns; queued jobs are failed by mc_lane_fail afterwards. */
-static inline void mc_lane_close(mc_lane_t *l) {
+/* Stop the worker: it returns; work in its hands ends with `err`, queued jobs are failed by
+ * mc_lane_fail afterwards. */
+static inline void mc_lane_close(mc_lane_t *l, int32_t err) {
     pthread_mutex_lock(&l->mu);
     l->closing = 1;
+    if (!l->dead) { l->dead = 1; l->dead_err = err; }
     pthread_cond_broadcast(&l->cv);
     pthread_mutex_unlock(&l->mu);
     shutdown(l->fd, SHUT_RDWR);

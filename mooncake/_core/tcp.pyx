@@ -27,7 +27,7 @@ cdef extern from "mc_tcp.h" nogil:
     void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n)
     int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout)
     void mc_lane_fail(mc_lane_t *l, int32_t err)
-    void mc_lane_close(mc_lane_t *l)
+    void mc_lane_close(mc_lane_t *l, int32_t err)
     int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout)
 
 
@@ -67,10 +67,10 @@ cdef class Lane:
         with nogil:
             mc_lane_fail(self.l, err)
 
-    def close(self):
-        """Ask the worker to stop (join it, then call ``abort`` for leftovers)."""
+    def close(self, int32_t err):
+        """Ask the worker to stop, its work ending with ``err`` (join it, then ``abort``)."""
         with nogil:
-            mc_lane_close(self.l)
+            mc_lane_close(self.l, err)
 
 
 cdef mc_job_t *_jobs(Slices s) except NULL:
