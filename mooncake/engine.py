@@ -274,11 +274,11 @@ class TransferEngine(MooncakeAPI):
                     region.fields[name] = fields
         except BaseException:
             self.regions.remove(addr)
-            for t in self.transports.values():
+            for t in self.transports.values():  # best-effort rollback; the first error wins
                 try:
                     t.unregister(region)
-                except Exception:
-                    pass
+                except Exception as e:
+                    log.debug("rollback: %s.unregister(0x%x): %s", t.name, addr, e)
             raise
         with self._lock:
             self._regions[addr] = region

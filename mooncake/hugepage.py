@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mooncake.errors import ConfigError, InvalidAddress, MooncakeError
+from mooncake.errors import InvalidAddress, MooncakeError
 from mooncake.memory import ManagedBuffer, allocate_shm, memfd_buffer
 
 __all__ = ["allocate", "free", "HugeBuffer", "HugepageUnavailable", "page_sizes", "pool_state"]
@@ -63,22 +63,6 @@ def pool_state(page_size: int) -> tuple[int, int]:
     return total, free_
 
 
-def _page_size(cfg: Any) -> int:
-    v = cfg["MC_STORE_HUGEPAGE_SIZE"] if cfg is not None else 2 * MiB
-    if isinstance(v, str):
-        s = v.strip().upper().rstrip("B").rstrip("I")
-        mult = {"K": 1024, "M": MiB, "G": GiB}.get(s[-1:], 1)
-        try:
-            v = int(s.rstrip("KMG")) * mult
-        except ValueError:
-            raise ConfigError(f"MC_STORE_HUGEPAGE_SIZE={v!r}; allowed: 2MB or 1GB") from None
-    v = int(v or 2 * MiB)
-    if v not in (2 * MiB, GiB):
-        raise ConfigError(f"MC_STORE_HUGEPAGE_SIZE={v} bytes; allowed: 2MB (2097152) or "
-                          "1GB (1073741824)")
-    return v
-
-
 def _how_to_reserve(page_size: int, pages: int) -> str:
     total, free_ = pool_state(page_size)
     label = "2 MiB" if page_size == 2 * MiB else "1 GiB"
@@ -101,9 +85,9 @@ def allocate(length: int, config: Any) -> ManagedBuffer:
     """
     if not isinstance(length, int) or length <= 0:
         raise InvalidAddress(f"managed buffer length must be a positive int, got {length!r}")
-    if config is not None and not config["MC_STORE_USE_HUGEPAGE"]:
+    if not config["MC_STORE_USE_HUGEPAGE"]:
         return allocate_shm(length)
-    page = _page_size(config)
+    page = config["MC_STORE_HUGEPAGE_SIZE"]  # validated by the config: 2 MiB or 1 GiB
     if page not in page_sizes():
         raise HugepageUnavailable(f"this kernel offers no {page >> 20} MiB huge pages "
                                   f"(sizes: {[p >> 20 for p in page_sizes()]} MiB)")

@@ -6,15 +6,15 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from jsonpeer import JsonPeer
 
 from mooncake._core.batch import Batch, slice_requests
+from mooncake.config import load_config
 from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
 from mooncake.segments import decode, host_identity
 from mooncake.transport import Region, TransportContext
@@ -33,8 +33,9 @@ from mooncake.segments import host_identity
 from mooncake.transport import Region, TransportContext
 from transports.cxl import CxlTransport
 path, size = sys.argv[1], int(sys.argv[2])
-cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_CXL_DEV_PATH": path,
-       "MC_CXL_DEV_SIZE": size}
+from mooncake.config import load_config
+cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_CXL_DEV_PATH": path,
+                   "MC_CXL_DEV_SIZE": size})
 t = CxlTransport(TransportContext(cfg, "cxlpeer:1", "127.0.0.1", host_identity(), None, None,
                                   None))
 fields = t.start()
@@ -73,8 +74,8 @@ def win_file():
 
 
 def ctx(**cfg) -> TransportContext:
-    base = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2}
-    base.update(cfg)
+    base = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4,
+                        "MC_WORKERS_PER_CTX": 2, **cfg})
     return TransportContext(base, "me:1", "127.0.0.1", host_identity(), None, None, None)
 
 
@@ -86,24 +87,9 @@ def xport(win_file):
     t.close()
 
 
-class Peer:
+class Peer(JsonPeer):
     def __init__(self, path: str, size: int) -> None:
-        self.p = subprocess.Popen([sys.executable, "-c", PEER, path, str(size)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    def __call__(self, op: str, **kw):
-        self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"peer died (rc={self.p.wait()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            self("exit")
-        self.p.wait(10)
+        super().__init__(PEER, path, str(size))
 
 
 def move(t, desc, op, local, remote, length):

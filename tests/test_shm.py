@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jsonpeer import JsonPeer
 
 from mooncake._core.batch import Batch, slice_requests
+from mooncake.config import load_config
 from mooncake.segments import decode, host_identity
 from mooncake.transport import Region, TransportContext
 from transports.shm import ShmTransport
@@ -29,6 +31,7 @@ READ, WRITE = 0, 1
 PEER = r"""
 import ctypes, json, mmap, os, sys, zlib
 import numpy as np
+from mooncake.config import load_config  # before any uid change: stdlib lives under /root
 from mooncake.segments import host_identity
 from mooncake.transport import Region, TransportContext
 from transports.shm import ShmTransport
@@ -38,7 +41,7 @@ if "--uid" in args:
     os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
     if "--dumpable" in args:
         ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
-cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2}
+cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2})
 ctx = TransportContext(cfg, "peer:1", "127.0.0.1", host_identity(), None, None, None)
 t = ShmTransport(ctx)
 fields = t.start()
@@ -90,34 +93,15 @@ for line in sys.stdin:
 """
 
 
-class Peer:
+class Peer(JsonPeer):
     def __init__(self, *args: str) -> None:
-        self.p = subprocess.Popen([sys.executable, "-c", PEER, *args], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    def __call__(self, op: str, **kw):
-        self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"peer died (rc={self.p.wait()})")
-        return json.loads(line)
+        super().__init__(PEER, *args)
 
     def desc(self):
         return decode("peer:1", self("desc"))
 
     def close(self) -> None:
-        if self.p.poll() is None:
-            try:
-                self("exit")
-            except (RuntimeError, BrokenPipeError):
-                pass
-        try:
-            self.p.wait(10)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
+        super().close()
         for f in Path("/dev/shm").glob(f"mooncake_{self.p.pid}_*"):  # left by a killed peer
             f.unlink(missing_ok=True)
 
@@ -130,8 +114,8 @@ def peer():
 
 
 def make_transport(**cfg) -> ShmTransport:
-    base = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2}
-    base.update(cfg)
+    base = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4,
+                        "MC_WORKERS_PER_CTX": 2, **cfg})
     ctx = TransportContext(base, "me:1", "127.0.0.1", host_identity(), None, None, None)
     t = ShmTransport(ctx)
     t.start()
@@ -292,8 +276,7 @@ def test_reach_reasons(peer, shm):
 
 
 def test_disabled_by_config():
-    ctx = TransportContext({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4,
-                            "transports/shm/enable": False}, "me:1", "127.0.0.1",
+    ctx = TransportContext(load_config({"transports/shm/enable": False}), "me:1", "127.0.0.1",
                            host_identity(), None, None, None)
     t = ShmTransport(ctx)
     from mooncake.errors import TransportUnavailable
@@ -314,9 +297,10 @@ from mooncake._core.batch import Batch, slice_requests
 from mooncake.segments import decode, host_identity
 from mooncake.transport import TransportContext
 from transports.shm import ShmTransport
+from mooncake.config import load_config
+cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4})
 d = decode("peer:1", json.loads(sys.argv[1])); raddr = int(sys.argv[2])
 os.setgroups([]); os.setresgid(UID, UID, UID); os.setresuid(UID, UID, UID)
-cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4}
 t = ShmTransport(TransportContext(cfg, "me:1", "127.0.0.1", host_identity(), None, None, None))
 t.start()
 why = t.can_reach(d)
@@ -369,8 +353,9 @@ from mooncake.segments import decode, host_identity
 from mooncake.transport import TransportContext
 from transports.shm import ShmTransport
 d = decode("peer:1", json.loads(sys.argv[1])); i = int(sys.argv[2]); part = int(sys.argv[3])
-cfg = {"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2,
-       "transports/shm/async_memcpy_threshold": 0}
+from mooncake.config import load_config
+cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2,
+                   "transports/shm/async_memcpy_threshold": 0})
 t = ShmTransport(TransportContext(cfg, "w:1", "127.0.0.1", host_identity(), None, None, None))
 t.start()
 src = np.random.default_rng(i).integers(0, 255, part, dtype=np.uint8)
@@ -432,31 +417,11 @@ e.close()
 """
 
 
-class EnginePeer:
+class EnginePeer(JsonPeer):
     def __init__(self, *args: str, **cfg) -> None:
-        self.p = subprocess.Popen([sys.executable, "-c", ENGINE_PEER, json.dumps(cfg), *args],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"engine peer failed (rc={self.p.wait()})")
-        info = json.loads(line)
+        super().__init__(ENGINE_PEER, json.dumps(cfg), *args)
+        info = self.read()
         self.segment, self.array, self.managed = info["segment"], info["array"], info["managed"]
-
-    def __call__(self, op: str, **kw):
-        self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline())
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            self.p.stdin.write('{"op": "exit"}\n')
-            self.p.stdin.flush()
-        try:
-            self.p.wait(15)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
 
 
 @pytest.fixture

@@ -37,7 +37,6 @@ from mooncake._core import batch as _batch
 from mooncake._core import copy as kc
 from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
-from transports.shm import config_get
 
 if TYPE_CHECKING:
     from mooncake._core.batch import Slices
@@ -102,13 +101,12 @@ def _sysfs_int(dev: str, what: str) -> int | None:
 def window(path: str | None = None, size: int | None = None) -> CxlWindow:
     """Map (once per process) and return the CXL window; defaults from ``MC_CXL_DEV_PATH`` and
     ``MC_CXL_DEV_SIZE``.  ``ConfigError`` names what is wrong with the path or size."""
-    path = path or os.environ.get("MC_CXL_DEV_PATH", "")
-    if size is None and os.environ.get("MC_CXL_DEV_SIZE"):
-        try:
-            size = int(os.environ["MC_CXL_DEV_SIZE"], 0)
-        except ValueError:
-            raise ConfigError(f"MC_CXL_DEV_SIZE={os.environ['MC_CXL_DEV_SIZE']!r} is not a byte "
-                              "count; allowed: a positive integer") from None
+    if not path or size is None:
+        from mooncake.config import load_config  # validates MC_CXL_DEV_SIZE like every option
+
+        cfg = load_config()
+        path = path or cfg["MC_CXL_DEV_PATH"]
+        size = cfg["MC_CXL_DEV_SIZE"] if size is None else size
     if not path:
         raise ConfigError("MC_CXL_DEV_PATH is not set; allowed: a DAX device (/dev/daxX.Y) or a "
                           "file standing in for one")
@@ -171,11 +169,11 @@ class CxlTransport(Transport):
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        self.enabled = bool(config_get(cfg, "transports/cxl/enable", True))
-        self.path = config_get(cfg, "MC_CXL_DEV_PATH", "") or ""
-        self.size = config_get(cfg, "MC_CXL_DEV_SIZE", None)
-        self.inline_max = int(config_get(cfg, "transports/shm/async_memcpy_threshold", 65536))
-        self.nworkers = int(config_get(cfg, "MC_WORKERS_PER_CTX", 2))
+        self.enabled = cfg["transports/cxl/enable"]
+        self.path = cfg["MC_CXL_DEV_PATH"]
+        self.size = cfg["MC_CXL_DEV_SIZE"]
+        self.inline_max = cfg["transports/shm/async_memcpy_threshold"]
+        self.nworkers = cfg["MC_WORKERS_PER_CTX"]
         self.window: CxlWindow | None = None
         self.pool: kc.CopyPool | None = None
         self._peer = kc.Peer(0)  # no process behind the window

@@ -30,7 +30,7 @@ import os
 import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from mooncake._core import batch as _batch
 from mooncake._core import copy as kc
@@ -40,7 +40,7 @@ from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
 if TYPE_CHECKING:
     from mooncake._core.batch import Slices
 
-__all__ = ["ShmTransport", "ControlPage", "shm_path", "config_get"]
+__all__ = ["ShmTransport", "ControlPage", "shm_path"]
 
 log = logging.getLogger("mooncake.transports.shm")
 
@@ -55,15 +55,6 @@ CTL_SIZE = OFF_SLOTS + 8 * NSLOTS
 
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
-
-
-def config_get(cfg: Any, key: str, default: Any) -> Any:
-    """``cfg[key]``, or ``default`` when the option table does not know ``key``."""
-    try:
-        v = cfg[key]
-    except KeyError:
-        return default
-    return default if v is None else v
 
 
 def shm_path(name: str) -> str:
@@ -179,9 +170,9 @@ class ShmTransport(Transport):
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        self.enabled = bool(config_get(cfg, "transports/shm/enable", True))
-        self.inline_max = int(config_get(cfg, "transports/shm/async_memcpy_threshold", 65536))
-        self.nworkers = int(config_get(cfg, "MC_WORKERS_PER_CTX", 2))
+        self.enabled = cfg["transports/shm/enable"]
+        self.inline_max = cfg["transports/shm/async_memcpy_threshold"]
+        self.nworkers = cfg["MC_WORKERS_PER_CTX"]
         self.pool: kc.CopyPool | None = None
         self.ctl: ControlPage | None = None
         self._slots: dict[int, int] = {}  # region addr -> slot
