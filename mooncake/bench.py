@@ -54,34 +54,25 @@ def parse_size(text: str) -> int:
     return n
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
-    return n
+def _bounded(cast: type, lo: float, hi: float, allowed: str):
+    """An argparse type: ``cast(text)`` within ``[lo, hi]`` (finite), else a message naming
+    ``allowed``."""
+    noun = "an integer" if cast is int else "a number"
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not lo <= v <= hi:  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"{text!r}: {allowed}")
+        return v
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x > 0 or x != x or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
-    return x
-
-
-def _precision(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= n <= 9:
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed 0..9 digits")
-    return n
+_positive_int = _bounded(int, 1, float("inf"), "must be >= 1")
+_seconds = _bounded(float, 1e-9, 1e12, "must be a positive number of seconds")
+_precision = _bounded(int, 0, 9, "allowed 0..9 digits")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("buffer_size", type=parse_size, default=256 * MiB,
         help="bytes allocated and registered on each side (default: 256MiB); must hold "
              "block_size * batch_size * threads")
-    add("duration", type=_positive_float, default=10.0, help="seconds to run (default: 10)")
+    add("duration", type=_seconds, default=10.0, help="seconds to run (default: 10)")
     add("threads", type=_positive_int, default=4, help="submitting threads (default: 4)")
     add("report_unit", choices=tuple(UNITS), default="GB",
         help="throughput unit; GB = 1e9 bytes, Gb = 1e9 bits (default: GB)")
