@@ -14,9 +14,13 @@ from mooncake.errors import TransferFailed, TransferTimeout
 if TYPE_CHECKING:
     from mooncake.transport import SegmentDesc, Transport
 
-__all__ = ["Status", "TaskStatus", "TransferBatch", "error_text"]
+__all__ = ["Status", "TaskStatus", "TransferBatch", "error_text", "settle"]
 
 E_TIMEOUT = _core.E_TIMEOUT
+#: how long slices a worker already holds may take to end after their batch was cancelled,
+#: before the transport's connections to the peer are cut (a peer that stopped answering)
+CANCEL_GRACE = 3.0
+ABORT_GRACE = 10.0
 
 
 class Status(enum.IntEnum):
@@ -41,11 +45,41 @@ def error_text(code: int) -> str:
 
 @dataclass(frozen=True)
 class TaskStatus:
-    """The state of one request of a batch."""
+    """The state of one request of a batch: ``code`` is the kernel's integer error code (0 =
+    ok, ``mooncake._core.batch.E_*`` or an errno), ``error`` its text, ``code_name`` its name."""
 
     status: Status
     transferred_bytes: int
     error: str = ""
+    code: int = 0
+
+    @property
+    def code_name(self) -> str:
+        if self.code in _core.CODE_NAMES:
+            return _core.CODE_NAMES[self.code]
+        import errno
+
+        return errno.errorcode.get(self.code, str(self.code)) if self.code else "OK"
+
+
+def settle(core: _core.Batch, transport: Transport, peer: SegmentDesc,
+           err: int = E_TIMEOUT) -> bool:
+    """End a batch that ran out of time: cancel it (``err``), wait for the slices workers hold
+    to stop, and if the peer does not let them (it stopped answering) cut the transport's
+    connections to it.  True once every slice was reported: from then on no byte of the batch
+    touches local memory."""
+    core.cancel(err)
+    if core.wait(CANCEL_GRACE):
+        return True
+    transport.abort(peer)
+    if core.wait(ABORT_GRACE):
+        return True
+    import logging
+
+    logging.getLogger("mooncake.engine").critical(
+        "batch to %s: %d tasks still in a worker's hands after cancel and abort", peer.name,
+        sum(1 for st in core.statuses() if st[0] == Status.PENDING))
+    return False
 
 
 class TransferBatch:
@@ -68,22 +102,22 @@ class TransferBatch:
         return self.core.done or self._expire()
 
     def _expire(self) -> bool:
-        """Past the deadline: abort the peer's in-flight work so every slice ends."""
+        """Past the deadline: cancel the batch and let workers drop it (see :func:`settle`)."""
         if self._timed_out or time.monotonic() < self.deadline:
             return self._timed_out
         self._timed_out = True
-        self.transport.abort(self.peer)
-        self.core.wait(5.0)  # aborted lanes finish every slice promptly
+        settle(self.core, self.transport, self.peer)
         return True
+
+    def cancel(self) -> None:
+        """Stop the batch now: tasks not finished end CANCELED (FAILED, code E_CANCELED) once
+        workers let go of them; returns when they did."""
+        settle(self.core, self.transport, self.peer, _core.E_CANCELED)
 
     def statuses(self) -> list[TaskStatus]:
         out = []
         for st, nbytes, err in self.core.statuses():
-            s = Status(st)
-            if self._timed_out and (s == Status.PENDING or err == E_TIMEOUT or
-                                    (s == Status.FAILED and nbytes == 0)):
-                s = Status.TIMEOUT
-            out.append(TaskStatus(s, nbytes, error_text(err) if err else ""))
+            out.append(TaskStatus(Status(st), nbytes, error_text(err) if err else "", err))
         return out
 
     def wait(self, timeout: float | None = None) -> None:

@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 
 from mooncake._core import batch as _core
+from mooncake._core import regions as _regions
 from mooncake._core.regions import RegionTable, first_outside
-from mooncake.batch import Status, TaskStatus, TransferBatch
+from mooncake.batch import Status, TaskStatus, TransferBatch, settle
 from mooncake.compat import MooncakeAPI, TransferNotify, TransferOpcode
 from mooncake.config import Config, load_config
 from mooncake.errors import (
+    ConfigError,
     InvalidAddress,
     InvalidBatch,
     MooncakeError,
@@ -49,7 +51,12 @@ log = logging.getLogger("mooncake.engine")
 
 OPS = {"read": 0, "write": 1, 0: 0, 1: 1}
 E_PEER = _core.E_PEER
+E_CLOSED = _core.E_CLOSED
 MAX_LENGTH = 1 << 48
+MAX_TIMEOUT = 86400.0
+#: notifications kept until get_notifies() takes them; beyond, new ones are dropped (counted)
+MAX_NOTIFIES = 4096
+MAX_NOTIFY_BYTES = 16 << 20
 
 
 class TransferEngine(MooncakeAPI):
@@ -91,6 +98,9 @@ class TransferEngine(MooncakeAPI):
         self._batches: dict[int, TransferBatch] = {}
         self._next_batch = 1
         self._notifies: list[TransferNotify] = []
+        self._notify_bytes = 0
+        self.notifies_dropped = 0
+        self._stuck: dict[int, Region] = {}  # unregistered while something still held them
         self._routes: dict[str, tuple[Transport, dict]] = {}
         self._warned: set[str] = set()
         self._kinds: set[str] = set()  # memory kinds registered here ("cpu", "cuda", ...)
@@ -116,6 +126,8 @@ class TransferEngine(MooncakeAPI):
             ctx = TransportContext(cfg, self.segment_name, bind, self.host_id, self.regions,
                                    self._rpc.add_handler, self._rpc_call, self.device_name)
             self.transports = self._start_transports(ctx)
+            self._segments.schemas = {n: (t.segment_fields, t.buffer_fields)
+                                      for n, t in self.transports.items()}
             self._started = True
             self._publish()
         except BaseException:
@@ -156,7 +168,10 @@ class TransferEngine(MooncakeAPI):
         return dict(sorted(out.items(), key=lambda kv: kv[1].auto_priority))
 
     def close(self) -> None:
-        """Remove our descriptor, stop transports and the RPC listener, free managed buffers."""
+        """Remove our descriptor, stop transports and the RPC listener, free managed buffers.
+
+        Work in flight ends FAILED ("the engine was closed"); this returns once no worker can
+        touch registered memory any more."""
         if self._closed or not self._started:
             self._closed = True
             return
@@ -168,6 +183,11 @@ class TransferEngine(MooncakeAPI):
         self._shutdown()
 
     def _shutdown(self) -> None:
+        regions = list(getattr(self, "_regions", {}).values())
+        for r in regions:
+            r.handle.revoke()
+        for b in list(getattr(self, "_batches", {}).values()):
+            b.core.cancel(E_CLOSED)
         for t in getattr(self, "transports", {}).values():
             try:
                 t.close()
@@ -181,8 +201,18 @@ class TransferEngine(MooncakeAPI):
         if getattr(self, "_rpc", None) is not None:
             self._rpc.close()
             self._rpc_client.close()
-        for m in list(getattr(self, "_managed", {}).values()):
-            m.close()
+        held = set()
+        for r in regions:
+            if r.handle.release(self._timeout):
+                r.owner = None
+            else:
+                held.add(r.addr)
+                log.error("close: 0x%x is still held by %d transfers after %ss; its memory is "
+                          "left allocated", r.addr, r.handle.pins, self._timeout)
+        self._regions = {}
+        for addr, m in list(getattr(self, "_managed", {}).items()):
+            if addr not in held and addr not in getattr(self, "_stuck", {}):
+                m.close()
         self._managed = {}
 
     def __enter__(self) -> TransferEngine:
@@ -235,45 +265,69 @@ class TransferEngine(MooncakeAPI):
 
     # -- memory -------------------------------------------------------------------------------
 
-    def register(self, obj: Any, length: int | None = None, location: str = "*") -> Region:
+    def register(self, obj: Any, length: int | None = None, location: str = "*",
+                 access: str = "auto") -> Region:
         """Register memory: an int address (with ``length``) or a NumPy/CuPy array or buffer.
 
-        The object is kept alive until :meth:`unregister`.  Returns the :class:`Region`.
+        The registration holds the object's buffer export until :meth:`unregister` (a
+        registered ``bytearray`` cannot be resized meanwhile).  ``access``: ``"rw"`` (local
+        READs and peers' WRITEs may land in it), ``"ro"`` (a WRITE source and a READ target for
+        peers only), or ``"auto"``: ``"ro"`` for read-only memory (``bytes``, a read-only array,
+        a ``PROT_READ`` mapping), else ``"rw"``.  Returns the :class:`Region`.
         """
         self._check_started()
+        flags = _access_flags(access)
         owner = None
-        if isinstance(obj, int):
-            addr, nbytes, loc = obj, length, "cpu:0"
-            if nbytes is None:
+        if isinstance(obj, int) and not isinstance(obj, bool):
+            if length is None:
                 raise InvalidAddress("register(addr, length): length is required for an address")
+            addr, nbytes, loc = obj, length, "cpu:0"
         else:
             addr, nbytes, loc = buffer_info(obj)
             owner = obj
             if length is not None:
-                if not 0 < length <= nbytes:
-                    raise InvalidAddress(f"length {length} outside the buffer's {nbytes} bytes")
+                if type(length) is not int or not 0 < length <= nbytes:
+                    raise InvalidAddress(f"length {length!r} outside the buffer's {nbytes} bytes")
                 nbytes = length
         return self._register(addr, nbytes, loc if location in ("*", "", None) else location,
-                              owner)
+                              owner, flags=flags)
 
     def _register(self, addr: int, length: int, location: str, owner: Any = None,
-                  shm_name: str | None = None, publish: bool = True) -> Region:
-        if not isinstance(addr, int) or addr <= 0:
-            raise InvalidAddress(f"address must be a positive int, got {addr!r}")
-        if not isinstance(length, int) or not 0 < length <= MAX_LENGTH:
-            raise InvalidAddress(f"length must be in 1..2**48, got {length!r}")
+                  shm_name: str | None = None, publish: bool = True,
+                  flags: int | None = None) -> Region:
+        if type(addr) is not int or not 0 < addr < 2**64:
+            raise InvalidAddress(f"address must be a positive int below 2**64, got {addr!r}")
+        if type(length) is not int or not 0 < length <= MAX_LENGTH:
+            raise InvalidAddress(f"length must be an int in 1..2**48, got {length!r}")
+        if type(location) is not str or not location:
+            raise InvalidAddress(f"location must be a string like 'cpu:0', got {location!r}")
+        strict = flags is not None  # the caller chose; "auto" (None) follows the memory
+        flags = _regions.ALL if flags is None else flags
+        if memory_kind(location) == "cpu" and owner is None:
+            flags = _check_mapped(addr, length, flags, strict)
         try:
-            self.regions.add(addr, length)
-        except ValueError as e:
-            raise InvalidAddress(f"cannot register 0x{addr:x}+{length}: {e}") from None
-        region = Region(addr, length, location, shm_name, owner)
+            handle = self.regions.register(addr, length, flags, owner)
+        except (BufferError, ValueError, TypeError) as e:
+            if flags == _regions.READ_ONLY or not _read_only(owner):
+                raise InvalidAddress(f"cannot register 0x{addr:x}+{length}: {e}") from None
+            if strict:
+                raise InvalidAddress(
+                    f"cannot register 0x{addr:x}+{length} read-write: the buffer is read-only "
+                    "(register it with access='ro': a WRITE source or a READ target for peers)"
+                ) from None
+            flags = _regions.READ_ONLY
+            try:
+                handle = self.regions.register(addr, length, flags, owner)
+            except (BufferError, ValueError, TypeError) as e2:
+                raise InvalidAddress(f"cannot register 0x{addr:x}+{length}: {e2}") from None
+        region = Region(addr, length, location, shm_name, owner, flags=flags, handle=handle)
         try:
             for name, t in self.transports.items():
                 fields = t.register(region)
                 if fields:
                     region.fields[name] = fields
         except BaseException:
-            self.regions.remove(addr)
+            handle.release(self._timeout)
             for t in self.transports.values():  # best-effort rollback; the first error wins
                 try:
                     t.unregister(region)
@@ -288,32 +342,58 @@ class TransferEngine(MooncakeAPI):
         return region
 
     def unregister(self, obj: Any, publish: bool = True) -> None:
-        """Unregister memory by address, buffer object or :class:`Region`."""
+        """Unregister memory by address, buffer object or :class:`Region`.
+
+        Work in flight that touches the region is failed (its tasks end FAILED, "unregistered
+        while in flight"; peers' requests are refused); this returns only once no worker and no
+        peer request can touch the memory any more (waiting up to ``MC_TRANSFER_TIMEOUT``).
+        """
         self._check_started()
-        addr = obj.addr if isinstance(obj, Region) else (
-            obj if isinstance(obj, int) else buffer_info(obj)[0])
+        if isinstance(obj, Region):
+            addr = obj.addr
+        elif isinstance(obj, int) and not isinstance(obj, bool):
+            addr = obj
+        else:
+            addr = buffer_info(obj)[0]
         with self._lock:
             region = self._regions.pop(addr, None)
             self._kinds = {memory_kind(r.location) for r in self._regions.values()}
         if region is None:
-            raise InvalidAddress(f"0x{addr:x} is not the start of a registered region")
-        self.regions.remove(addr)  # waits for peers' in-progress access to finish
-        for t in self.transports.values():
-            t.unregister(region)
+            raise InvalidAddress(f"{addr!r} is not the start of a registered region")
+        self._retire_region(region)
         if publish:
             self._publish()
+
+    def _retire_region(self, region: Region) -> None:
+        """Revoke, wait for every pin, let each transport let go, drop the buffer export."""
+        h = region.handle
+        h.revoke()
+        if not h.wait_idle(self._timeout):
+            self._stuck[region.addr] = region  # keep the memory alive: something still holds it
+            raise TransferTimeout(f"unregister 0x{region.addr:x}: {h.pins} transfers still hold "
+                                  f"the region after {self._timeout}s; it stays allocated")
+        for t in self.transports.values():
+            t.unregister(region)
+        h.release(0.0)
+        region.owner = None
 
     def allocate(self, length: int) -> ManagedBuffer:
         """Allocate and register a shm-backed buffer that same-host peers can map by name."""
         self._check_started()
-        if self.config["MC_STORE_USE_HUGEPAGE"]:
-            from mooncake import hugepage
-
-            mb = hugepage.allocate(length, self.config)
-        else:
-            mb = allocate_shm(length)
+        if type(length) is not int or not 0 < length <= MAX_LENGTH:
+            raise InvalidAddress(f"managed buffer length must be an int in 1..2**48, got "
+                                 f"{length!r}")
         try:
-            self._register(mb.addr, mb.length, "cpu:0", mb, mb.shm_name)
+            if self.config["MC_STORE_USE_HUGEPAGE"]:
+                from mooncake import hugepage
+
+                mb = hugepage.allocate(length, self.config)
+            else:
+                mb = allocate_shm(length)
+        except OSError as e:
+            raise MooncakeError(f"cannot allocate a {length}-byte buffer: {e}") from None
+        try:
+            self._register(mb.addr, mb.length, "cpu:0", mb.mm, mb.shm_name)
         except BaseException:
             mb.close()
             raise
@@ -321,10 +401,10 @@ class TransferEngine(MooncakeAPI):
         return mb
 
     def free(self, addr: int) -> None:
-        """Unregister and free a managed buffer."""
-        mb = self._managed.get(addr)
+        """Unregister and free a managed buffer (see :meth:`unregister` for work in flight)."""
+        mb = self._managed.get(addr) if type(addr) is int else None
         if mb is None:
-            raise InvalidAddress(f"0x{addr:x} is not a managed buffer of this engine")
+            raise InvalidAddress(f"{addr!r} is not a managed buffer of this engine")
         self.unregister(addr)
         del self._managed[addr]
         mb.close()
@@ -378,110 +458,118 @@ class TransferEngine(MooncakeAPI):
 
     # -- transfers ----------------------------------------------------------------------------
 
-    def _prepare(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
-                 length: Sequence[int]):
-        self._check_started()
-        if op not in OPS:
-            raise InvalidAddress(f"op must be 'read' or 'write' (or 0/1), got {op!r}")
-        n = len(local)
-        if not (n == len(remote) == len(length)):
-            raise InvalidAddress(f"buffers, peer addresses and lengths differ in length "
-                                 f"({n}, {len(remote)}, {len(length)})")
-        if n == 0:
-            raise InvalidAddress("empty batch: give at least one request")
-        length = _u64_array(length, "length", 1, MAX_LENGTH)
-        local = _u64_array(local, "local address", 0, 2**64 - 1)
-        remote = _u64_array(remote, "remote address", 0, 2**64 - 1)
-        bad = first_outside(self.regions, local, length)
-        if bad >= 0:
-            raise InvalidAddress(f"request {bad}: local range {int(local[bad]):#x}+{length[bad]} "
-                                 "is not inside registered memory (register it first)")
-        entry = self._peer(segment)
-        bad = first_outside(entry.table, remote, length)
-        if bad >= 0:  # the peer may have registered more since we cached it
-            entry = self._segments.get(segment, refresh=True)
-            bad = first_outside(entry.table, remote, length)
-            if bad >= 0:
-                raise InvalidAddress(
-                    f"request {bad}: remote range {int(remote[bad]):#x}+{length[bad]} is outside "
-                    f"the {len(entry.desc.buffers)} buffers segment {segment!r} registered")
-        peer = entry.desc
-        t = self._route(peer)
-        self._check_kinds(t, entry, local, remote, length)
-        core = _core.Batch(n)
-        slices = _core.slice_requests(core, OPS[op], local, remote, length, t.slice_size,
-                                      t.fragment_ratio)
-        timeout = self._timeout + int(length.sum()) / 1e9
-        return peer, t, core, slices, timeout
+    def _validate(self, segment: str, op: Any, local: Any, remote: Any, length: Any,
+                  timeout: float | None = None):
+        """The one validator of a transfer: ``(peer, transport, core batch, slices, timeout)``.
+
+        Checks the opcode, the request arrays, the timeout, that every local range lies in one
+        registered region (writable for a READ: the task pins it), that every remote range lies
+        in a buffer the peer published (writable for a WRITE), and that the chosen transport can
+        move both kinds of memory.  Raises :class:`InvalidAddress` (or ``ConfigError`` for the
+        timeout) naming the first bad request.
+        """
+        if not self._started or self._closed:
+            self._check_started()
+        try:
+            opc = OPS[op]
+        except (KeyError, TypeError):
+            raise InvalidAddress(f"op must be 'read' or 'write' (or 0/1), got {op!r}") from None
+        tmo = _check_timeout(timeout)
+        one = (type(local) is tuple and len(local) == 1 and type(local[0]) is int and
+               type(remote) is tuple and len(remote) == 1 and type(remote[0]) is int and
+               type(length) is tuple and len(length) == 1 and type(length[0]) is int)
+        if one:
+            la, ra, n = local[0], remote[0], length[0]
+            one = 0 < n <= MAX_LENGTH and 0 <= la < 2**64 and 0 <= ra < 2**64
+        if one:
+            entry = self._peer(segment)
+            if not entry.table.contains(ra, n):
+                entry = self._segments.get(segment, refresh=True)
+            _check_remote(entry, segment, opc, (ra,), (n,))
+            peer = entry.desc
+            t = self._route(peer)
+            self._check_kinds(t, entry, (la,), (ra,), (n,))
+            core = _core.Batch(1)
+            try:
+                slices = _core.slice_one(core, opc, la, ra, n, t.slice_size, t.fragment_ratio,
+                                         self.regions)
+            except _core.SliceError as e:
+                raise InvalidAddress(str(e)) from None
+            total = n
+        else:
+            try:
+                cnt = len(local), len(remote), len(length)
+            except TypeError:
+                raise InvalidAddress("local addresses, peer addresses and lengths must be "
+                                     "sequences of ints") from None
+            if not cnt[0] == cnt[1] == cnt[2]:
+                raise InvalidAddress(f"buffers, peer addresses and lengths differ in length "
+                                     f"({cnt[0]}, {cnt[1]}, {cnt[2]})")
+            if cnt[0] == 0:
+                raise InvalidAddress("empty batch: give at least one request")
+            if cnt[0] >= 2**32:
+                raise InvalidAddress(f"a batch holds at most 2**32-1 requests, got {cnt[0]}")
+            length = _u64_array(length, "length", 1, MAX_LENGTH)
+            local = _u64_array(local, "local address", 0, 2**64 - 1)
+            remote = _u64_array(remote, "remote address", 0, 2**64 - 1)
+            _check_ends(local, length, "local")
+            _check_ends(remote, length, "remote")
+            entry = self._peer(segment)
+            if first_outside(entry.table, remote, length) >= 0:
+                entry = self._segments.get(segment, refresh=True)  # it may have registered more
+            _check_remote(entry, segment, opc, remote, length)
+            peer = entry.desc
+            t = self._route(peer)
+            self._check_kinds(t, entry, local, remote, length)
+            core = _core.Batch(cnt[0])
+            try:
+                slices = _core.slice_requests(core, opc, local, remote, length, t.slice_size,
+                                              t.fragment_ratio, self.regions)
+            except _core.SliceError as e:
+                raise InvalidAddress(str(e)) from None
+            total = int(length.sum())
+        if tmo is None:
+            tmo = self._timeout + total / 1e9
+        return peer, t, core, slices, tmo
 
     def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                  length: Sequence[int], timeout: float | None = None) -> None:
         """Run a batch to completion; raises :class:`TransferFailed` if any request failed.
 
         When the connection to the peer is lost (it restarted, say), the descriptor is fetched
-        again and the batch is retried once: READ and WRITE are idempotent.
+        again and the batch is retried once: READ and WRITE are idempotent.  After this raises,
+        no byte of the batch lands in local memory any more.
         """
         try:
             return self._transfer(segment, op, local, remote, length, timeout)
-        except TransferFailed as e:
-            lost = _core.ERROR_NAMES[E_PEER]
-            if isinstance(e, TransferTimeout) or not any(s.error == lost for s in e.statuses):
+        except (TransferFailed, PeerUnreachable) as e:
+            if isinstance(e, TransferTimeout) or (isinstance(e, TransferFailed) and not any(
+                    s.code == E_PEER for s in e.statuses)):
                 raise
+            self._forget_peer(segment)
             try:
-                self._peer(segment)  # refetch: is it back?
-            except SegmentNotFound:
+                self._segments.get(segment, refresh=True)  # is it back (maybe restarted)?
+            except (SegmentNotFound, PeerUnreachable):
                 raise e from None
             log.info("segment %s: connection lost; retrying once on a fresh descriptor", segment)
             return self._transfer(segment, op, local, remote, length, timeout)
 
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                   length: Sequence[int], timeout: float | None) -> None:
-        if len(local) == 1 and len(remote) == 1 and len(length) == 1:
-            return self._transfer_one(segment, op, local[0], remote[0], length[0], timeout)
-        peer, t, core, slices, tmo = self._prepare(segment, op, local, remote, length)
-        tmo = tmo if timeout is None else timeout
-        self._finish(peer, t, core, t.transfer(peer, slices, tmo), tmo)
-        self._bytes += sum(length)
-
-    def _finish(self, peer: SegmentDesc, t: Transport, core: _core.Batch, in_time: bool,
-                timeout: float) -> None:
-        """Turn a finished (or timed-out) synchronous batch into a return or an exception."""
-        b = TransferBatch(core, peer, t, timeout if in_time else 0.0)
+        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout)
+        in_time = t.transfer(peer, slices, tmo)
+        if in_time and core.first_not_completed() < 0:
+            self._bytes += sum(st[1] for st in core.statuses()) if core.ntasks > 1 else \
+                core.status(0)[1]
+            return
+        if not in_time:
+            settle(core, t, peer)
+        b = TransferBatch(core, peer, t, 0.0)
         try:
             b.wait()
         except MooncakeError:
             self._after_failure(peer, b)
             raise
-
-    def _transfer_one(self, segment: str, op: Any, local: int, remote: int, length: int,
-                      timeout: float | None) -> None:
-        """The single-request path: the same checks as :meth:`_prepare`, no array work."""
-        if not self._started or self._closed:
-            self._check_started()
-        if type(length) is not int or not 0 < length <= MAX_LENGTH or op not in OPS:
-            self._prepare(segment, op, [local], [remote], [length])  # raises the precise error
-        if not self.regions.contains(local, length):
-            raise InvalidAddress(f"request 0: local range 0x{local:x}+{length} is not inside "
-                                 "registered memory (register it first)")
-        entry = self._peer(segment)
-        if not entry.table.contains(remote, length):
-            entry = self._segments.get(segment, refresh=True)
-            if not entry.table.contains(remote, length):
-                raise InvalidAddress(
-                    f"request 0: remote range 0x{remote:x}+{length} is outside the "
-                    f"{len(entry.desc.buffers)} buffers segment {segment!r} registered")
-        peer = entry.desc
-        t = self._route(peer)
-        self._check_kinds(t, entry, (local,), (remote,), (length,))
-        core = _core.Batch(1)
-        slices = _core.slice_one(core, OPS[op], local, remote, length, t.slice_size,
-                                 t.fragment_ratio)
-        tmo = self._timeout + length / 1e9 if timeout is None else timeout
-        in_time = t.transfer(peer, slices, tmo)
-        if in_time and core.status(0)[0] == Status.COMPLETED:
-            self._bytes += length
-            return
-        self._finish(peer, t, core, in_time, tmo)
 
     def _check_kinds(self, t: Transport, entry, local, remote, length) -> None:
         """TransportUnavailable when a range is memory ``t`` cannot move (e.g. CUDA over tcp)."""
@@ -501,10 +589,13 @@ class TransferEngine(MooncakeAPI):
     def submit(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                length: Sequence[int], timeout: float | None = None) -> TransferBatch:
         """Start a batch and return at once; ``wait()`` it, ``await`` it or poll its status."""
-        peer, t, core, slices, tmo = self._prepare(segment, op, local, remote, length)
-        b = TransferBatch(core, peer, t, tmo if timeout is None else timeout,
-                          on_close=self._forget_batch)
-        t.submit(peer, slices)
+        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout)
+        b = TransferBatch(core, peer, t, tmo, on_close=self._forget_batch)
+        try:
+            t.submit(peer, slices)
+        except PeerUnreachable:
+            self._forget_peer(segment)
+            raise
         with self._lock:
             b.id = self._next_batch
             self._next_batch += 1
@@ -513,7 +604,7 @@ class TransferEngine(MooncakeAPI):
 
     def batch(self, batch_id: int) -> TransferBatch:
         """The batch with this id; :class:`InvalidBatch` for an id never issued or freed."""
-        b = self._batches.get(batch_id) if isinstance(batch_id, int) else None
+        b = self._batches.get(batch_id) if type(batch_id) is int else None
         if b is None:
             raise InvalidBatch(f"unknown batch id {batch_id!r} (never issued by this engine, "
                                "or already freed)")
@@ -524,10 +615,15 @@ class TransferEngine(MooncakeAPI):
             self._batches.pop(getattr(b, "id", None), None)
         self._bytes += sum(st[1] for st in b.core.statuses())
 
+    def _forget_peer(self, segment: str) -> None:
+        """A lane or RPC failure: the cached descriptor, route and RPC connections are stale."""
+        self._segments.drop(segment)
+        self._routes.pop(segment, None)
+        self._rpc_client.forget(segment)
+
     def _after_failure(self, peer: SegmentDesc, b: TransferBatch) -> None:
-        if any(s.error == _core.ERROR_NAMES[E_PEER] for s in b.statuses()):
-            self._segments.drop(peer.name)
-            self._routes.pop(peer.name, None)
+        if any(s.code == E_PEER for s in b.statuses()):
+            self._forget_peer(peer.name)
 
     def write(self, segment: str, src: Any, remote_addr: int, length: int | None = None,
               timeout: float | None = None) -> None:
@@ -555,14 +651,27 @@ class TransferEngine(MooncakeAPI):
         self._rpc_call(segment, "notify", {"name": name, "msg": msg})
 
     def _on_notify(self, args: dict) -> dict:
+        name, msg = args.get("name", ""), args.get("msg", "")
+        if type(name) is not str or type(msg) is not str:
+            raise InvalidAddress("a notification's name and msg must be strings")
+        size = len(name) + len(msg)
         with self._lock:
-            self._notifies.append(TransferNotify(str(args.get("name", "")),
-                                                 str(args.get("msg", ""))))
+            if len(self._notifies) >= MAX_NOTIFIES or \
+                    self._notify_bytes + size > MAX_NOTIFY_BYTES:
+                self.notifies_dropped += 1
+                if self.notifies_dropped in (1, 10, 100) or self.notifies_dropped % 1000 == 0:
+                    log.warning("notification queue full (%d kept, %d bytes): %d dropped so far; "
+                                "call get_notifies()", len(self._notifies), self._notify_bytes,
+                                self.notifies_dropped)
+                raise MooncakeError("notification queue full")
+            self._notifies.append(TransferNotify(name, msg))
+            self._notify_bytes += size
         return {}
 
     def take_notifies(self) -> list[TransferNotify]:
         with self._lock:
             out, self._notifies = self._notifies, []
+            self._notify_bytes = 0
         return out
 
     def probe(self, segment: str) -> None:
@@ -660,3 +769,79 @@ def _listdir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError:
         return []
+
+
+def _access_flags(access: str) -> int | None:
+    """Region flags for a ``register(access=...)`` value; None for ``"auto"``."""
+    a = access.lower() if isinstance(access, str) else access
+    if a in ("auto", None):
+        return None
+    if a in ("rw", "read-write", "remote-rw"):
+        return _regions.ALL
+    if a in ("ro", "read-only", "remote-ro"):
+        return _regions.READ_ONLY
+    raise InvalidAddress(f"access={access!r}: allowed 'auto', 'rw' (read-write), 'ro' (read-only)")
+
+
+def _read_only(owner: Any) -> bool:
+    try:
+        with memoryview(owner) as mv:
+            return mv.readonly
+    except TypeError:
+        return False
+
+
+def _check_mapped(addr: int, length: int, flags: int, strict: bool) -> int:
+    """A raw CPU range must be mapped; a read-only mapping registers read-only (or, when the
+    caller asked for read-write, is refused)."""
+    from mooncake.procmaps import access_of
+
+    acc = access_of(addr, length)
+    if acc is None:
+        raise InvalidAddress(f"0x{addr:x}+{length} is not (entirely) mapped readable memory "
+                             "in this process")
+    if acc == "r" and flags != _regions.READ_ONLY:
+        if strict:
+            raise InvalidAddress(f"0x{addr:x}+{length} is mapped read-only: register it with "
+                                 "access='ro' (a WRITE source or a READ target for peers)")
+        return _regions.READ_ONLY
+    return flags
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
+                                                             np.floating)):
+        raise ConfigError(f"timeout={timeout!r}: allowed a number of seconds in (0, "
+                          f"{MAX_TIMEOUT:.0f}]")
+    t = float(timeout)
+    if not 0 < t <= MAX_TIMEOUT:
+        raise ConfigError(f"timeout={timeout!r}: allowed a number of seconds in (0, "
+                          f"{MAX_TIMEOUT:.0f}]")
+    return t
+
+
+def _check_ends(addrs: np.ndarray, lengths: np.ndarray, what: str) -> None:
+    bad = addrs > np.uint64(2**64 - 1) - lengths
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidAddress(f"request {i}: {what} range {int(addrs[i]):#x}+{int(lengths[i])} "
+                             "runs past the end of the address space")
+
+
+def _check_remote(entry, segment: str, op: int, remote, length) -> None:
+    """Every remote range inside one published buffer; writable ones for a WRITE."""
+    one = len(remote) == 1
+    bad = (-1 if entry.table.contains(remote[0], length[0]) else 0) if one else \
+        first_outside(entry.table, remote, length)
+    if bad >= 0:
+        raise InvalidAddress(
+            f"request {bad}: remote range {int(remote[bad]):#x}+{int(length[bad])} is outside "
+            f"the {len(entry.desc.buffers)} buffers segment {segment!r} registered")
+    if op == OPS["write"] and entry.read_only:
+        for i in range(len(remote)):
+            if not entry.table.flags(int(remote[i]), int(length[i])) & _regions.REMOTE_WRITE:
+                raise InvalidAddress(
+                    f"request {i}: remote range {int(remote[i]):#x}+{int(length[i])} of "
+                    f"segment {segment!r} is registered read-only: it cannot be written")

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from mooncake._core.regions import RegionTable
+from mooncake._core.regions import ALL, READ_ONLY, RegionTable
 from mooncake.errors import SegmentNotFound
 from mooncake.metadata.base import validate_descriptor
 from mooncake.transport import BufferDesc, SegmentDesc, memory_kind
@@ -28,27 +28,29 @@ def host_identity() -> str:
     return f"{boot}/{netns}"
 
 
-def decode(name: str, obj: Any) -> SegmentDesc:
-    """Validate a descriptor dict (:func:`validate_descriptor`) and build a :class:`SegmentDesc`;
-    errors name the segment and the field."""
-    obj = validate_descriptor(name, obj)
+def decode(name: str, obj: Any, schemas: dict | None = None) -> SegmentDesc:
+    """Validate a descriptor dict (:func:`validate_descriptor`, with the per-transport field
+    ``schemas``) and build a :class:`SegmentDesc`; errors name the segment and the field."""
+    obj = validate_descriptor(name, obj, schemas)
     bufs = [BufferDesc(b["addr"], b["length"], b["location"], b.get("shm_name"),
-                       b.get("transports") or {}) for b in obj["buffers"]]
+                       b.get("transports") or {}, b.get("access", "rw") != "ro")
+            for b in obj["buffers"]]
     return SegmentDesc(name=obj["name"], host_id=obj["host_id"], pid=obj["pid"], buffers=bufs,
                        transports=obj["transports"], timestamp=float(obj["timestamp"]))
 
 
 class _Entry:
-    __slots__ = ("desc", "table", "fetched", "kinds")
+    __slots__ = ("desc", "table", "fetched", "kinds", "read_only")
 
     def __init__(self, desc: SegmentDesc) -> None:
         self.desc = desc
         self.kinds = {memory_kind(b.location) for b in desc.buffers}
+        self.read_only = any(not b.writable for b in desc.buffers)
         self.fetched = time.monotonic()
         self.table = RegionTable()
         for b in desc.buffers:
             try:
-                self.table.add(b.addr, b.length)
+                self.table.add(b.addr, b.length, ALL if b.writable else READ_ONLY)
             except ValueError:
                 raise SegmentNotFound(
                     f"segment {desc.name!r}: malformed descriptor: buffers overlap at 0x{b.addr:x}"
@@ -58,8 +60,10 @@ class _Entry:
 class SegmentCache:
     """Peers' descriptors with a region table each for fast remote-range checks."""
 
-    def __init__(self, fetch, enabled: bool = True, refresh_interval: float = 0.0) -> None:
+    def __init__(self, fetch, enabled: bool = True, refresh_interval: float = 0.0,
+                 schemas: dict | None = None) -> None:
         self._fetch = fetch
+        self.schemas = schemas or {}
         self.enabled = enabled
         self.refresh_interval = refresh_interval
         self._entries: dict[str, _Entry] = {}
@@ -70,7 +74,7 @@ class SegmentCache:
         stale = e is not None and self.refresh_interval > 0 and (
             time.monotonic() - e.fetched > self.refresh_interval)
         if e is None or refresh or stale or not self.enabled:
-            e = _Entry(decode(name, self._fetch(name)))
+            e = _Entry(decode(name, self._fetch(name), self.schemas))
             with self._lock:
                 self._entries[name] = e
         return e

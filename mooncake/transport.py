@@ -13,8 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mooncake.fields import Field
+
 if TYPE_CHECKING:
     from mooncake._core.batch import Slices
+    from mooncake._core.regions import Registration
     from mooncake.config import Config
 
 __all__ = ["Region", "BufferDesc", "SegmentDesc", "TransportContext", "Transport", "memory_kind"]
@@ -27,6 +30,10 @@ def memory_kind(location: str) -> str:
     return head if head in ("cuda", "cxl") else "cpu"
 
 
+#: access flags of a region (``Region.flags``; mirrors ``mooncake._core.regions``)
+LOCAL_WRITE, REMOTE_READ, REMOTE_WRITE = 1, 2, 4
+
+
 @dataclass(eq=False)
 class Region:
     """A registered local range."""
@@ -34,12 +41,21 @@ class Region:
     addr: int
     length: int
     location: str = "cpu:0"
-    #: where same-host peers can map it: ``/proc/<pid>/fd/<fd>`` (a memfd) or a /dev/shm name
+    #: where same-host peers can map it: ``/proc/<pid>/fd/<fd>`` of a sealed memfd
     shm_name: str | None = None
     #: the Python object that owns the memory (kept alive while registered)
     owner: Any = None
     #: per-transport published fields, filled by ``Transport.register``
     fields: dict[str, dict] = field(default_factory=dict)
+    #: ``LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE`` bits; a read-only buffer has REMOTE_READ only
+    flags: int = 7
+    #: the owned registration in the kernel's table (pins, revocation, the buffer export)
+    handle: Registration | None = None
+
+    @property
+    def writable(self) -> bool:
+        """Local READs and peers' WRITEs may land in it."""
+        return bool(self.flags & LOCAL_WRITE)
 
     @property
     def end(self) -> int:
@@ -50,6 +66,8 @@ class Region:
 
     def describe(self) -> dict:
         d = {"addr": self.addr, "length": self.length, "location": self.location}
+        if not self.flags & REMOTE_WRITE:
+            d["access"] = "ro"
         if self.shm_name:
             d["shm_name"] = self.shm_name
         if self.fields:
@@ -66,6 +84,8 @@ class BufferDesc:
     location: str = "cpu:0"
     shm_name: str | None = None
     transports: dict[str, dict] = field(default_factory=dict)
+    #: False when the peer registered it read-only (its target refuses WRITEs into it)
+    writable: bool = True
 
     @property
     def end(self) -> int:
@@ -127,6 +147,11 @@ class Transport:
     same_host_only: ClassVar[bool] = False
     #: memory locations it can move: "cpu", "cuda", "cxl"
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    #: the fields it publishes in a segment descriptor (``start``) and per buffer
+    #: (``register``): the one descriptor validator checks a peer's against these before any
+    #: transport reads them
+    segment_fields: ClassVar[dict[str, Field]] = {}
+    buffer_fields: ClassVar[dict[str, Field]] = {}
 
     @classmethod
     def probe(cls) -> str | None:
@@ -148,7 +173,9 @@ class Transport:
         return None
 
     def unregister(self, region: Region) -> None:
-        """Forget a region (called before its memory may be freed)."""
+        """Forget a region before its memory may be freed.  The engine has already revoked it
+        and waited for every local task and served request pinning it; return only once
+        nothing this transport started (or lets peers do, e.g. mapped access) can touch it."""
 
     def can_reach(self, peer: SegmentDesc) -> str | None:
         """None when this transport can move data to/from ``peer``, else the reason why not."""

@@ -96,7 +96,21 @@ class Peer:
         return self.call("sha", addr, n)
 
     def stop(self) -> None:
+        """SIGSTOP the peer and wait until every thread of it is stopped."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        import time
+
+        for _ in range(1000):
+            states = []
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                try:
+                    with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    pass
+            if states and all(s in "tT" for s in states):
+                return
+            time.sleep(0.005)
 
     def cont(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)

@@ -19,6 +19,7 @@ from mooncake._core import batch as _batch
 from mooncake._core import tcp as _tcp
 from mooncake._core.batch import Slices
 from mooncake.errors import PeerUnreachable
+from mooncake.fields import Field
 from mooncake.rpc import Listener, port_candidates
 from mooncake.transport import SegmentDesc, Transport, TransportContext
 
@@ -30,6 +31,8 @@ E_PEER = _batch.E_PEER
 E_CLOSED = _batch.E_CLOSED
 E_TIMEOUT = _batch.E_TIMEOUT
 MAX_FRAME = 1 << 30  # a request above this is a protocol violation, not a transfer
+#: a data connection that carries no request for this long is closed (the initiator reconnects)
+IDLE_TIMEOUT = 300.0
 
 
 class _Peer:
@@ -47,6 +50,11 @@ class TcpTransport(Transport):
 
     name = "tcp"
     auto_priority = 100
+    segment_fields = {
+        "host": Field("str", max_len=255, pattern=r"[A-Za-z0-9._:\-\[\]%]+"),
+        "data_port": Field("int", 1, 65535),
+        "version": Field("int", 1, 1),
+    }
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
@@ -71,10 +79,14 @@ class TcpTransport(Transport):
         return {"host": host, "data_port": self.listener.port, "version": 1}
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
-        rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME, self.frame_timeout)
+        rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME, self.frame_timeout,
+                        IDLE_TIMEOUT)
         if rc == 1:
-            log.warning("tcp: dropped data connection from %s:%s: malformed or stalled frame",
-                        *addr[:2])
+            log.warning("tcp: dropped data connection from %s:%s: malformed or stalled frame, "
+                        "or replies not drained for %ss", *addr[:2], self.frame_timeout)
+        elif rc == 2:
+            log.info("tcp: dropped data connection from %s:%s: a READ reply was cut by an "
+                     "unregister", *addr[:2])
 
     # -- initiator side ------------------------------------------------------------------------
 
@@ -107,7 +119,7 @@ class TcpTransport(Transport):
                 f"tcp: cannot connect to {name} data port {host}:{port}: {e}") from None
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        lane = _tcp.Lane(s, self.spin)
+        lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout))
         t = threading.Thread(target=lane.run_worker, args=(self.frame_timeout,),
                              name=f"mc-tcp-lane-{name}", daemon=True)
         t.start()
@@ -135,7 +147,11 @@ class TcpTransport(Transport):
         _tcp.submit(lanes, slices, next(p.rr))
 
     def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
-        lanes = self._lanes(peer)
+        try:
+            lanes = self._lanes(peer)
+        except PeerUnreachable:
+            slices.fail_all(E_PEER)
+            raise
         for lane in lanes:
             if _tcp.run(lane, slices, timeout):
                 return True  # completed (or failed) on an idle lane, all slices reported

@@ -3,6 +3,20 @@
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+from mooncake._core.regions cimport mc_reg_t
+
+cdef extern from "mc_errors.h" nogil:
+    enum:
+        MC_E_REFUSED
+        MC_E_PEER
+        MC_E_TIMEOUT
+        MC_E_PROTO
+        MC_E_LOCAL
+        MC_E_CLOSED
+        MC_E_UNREGISTERED
+        MC_E_DENIED
+        MC_E_CANCELED
+
 cdef extern from "mc_batch.h" nogil:
     enum:
         MC_WAITING
@@ -12,12 +26,6 @@ cdef extern from "mc_batch.h" nogil:
         MC_COMPLETED
         MC_TIMEOUT
         MC_FAILED
-        MC_E_REFUSED
-        MC_E_PEER
-        MC_E_TIMEOUT
-        MC_E_PROTO
-        MC_E_LOCAL
-        MC_E_CLOSED
     ctypedef struct mc_task_t:
         int64_t total
     ctypedef struct mc_batch_t:
@@ -26,6 +34,9 @@ cdef extern from "mc_batch.h" nogil:
     void mc_batch_ref(mc_batch_t *b)
     void mc_batch_unref(mc_batch_t *b)
     void mc_task_arm(mc_batch_t *b, uint32_t t, int64_t n)
+    void mc_task_pin(mc_batch_t *b, uint32_t t, mc_reg_t *r)
+    void mc_batch_cancel(mc_batch_t *b, int32_t err)
+    int32_t mc_slice_live(mc_batch_t *b, uint32_t t)
     void mc_slice_done(mc_batch_t *b, uint32_t t, int64_t nbytes, int32_t err)
     int mc_task_status(mc_batch_t *b, uint32_t t)
     int64_t mc_task_bytes(mc_batch_t *b, uint32_t t)

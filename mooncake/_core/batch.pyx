@@ -5,6 +5,8 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memset
 
+from mooncake._core.regions cimport MC_REG_LOCAL_WRITE, RegionTable, mc_regions_acquire
+
 #: slice error codes (mc_batch.h); 0 = ok, positive values below 1000 are errno numbers
 E_REFUSED = MC_E_REFUSED
 E_PEER = MC_E_PEER
@@ -12,6 +14,16 @@ E_TIMEOUT = MC_E_TIMEOUT
 E_PROTO = MC_E_PROTO
 E_LOCAL = MC_E_LOCAL
 E_CLOSED = MC_E_CLOSED
+E_UNREGISTERED = MC_E_UNREGISTERED
+E_DENIED = MC_E_DENIED
+E_CANCELED = MC_E_CANCELED
+
+#: short names of the codes (``TaskStatus.code_name``)
+CODE_NAMES = {
+    MC_E_REFUSED: "REFUSED", MC_E_PEER: "PEER_LOST", MC_E_TIMEOUT: "TIMEOUT",
+    MC_E_PROTO: "PROTOCOL", MC_E_LOCAL: "LOCAL", MC_E_CLOSED: "CLOSED",
+    MC_E_UNREGISTERED: "UNREGISTERED", MC_E_DENIED: "DENIED", MC_E_CANCELED: "CANCELED",
+}
 
 ERROR_NAMES = {
     MC_E_REFUSED: "target refused the range (outside its registered memory)",
@@ -20,7 +32,22 @@ ERROR_NAMES = {
     MC_E_PROTO: "malformed response from the peer",
     MC_E_LOCAL: "refused locally before posting",
     MC_E_CLOSED: "the engine was closed while it was in flight",
+    MC_E_UNREGISTERED: "the local memory was unregistered while in flight",
+    MC_E_DENIED: "the target's region does not allow this access (read-only)",
+    MC_E_CANCELED: "the batch was cancelled",
 }
+
+
+class SliceError(ValueError):
+    """A request's local range cannot be used: ``index`` of the request, ``code``
+    (``E_REFUSED``: not inside registered memory, ``E_DENIED``: the region is read-only)."""
+
+    def __init__(self, index, code, addr, length):
+        self.index, self.code, self.addr, self.length = index, code, addr, length
+        why = ("is read-only (registered from a read-only buffer): it can be a WRITE source, "
+               "not a READ destination" if code == MC_E_DENIED else
+               "is not inside registered memory (register it first)")
+        super().__init__("request %d: local range 0x%x+%d %s" % (index, addr, length, why))
 STATUS_NAMES = ("WAITING", "PENDING", "INVALID", "CANCELED", "COMPLETED", "TIMEOUT", "FAILED")
 OP_READ = 0
 OP_WRITE = 1
@@ -75,6 +102,11 @@ cdef class Batch:
     @property
     def done(self):
         return mc_open_tasks(self.b) == 0
+
+    def cancel(self, int32_t err=MC_E_CANCELED):
+        """Stop the batch: slices not touched yet end with ``err``; those in a worker's hands
+        stop at its next check.  The tasks end once every slice was reported (``wait``)."""
+        mc_batch_cancel(self.b, err)
 
     def wait(self, double timeout, double spin=0.0):
         """Block (without the GIL) until all tasks finished; False on timeout."""
@@ -143,8 +175,31 @@ cdef inline int64_t _count(uint64_t length, uint64_t slice_size, uint64_t frag) 
     return n
 
 
-def slice_requests(Batch batch, op, local, remote, length, uint64_t slice_size,
-                   uint64_t fragment_ratio, uint32_t first_task=0):
+cdef int _pin_all(Batch batch, RegionTable regions, const uint64_t[:] lv,
+                  const uint64_t[:] nv, op, uint32_t first_task) except -1:
+    """Pin each request's local region on its task; SliceError (nothing pinned) if one fails."""
+    cdef Py_ssize_t i, k, nreq = lv.shape[0]
+    cdef const uint8_t[:] opv
+    cdef bint many = not isinstance(op, int)
+    cdef uint8_t one = 0 if many else op
+    if many:
+        opv = _u8(op)
+    cdef mc_reg_t *r
+    cdef int32_t err = 0
+    cdef uint32_t need
+    for i in range(nreq):
+        need = MC_REG_LOCAL_WRITE if (opv[i] if many else one) == OP_READ else 0
+        r = mc_regions_acquire(regions.t, lv[i], nv[i], need, &err)
+        if r == NULL:
+            for k in range(i):
+                mc_task_pin(batch.b, <uint32_t>(first_task + k), NULL)
+            raise SliceError(i, err, lv[i], nv[i])
+        mc_task_pin(batch.b, <uint32_t>(first_task + i), r)
+    return 0
+
+
+def slice_requests(Batch batch not None, op, local, remote, length, uint64_t slice_size,
+                   uint64_t fragment_ratio, RegionTable regions=None, uint32_t first_task=0):
     """Cut requests into slices and arm the batch's tasks.
 
     ``op`` is one opcode (0 READ, 1 WRITE) or a sequence; ``local``, ``remote``, ``length`` are
@@ -162,6 +217,8 @@ def slice_requests(Batch batch, op, local, remote, length, uint64_t slice_size,
         raise ValueError("batch has %d tasks, got %d requests" % (batch.ntasks, nreq))
     if slice_size == 0:
         raise ValueError("slice_size must be > 0")
+    if regions is not None:
+        _pin_all(batch, regions, lv, nv, op, first_task)
     cdef uint64_t frag = slice_size // fragment_ratio if fragment_ratio else 0
     cdef const uint8_t[:] opv
     cdef uint8_t op_one = 0
@@ -207,11 +264,20 @@ def _u8(x):
     return np.ascontiguousarray(x, dtype=np.uint8)
 
 
-def slice_one(Batch batch, uint8_t op, uint64_t local, uint64_t remote, uint64_t length,
-              uint64_t slice_size, uint64_t fragment_ratio):
+def slice_one(Batch batch not None, uint8_t op, uint64_t local, uint64_t remote,
+              uint64_t length, uint64_t slice_size, uint64_t fragment_ratio,
+              RegionTable regions=None):
     """:func:`slice_requests` for a single request (task 0), without array conversions."""
     if slice_size == 0:
         raise ValueError("slice_size must be > 0")
+    cdef mc_reg_t *r
+    cdef int32_t err = 0
+    if regions is not None:
+        r = mc_regions_acquire(regions.t, local, length,
+                               MC_REG_LOCAL_WRITE if op == OP_READ else 0, &err)
+        if r == NULL:
+            raise SliceError(0, err, local, length)
+        mc_task_pin(batch.b, 0, r)
     cdef uint64_t frag = slice_size // fragment_ratio if fragment_ratio else 0
     cdef int64_t cnt = _count(length, slice_size, frag), j
     cdef Slices s = Slices.__new__(Slices)

@@ -4,6 +4,13 @@
  * each task's slice count before any slice is posted; transports (any thread, no GIL) call
  * mc_slice_done() once per slice.  The last slice of the last task wakes waiters.
  * In-flight slices hold a reference (mc_batch_ref) so the block outlives an abandoned batch.
+ *
+ * Ownership: each task pins the local region its request lies in (mc_task_pin); the pin is
+ * dropped when the task's last slice is reported, so a region's pin count says whether any
+ * worker may still touch it.  Workers call mc_slice_live() before touching memory: a cancelled
+ * batch (mc_batch_cancel: a timeout, close) or a revoked region makes them stop and report the
+ * slice with that error.  A slice is reported only after the last byte of it was touched, so
+ * a task that ended (any status) is never touched again.
  */
 #ifndef MC_BATCH_H
 #define MC_BATCH_H
@@ -17,28 +24,26 @@
 #include <string.h>
 #include <time.h>
 
+#include "mc_errors.h"
+#include "mc_regions.h"
+
 /* Mooncake's TransferStatusEnum order. */
 enum { MC_WAITING = 0, MC_PENDING = 1, MC_INVALID = 2, MC_CANCELED = 3,
        MC_COMPLETED = 4, MC_TIMEOUT = 5, MC_FAILED = 6 };
 
-/* Slice error codes (task.error); 0 = ok.  Positive values are errno numbers. */
-enum { MC_E_REFUSED = 1000,   /* target refused the range (outside registered memory) */
-       MC_E_PEER = 1001,      /* connection to the peer lost */
-       MC_E_TIMEOUT = 1002,   /* aborted after the transfer timeout */
-       MC_E_PROTO = 1003,     /* malformed response */
-       MC_E_LOCAL = 1004,     /* refused before posting (local validation) */
-       MC_E_CLOSED = 1005 };  /* the engine (or its transport) was closed meanwhile */
 
 typedef struct {
     _Atomic int64_t pending;   /* slices not finished yet */
     _Atomic int64_t bytes;     /* bytes moved by finished slices */
     _Atomic int32_t error;     /* first error, 0 if none */
     int64_t total;             /* slices submitted */
+    mc_reg_t *lreg;            /* the pinned local region, released with the last slice */
 } mc_task_t;
 
 typedef struct {
     _Atomic int64_t refs;
     _Atomic int64_t open_tasks;
+    _Atomic int32_t cancel;    /* 0, or why every slice not yet touched must stop */
     uint32_t ntasks;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -64,10 +69,26 @@ static inline void mc_batch_ref(mc_batch_t *b) { atomic_fetch_add(&b->refs, 1); 
 
 static inline void mc_batch_unref(mc_batch_t *b) {
     if (atomic_fetch_sub(&b->refs, 1) == 1) {
+        for (uint32_t t = 0; t < b->ntasks; t++) {   /* tasks never armed or never finished */
+            if (b->tasks[t].lreg) mc_reg_release(b->tasks[t].lreg);
+        }
         pthread_mutex_destroy(&b->mu);
         pthread_cond_destroy(&b->cv);
         free(b);
     }
+}
+
+/* Give task `t` the pinned local region `r` (from mc_regions_acquire); the task owns the pin. */
+static inline void mc_task_pin(mc_batch_t *b, uint32_t t, mc_reg_t *r) {
+    mc_task_t *k = &b->tasks[t];
+    if (k->lreg) mc_reg_release(k->lreg);
+    k->lreg = r;
+}
+
+static inline void mc_task_unpin(mc_task_t *k) {
+    mc_reg_t *r = k->lreg;
+    k->lreg = NULL;
+    if (r) mc_reg_release(r);
 }
 
 /* Arm task `t` with `n` slices (n may be 0: the task then finishes at once). */
@@ -76,6 +97,21 @@ static inline void mc_task_arm(mc_batch_t *b, uint32_t t, int64_t n) {
     k->total = n;
     atomic_store(&k->pending, n);
     if (n > 0) atomic_fetch_add(&b->open_tasks, 1);
+    else mc_task_unpin(k);
+}
+
+/* Stop the batch: slices not touched yet end with `err` (first reason wins). */
+static inline void mc_batch_cancel(mc_batch_t *b, int32_t err) {
+    int32_t zero = 0;
+    atomic_compare_exchange_strong(&b->cancel, &zero, err);
+}
+
+/* 0 when a worker may touch the memory of task `t`'s slice, else the error to report it with. */
+static inline int32_t mc_slice_live(mc_batch_t *b, uint32_t t) {
+    int32_t c = atomic_load_explicit(&b->cancel, memory_order_acquire);
+    if (c) return c;
+    if (mc_reg_revoked(b->tasks[t].lreg)) return MC_E_UNREGISTERED;
+    return 0;
 }
 
 static inline void mc_batch_wake(mc_batch_t *b) {
@@ -94,6 +130,7 @@ static inline void mc_slice_done(mc_batch_t *b, uint32_t t, int64_t nbytes, int3
         atomic_fetch_add(&k->bytes, nbytes);
     }
     if (atomic_fetch_sub(&k->pending, 1) == 1) {
+        mc_task_unpin(k);      /* before anyone can see the task finished */
         if (atomic_fetch_sub(&b->open_tasks, 1) == 1) mc_batch_wake(b);
     }
 }

@@ -40,26 +40,61 @@ typedef struct __attribute__((packed)) {
     uint32_t magic, status, seq, rsv;
 } mc_rsp_t;
 
+/* ---------- guards: may this memory still be touched? ---------- */
+
+/* Whoever is about to touch memory names what owns it: a task of a batch (initiator) or a pinned
+ * region (target).  Blocking waits tick every MC_TICK_MS so a cancel or an unregister is seen
+ * within a tick; from then on payload bytes are discarded instead of landing in the memory. */
+typedef struct {
+    mc_batch_t *b; uint32_t task;   /* initiator: the slice's task */
+    const mc_reg_t *reg;            /* target: the pinned region */
+    double cancel_at;               /* initiator: past this instant the batch is cancelled */
+} mc_guard_t;
+
+#define MC_TICK_MS 20
+
+static inline int32_t mc_guard_check(const mc_guard_t *g) {
+    if (!g) return 0;
+    if (g->b && g->cancel_at > 0 && mc_now() >= g->cancel_at) {
+        mc_batch_cancel(g->b, MC_E_TIMEOUT);
+        return MC_E_TIMEOUT;
+    }
+    if (g->b) return mc_slice_live(g->b, g->task);
+    if (g->reg && mc_reg_revoked(g->reg)) return MC_E_UNREGISTERED;
+    return 0;
+}
+
+/* poll timeout in ms for what is left until `deadline` (0 = none: -1, forever), at most one
+ * tick with `tick`; never overflows an int whatever the deadline. */
+static inline int mc_poll_ms(double deadline, int tick) {
+    if (deadline <= 0) return tick ? MC_TICK_MS : -1;
+    double left = deadline - mc_now();
+    if (left <= 0) return 0;
+    double ms = left * 1000.0 + 1.0;
+    double cap = tick ? MC_TICK_MS : 1e9;
+    return ms < cap ? (int)ms : (int)cap;
+}
+
 /* ---------- buffered reading ---------- */
 
 typedef struct { char *buf; size_t pos, len, cap; } mc_rbuf_t;
 
-/* recv with an optional absolute deadline (0 = none).  >0 bytes, 0 closed, -errno. */
-static inline ssize_t mc_recv_some(int fd, void *dst, size_t n, double deadline) {
+/* recv what is there, waiting up to one tick (and never past `deadline`, 0 = none).
+ * >0 bytes, 0 closed, -EAGAIN nothing this tick, -ETIMEDOUT, -errno.  Never blocks in recv. */
+static inline ssize_t mc_recv_tick(int fd, void *dst, size_t n, double deadline, int tick) {
     for (;;) {
-        if (deadline > 0) {
-            double left = deadline - mc_now();
-            if (left <= 0) return -ETIMEDOUT;
-            struct pollfd p = {fd, POLLIN, 0};
-            int pr = poll(&p, 1, (int)(left * 1000) + 1);
-            if (pr == 0) return -ETIMEDOUT;
-            if (pr < 0) { if (errno == EINTR) continue; return -errno; }
-        }
-        ssize_t k = recv(fd, dst, n, 0);
+        ssize_t k = recv(fd, dst, n, MSG_DONTWAIT);
         if (k >= 0) return k;
         if (errno == EINTR) continue;
-        if (errno == EAGAIN) continue;
-        return -errno;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+        if (deadline > 0 && mc_now() >= deadline) return -ETIMEDOUT;
+        struct pollfd p = {fd, POLLIN, 0};
+        int pr = poll(&p, 1, mc_poll_ms(deadline, tick));
+        if (pr < 0) { if (errno == EINTR) continue; return -errno; }
+        if (pr == 0) {
+            if (deadline > 0 && mc_now() >= deadline) return -ETIMEDOUT;
+            return -EAGAIN;
+        }
     }
 }
 
@@ -71,7 +106,8 @@ static inline int mc_fill(int fd, mc_rbuf_t *r, size_t need, double deadline) {
         r->len -= r->pos; r->pos = 0;
     }
     while (r->len < need) {
-        ssize_t k = mc_recv_some(fd, r->buf + r->len, r->cap - r->len, deadline);
+        ssize_t k = mc_recv_tick(fd, r->buf + r->len, r->cap - r->len, deadline, 0);
+        if (k == -EAGAIN) continue;
         if (k == 0) return 1;
         if (k < 0) return (int)k;
         r->len += (size_t)k;
@@ -79,39 +115,76 @@ static inline int mc_fill(int fd, mc_rbuf_t *r, size_t need, double deadline) {
     return 0;
 }
 
-/* Read exactly n bytes into dst (dst NULL = discard).  0 ok, 1 closed, -errno. */
-static inline int mc_read_exact(int fd, mc_rbuf_t *r, char *dst, size_t n, double deadline) {
+/* Read exactly n bytes into dst (dst NULL = discard).  With a guard, the bytes are discarded
+ * from the moment it says the memory may no longer be touched; *stopped gets its reason.
+ * 0 ok, 1 closed, -errno. */
+static inline int mc_read_exact(int fd, mc_rbuf_t *r, char *dst, size_t n, double deadline,
+                                const mc_guard_t *g, int32_t *stopped) {
+    if (dst && g) {
+        int32_t e = mc_guard_check(g);
+        if (e) { dst = NULL; if (stopped) *stopped = e; }
+    }
     size_t have = r->len - r->pos;
     size_t take = have < n ? have : n;
     if (dst && take) memcpy(dst, r->buf + r->pos, take);
     r->pos += take; n -= take;
     if (dst) dst += take;
     while (n >= MC_DIRECT_MIN && dst) {
-        ssize_t k = mc_recv_some(fd, dst, n, deadline);
+        ssize_t k = mc_recv_tick(fd, dst, n, deadline, g != NULL);
         if (k == 0) return 1;
-        if (k < 0) return (int)k;
-        dst += k; n -= (size_t)k;
+        if (k < 0 && k != -EAGAIN) return (int)k;
+        if (k > 0) { dst += k; n -= (size_t)k; }
+        if (g && n) {
+            int32_t e = mc_guard_check(g);
+            if (e) { dst = NULL; if (stopped) *stopped = e; }
+        }
     }
     while (n > 0) {
         r->pos = r->len = 0;
-        ssize_t k = mc_recv_some(fd, r->buf, r->cap, deadline);
+        ssize_t k = mc_recv_tick(fd, r->buf, r->cap, deadline, dst && g);
+        if (k == -EAGAIN) {
+            if (dst && g) {
+                int32_t e = mc_guard_check(g);
+                if (e) { dst = NULL; if (stopped) *stopped = e; }
+            }
+            continue;
+        }
         if (k == 0) return 1;
         if (k < 0) return (int)k;
         r->len = (size_t)k;
         take = r->len < n ? r->len : n;
+        if (dst && g) {
+            int32_t e = mc_guard_check(g);
+            if (e) { dst = NULL; if (stopped) *stopped = e; }
+        }
         if (dst) { memcpy(dst, r->buf, take); dst += take; }
         r->pos = take; n -= take;
     }
     return 0;
 }
 
-/* sendmsg the whole iovec array (modified in place).  0 ok, -errno. */
-static inline int mc_send_iov(int fd, struct iovec *iov, int cnt) {
+/* sendmsg the whole iovec array (modified in place), making progress at least every
+ * `stall_s` seconds; with `pins`, a revoked one aborts the send (-ECANCELED): its memory may
+ * not be read any more.  0 ok, -ETIMEDOUT, -ECANCELED, -errno. */
+static inline int mc_send_iov(int fd, struct iovec *iov, int cnt, double stall_s,
+                              mc_reg_t *const *pins, int npins) {
+    double deadline = stall_s > 0 ? mc_now() + stall_s : 0;
     while (cnt > 0) {
+        for (int i = 0; i < npins; i++)
+            if (mc_reg_revoked(pins[i])) return -ECANCELED;
         struct msghdr m; memset(&m, 0, sizeof m);
         m.msg_iov = iov; m.msg_iovlen = cnt;
-        ssize_t k = sendmsg(fd, &m, MSG_NOSIGNAL);
-        if (k < 0) { if (errno == EINTR || errno == EAGAIN) continue; return -errno; }
+        ssize_t k = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+            struct pollfd p = {fd, POLLOUT, 0};
+            int pr = poll(&p, 1, mc_poll_ms(deadline, npins > 0));
+            if (pr < 0 && errno != EINTR) return -errno;
+            if (pr == 0 && deadline > 0 && mc_now() >= deadline) return -ETIMEDOUT;
+            continue;
+        }
+        if (deadline > 0) deadline = mc_now() + stall_s;
         while (cnt > 0 && (size_t)k >= iov->iov_len) { k -= iov->iov_len; iov++; cnt--; }
         if (cnt > 0) { iov->iov_base = (char *)iov->iov_base + k; iov->iov_len -= k; }
     }
@@ -120,32 +193,43 @@ static inline int mc_send_iov(int fd, struct iovec *iov, int cnt) {
 
 /* ---------- target side ---------- */
 
-/* Serve one data connection until it closes or misbehaves.  Responses (and READ payloads,
- * gathered straight from registered memory) are sent in one sendmsg when the next request is not
- * buffered yet, or when MC_MAX_IOV responses / MC_RBUF_CAP payload bytes are pending; the region
- * read lock is held until then, so unregistering waits for the memory to be sent.
- * Returns 0 on orderly close, 1 on a protocol violation (bad magic/op, frame above max_frame, a frame not finished within
- * frame_timeout seconds), -errno on I/O error. */
-static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout) {
+#define MC_ST_DENIED 2
+
+/* Serve one data connection until it closes, misbehaves or idles for `idle_timeout` s (0 =
+ * forever).  Each request pins the region it touches (no lock is held while waiting on the
+ * peer): a WRITE's payload is received in place while the pin is held, a READ's payload is
+ * gathered from the region into one sendmsg with the following responses and unpinned after it
+ * went out.  An unregister revokes the region: a WRITE being received is discarded and answered
+ * REFUSED; a READ reply still unsent drops the connection.  A started frame must finish within
+ * `frame_timeout`; a reply the peer does not drain for `frame_timeout` drops the connection.
+ * Returns 0 on orderly close or idle, 1 on a protocol violation or a stall, -errno on I/O
+ * error, 2 when an unregister cut a reply. */
+static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout,
+                           double idle_timeout) {
     mc_rbuf_t r = {(char *)malloc(MC_RBUF_CAP), 0, 0, MC_RBUF_CAP};
     mc_rsp_t pend[MC_MAX_IOV];
     struct iovec out[2 * MC_MAX_IOV];
-    int np = 0, nout = 0, rc = 0, locked = 0;
+    mc_reg_t *pins[MC_MAX_IOV];
+    int np = 0, nout = 0, npins = 0, rc = 0;
     size_t outbytes = 0;
     if (!r.buf) return -ENOMEM;
 #define MC_FLUSH() do { \
-        if (nout) { rc = mc_send_iov(fd, out, nout); nout = 0; np = 0; outbytes = 0; } \
-        if (locked) { pthread_rwlock_unlock(&regs->lock); locked = 0; } \
+        if (nout) { \
+            rc = mc_send_iov(fd, out, nout, frame_timeout, pins, npins); \
+            if (rc == -ETIMEDOUT) rc = 1; else if (rc == -ECANCELED) rc = 2; \
+        } \
+        for (int _i = 0; _i < npins; _i++) mc_reg_release(pins[_i]); \
+        nout = 0; np = 0; npins = 0; outbytes = 0; \
     } while (0)
     for (;;) {
-        if (r.len - r.pos < sizeof(mc_req_t) && (nout || locked)) {  /* about to block */
+        if (r.len - r.pos < sizeof(mc_req_t) && nout) {  /* about to wait: flush first */
             MC_FLUSH();
             if (rc) break;
         }
-        /* idle between frames: wait forever; a started frame must finish within frame_timeout */
-        if (r.len == r.pos) {
-            rc = mc_fill(fd, &r, 1, 0);
-            if (rc) { if (rc == 1) rc = 0; break; }
+        if (r.len == r.pos) {   /* idle between frames */
+            double idle_until = idle_timeout > 0 ? mc_now() + idle_timeout : 0;
+            rc = mc_fill(fd, &r, 1, idle_until);
+            if (rc) { if (rc == 1 || rc == -ETIMEDOUT) rc = 0; break; }
         }
         double deadline = mc_now() + frame_timeout;
         rc = mc_fill(fd, &r, sizeof(mc_req_t), deadline);
@@ -154,24 +238,32 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
         if (h.magic != MC_REQ_MAGIC || h.op > MC_OP_WRITE || h.len > max_frame) { rc = 1; break; }
         mc_rsp_t *s = &pend[np++];
         s->magic = MC_RSP_MAGIC; s->status = MC_ST_OK; s->seq = h.seq; s->rsv = 0;
-        if (!locked) { pthread_rwlock_rdlock(&regs->lock); locked = 1; }
-        int ok = h.len > 0 && mc_regions_find_locked(regs, h.addr, h.len) >= 0;
-        if (!ok) s->status = MC_ST_REFUSED;
+        int32_t why = 0;
+        mc_reg_t *g = h.len ? mc_regions_acquire(regs, h.addr, h.len, h.op == MC_OP_WRITE ?
+                                                 MC_REG_REMOTE_WRITE : MC_REG_REMOTE_READ, &why)
+                            : NULL;
+        if (!g) s->status = why == MC_E_DENIED ? MC_ST_DENIED : MC_ST_REFUSED;
         if (h.op == MC_OP_WRITE) {
-            rc = mc_read_exact(fd, &r, ok ? (char *)(uintptr_t)h.addr : NULL, h.len, deadline);
+            mc_guard_t gd = {NULL, 0, g, 0};
+            int32_t stopped = 0;
+            rc = mc_read_exact(fd, &r, g ? (char *)(uintptr_t)h.addr : NULL, h.len, deadline,
+                               g ? &gd : NULL, &stopped);
+            if (g) mc_reg_release(g);
             if (rc) { rc = rc == -ETIMEDOUT ? 1 : -ECONNRESET; break; }
+            if (stopped) s->status = MC_ST_REFUSED;
         }
         out[nout].iov_base = s; out[nout].iov_len = sizeof *s; nout++;
-        if (h.op == MC_OP_READ && ok) {
+        if (h.op == MC_OP_READ && g) {
             out[nout].iov_base = (void *)(uintptr_t)h.addr; out[nout].iov_len = h.len; nout++;
             outbytes += h.len;
+            pins[npins++] = g;
         }
         if (np == MC_MAX_IOV || outbytes >= MC_RBUF_CAP) {
             MC_FLUSH();
             if (rc) break;
         }
     }
-    if (locked) pthread_rwlock_unlock(&regs->lock);
+    for (int i = 0; i < npins; i++) mc_reg_release(pins[i]);
 #undef MC_FLUSH
     free(r.buf);
     return rc;
@@ -181,6 +273,7 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
 
 typedef struct {
     mc_batch_t *b; uint64_t local, remote, len; uint32_t task; uint8_t op;
+    uint8_t ghost;   /* reported already (cancelled before it was sent): its response is ignored */
 } mc_job_t;
 
 typedef struct { mc_job_t *v; size_t cap, head, len; } mc_ring_t;
@@ -215,6 +308,8 @@ typedef struct {
     int32_t dead_err;
     uint32_t seq;
     double spin;          /* seconds a synchronous caller polls before sleeping */
+    double grace;         /* seconds a timed-out drive may take to drain what it sent */
+    double last_used;     /* mc_now() when a drive last ended */
     mc_rbuf_t rb;
 } mc_lane_t;
 
@@ -225,6 +320,8 @@ static inline mc_lane_t *mc_lane_new(int fd) {
     if (!l->rb.buf) { free(l); return NULL; }
     l->rb.cap = MC_RBUF_CAP;
     l->fd = fd;
+    l->grace = 2.0;
+    l->last_used = mc_now();
     pthread_mutex_init(&l->mu, NULL);
     pthread_cond_init(&l->cv, NULL);
     return l;
@@ -268,6 +365,22 @@ static inline void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n) {
     for (size_t i = queued; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
 }
 
+/* True when the connection still looks usable: not dead and, if it sat idle for more than a
+ * second, the peer has not closed it meanwhile (it reaps idle connections, or restarted). */
+static inline int mc_lane_usable(mc_lane_t *l) {
+    if (l->dead) return 0;
+    if (l->owned || mc_now() - l->last_used < 1.0) return 1;
+    char c;
+    ssize_t k = recv(l->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        pthread_mutex_lock(&l->mu);
+        if (!l->dead) { l->dead = 1; l->dead_err = MC_E_PEER; }
+        pthread_mutex_unlock(&l->mu);
+        return 0;
+    }
+    return 1;
+}
+
 /* Poll the socket without sleeping for up to `spin_s` seconds, buffering what arrives. */
 static inline void mc_spin_fill(mc_lane_t *l, double spin_s) {
     if (l->rb.pos) {
@@ -282,17 +395,23 @@ static inline void mc_spin_fill(mc_lane_t *l, double spin_s) {
     } while (mc_now() < until);
 }
 
+/* Headers (and WRITE payload iovecs) for jobs[0..n).  A job whose memory may no longer be
+ * touched is sent as an empty request (answered REFUSED, no payload) and reported now. */
 static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct iovec *iov,
                                uint32_t seq0) {
     int c = 0;
     for (size_t i = 0; i < n; i++) {
+        mc_job_t *j = &jobs[i];
         mc_req_t *h = &hdr[i];
         memset(h, 0, sizeof *h);
-        h->magic = MC_REQ_MAGIC; h->op = jobs[i].op; h->seq = seq0 + (uint32_t)i;
-        h->addr = jobs[i].remote; h->len = jobs[i].len;
+        h->magic = MC_REQ_MAGIC; h->op = j->op; h->seq = seq0 + (uint32_t)i;
+        h->addr = j->remote; h->len = j->len;
+        int32_t e = j->ghost ? 0 : mc_slice_live(j->b, j->task);
+        if (e) { j->ghost = 1; mc_slice_done(j->b, j->task, 0, e); }
+        if (j->ghost) h->len = 0;
         iov[c].iov_base = h; iov[c].iov_len = sizeof *h; c++;
-        if (jobs[i].op == MC_OP_WRITE) {
-            iov[c].iov_base = (void *)(uintptr_t)jobs[i].local; iov[c].iov_len = jobs[i].len; c++;
+        if (j->op == MC_OP_WRITE && !j->ghost) {
+            iov[c].iov_base = (void *)(uintptr_t)j->local; iov[c].iov_len = j->len; c++;
         }
     }
     return c;
@@ -302,11 +421,15 @@ static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct i
 #define MC_WORKER_BATCH 1024
 
 /* Drive jobs[0..n) (sequence numbers from seq0) from this thread; the caller owns the lane.
- * Every job is completed into its batch, errors included.  `timeout` bounds the whole drive,
- * or, with `idle`, each stretch without progress. */
+ * Every job is completed into its batch, errors included, after the last byte of it moved.
+ * `timeout` bounds the whole drive, or, with `idle`, each stretch without progress.  When a
+ * synchronous drive runs out of time it cancels its batches and drains what it already sent for
+ * up to `l->grace` seconds (the lane stays usable for other callers); only a peer that does not
+ * answer within that loses the lane. */
 static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_t seq0,
                                  double timeout, int idle) {
     double deadline = mc_now() + timeout;
+    int draining = 0;
     mc_req_t hdr[MC_SEND_BATCH];
     struct iovec iov[2 * MC_SEND_BATCH];
     size_t sent = 0, done = 0;     /* jobs fully sent / fully answered */
@@ -324,7 +447,9 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
             struct msghdr m; memset(&m, 0, sizeof m);
             m.msg_iov = iov + cur; m.msg_iovlen = niov - cur;
             ssize_t k = sendmsg(l->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (k < 0 && errno != EAGAIN && errno != EINTR) { err = MC_E_PEER; break; }
+            if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                err = MC_E_PEER; break;
+            }
             if (k > 0) progressed = 1;
             while (k > 0 && cur < niov) {
                 if ((size_t)k >= iov[cur].iov_len) { k -= iov[cur].iov_len; cur++; }
@@ -335,7 +460,7 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         /* drain every response already here; block only once everything is sent */
         while (done < sent) {
             size_t have = l->rb.len - l->rb.pos;
-            if (have < sizeof(mc_rsp_t) && sent == n && !idle && l->spin > 0)
+            if (have < sizeof(mc_rsp_t) && sent == n && !idle && l->spin > 0 && !draining)
                 mc_spin_fill(l, l->spin);   /* a synchronous caller: skip the sleep if it's quick */
             have = l->rb.len - l->rb.pos;
             if (have < sizeof(mc_rsp_t) && sent < n) {
@@ -344,34 +469,71 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
                     l->rb.len = have; l->rb.pos = 0;
                 }
                 ssize_t k = recv(l->fd, l->rb.buf + l->rb.len, l->rb.cap - l->rb.len, MSG_DONTWAIT);
-                if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR)) { err = MC_E_PEER; break; }
+                if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                    err = MC_E_PEER; break;
+                }
                 if (k > 0) l->rb.len += (size_t)k;
                 if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) break;   /* go on sending */
             }
-            mc_rsp_t s;
-            int rc = mc_read_exact(l->fd, &l->rb, (char *)&s, sizeof s, deadline);
+            mc_rsp_t s;   /* a whole header or nothing: a timeout here leaves the stream intact */
+            int rc = mc_fill(l->fd, &l->rb, sizeof s, deadline);
             if (rc == -ETIMEDOUT) { err = MC_E_TIMEOUT; break; }
             if (rc) { err = MC_E_PEER; break; }
+            memcpy(&s, l->rb.buf + l->rb.pos, sizeof s);
+            l->rb.pos += sizeof s;
             if (s.magic != MC_RSP_MAGIC || s.seq != seq0 + (uint32_t)done) { err = MC_E_PROTO; break; }
             mc_job_t *j = &jobs[done];
-            int32_t e = s.status == MC_ST_OK ? 0 : MC_E_REFUSED;
+            int32_t e = s.status == MC_ST_OK ? 0 :
+                        s.status == MC_ST_DENIED ? MC_E_DENIED : MC_E_REFUSED;
             if (!e && j->op == MC_OP_READ) {
-                rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len, deadline);
+                if (j->ghost) { rc = MC_E_PROTO; err = MC_E_PROTO; break; }  /* empty request */
+                /* a synchronous caller's deadline passing mid-payload cancels its batch: the
+                 * rest is discarded (within the grace period), the stream stays in step */
+                int sync_live = !idle && !draining;
+                mc_guard_t gd = {j->b, j->task, NULL, sync_live ? deadline : 0};
+                int32_t stopped = 0;
+                rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len,
+                                   sync_live ? deadline + l->grace : deadline, &gd, &stopped);
+                if (sync_live && stopped == MC_E_TIMEOUT) {
+                    for (size_t i = done; i < n; i++) mc_batch_cancel(jobs[i].b, MC_E_TIMEOUT);
+                    draining = 1;
+                    deadline = mc_now() + l->grace;
+                }
                 if (rc) { err = rc == -ETIMEDOUT ? MC_E_TIMEOUT : MC_E_PEER; break; }
+                if (stopped) e = stopped;
+            } else if (!e && j->op == MC_OP_WRITE && !j->ghost) {
+                int32_t stopped = mc_slice_live(j->b, j->task);
+                if (stopped) e = stopped;   /* it landed, but the caller gave up on it */
             }
-            mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
+            if (!j->ghost) mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
+            j->ghost = 1;
             done++;
             progressed = 1;
+        }
+        if (err == MC_E_TIMEOUT && !idle && !draining) {
+            /* out of time: give up on our batches, drain what went out, keep the lane */
+            for (size_t i = done; i < n; i++) mc_batch_cancel(jobs[i].b, MC_E_TIMEOUT);
+            draining = 1;
+            deadline = mc_now() + l->grace;
+            err = 0;
+            continue;
         }
         if (err) break;
         if (progressed && idle) deadline = mc_now() + timeout;
         if (!progressed) {   /* socket full and no response yet: wait for either */
-            double left = deadline - mc_now();
-            if (left <= 0) { err = MC_E_TIMEOUT; break; }
-            struct pollfd p = {l->fd, (short)(POLLOUT | (done < sent ? POLLIN : 0)), 0};
-            int pr = poll(&p, 1, (int)(left * 1000) + 1);
+            double now = mc_now();
+            if (now >= deadline) {
+                if (!idle && !draining) {
+                    for (size_t i = done; i < n; i++) mc_batch_cancel(jobs[i].b, MC_E_TIMEOUT);
+                    draining = 1;
+                    deadline = now + l->grace;
+                    continue;
+                }
+                err = MC_E_TIMEOUT; break;
+            }
+            struct pollfd p = {l->fd, (short)((niov ? POLLOUT : 0) | (done < sent ? POLLIN : 0)), 0};
+            int pr = poll(&p, 1, mc_poll_ms(deadline, 0));
             if (pr < 0 && errno == EINTR) continue;
-            if (pr == 0) { err = MC_E_TIMEOUT; break; }
             if (pr < 0 || (p.revents & (POLLERR | POLLNVAL))) { err = MC_E_PEER; break; }
         }
     }
@@ -381,8 +543,10 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         else { l->dead = 1; l->dead_err = err; }
         pthread_mutex_unlock(&l->mu);
         shutdown(l->fd, SHUT_RDWR);
-        for (size_t i = done; i < n; i++) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
+        for (size_t i = done; i < n; i++)
+            if (!jobs[i].ghost) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
     }
+    l->last_used = mc_now();
 }
 
 /* Own the lane for n jobs (caller holds mu); their sequence numbers start at *seq0. */
@@ -411,7 +575,8 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
 }
 
 /* Worker thread body: drive queued jobs, up to MC_WORKER_BATCH at a time, until closed.
- * `idle_timeout`: a peer that makes no progress for that long fails the jobs. */
+ * Jobs cancelled while queued are reported without being sent.  `idle_timeout`: a peer that
+ * makes no progress for that long fails the jobs. */
 static inline void mc_lane_worker(mc_lane_t *l, double idle_timeout) {
     mc_job_t *jobs = (mc_job_t *)malloc(MC_WORKER_BATCH * sizeof(mc_job_t));
     if (!jobs) { mc_lane_fail(l, MC_E_LOCAL); return; }
@@ -421,13 +586,22 @@ static inline void mc_lane_worker(mc_lane_t *l, double idle_timeout) {
         while (!l->closing && !l->dead && (l->q.len == 0 || l->owned))
             pthread_cond_wait(&l->cv, &l->mu);
         if (l->closing || l->dead) { pthread_mutex_unlock(&l->mu); break; }
-        size_t n = 0;
-        for (; n < MC_WORKER_BATCH && l->q.len; n++) {
-            jobs[n] = *mc_ring_at(&l->q, 0);
+        size_t n = 0, dropped = 0;
+        mc_job_t drop[64];
+        while (n < MC_WORKER_BATCH && l->q.len && dropped < 64) {
+            mc_job_t j = *mc_ring_at(&l->q, 0);
             mc_ring_pop(&l->q);
+            j.ghost = 0;
+            if (mc_slice_live(j.b, j.task)) drop[dropped++] = j;
+            else jobs[n++] = j;
         }
-        mc_lane_take(l, n, &seq0);
+        if (n) mc_lane_take(l, n, &seq0);
         pthread_mutex_unlock(&l->mu);
+        for (size_t i = 0; i < dropped; i++) {
+            mc_slice_done(drop[i].b, drop[i].task, 0, mc_slice_live(drop[i].b, drop[i].task));
+            mc_batch_unref(drop[i].b);
+        }
+        if (!n) continue;
         mc_lane_drive(l, jobs, n, seq0, idle_timeout, 1);
         for (size_t i = 0; i < n; i++) mc_batch_unref(jobs[i].b);
         pthread_mutex_lock(&l->mu);

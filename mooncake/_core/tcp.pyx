@@ -17,10 +17,12 @@ cdef extern from "mc_tcp.h" nogil:
         uint64_t len
         uint32_t task
         uint8_t op
+        uint8_t ghost
     ctypedef struct mc_lane_t:
         int dead
         int32_t dead_err
         double spin
+        double grace
     mc_lane_t *mc_lane_new(int fd)
     void mc_lane_free(mc_lane_t *l)
     void mc_lane_worker(mc_lane_t *l, double idle_timeout)
@@ -28,7 +30,9 @@ cdef extern from "mc_tcp.h" nogil:
     int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout)
     void mc_lane_fail(mc_lane_t *l, int32_t err)
     void mc_lane_close(mc_lane_t *l, int32_t err)
-    int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout)
+    int mc_lane_usable(mc_lane_t *l)
+    int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout,
+                 double idle_timeout)
 
 
 cdef class Lane:
@@ -41,12 +45,13 @@ cdef class Lane:
     cdef mc_lane_t *l
     cdef readonly object sock
 
-    def __cinit__(self, sock, double spin=0.0):
+    def __cinit__(self, sock, double spin=0.0, double grace=2.0):
         self.sock = sock
         self.l = mc_lane_new(sock.fileno())
         if self.l == NULL:
             raise MemoryError()
         self.l.spin = spin
+        self.l.grace = grace
 
     def __dealloc__(self):
         if self.l != NULL:
@@ -86,10 +91,11 @@ cdef mc_job_t *_jobs(Slices s) except NULL:
         j[i].local = s.local[i]
         j[i].remote = s.remote[i]
         j[i].len = s.length[i]
+        j[i].ghost = 0
     return j
 
 
-def submit(list lanes, Slices s, Py_ssize_t start=0):
+def submit(list lanes not None, Slices s not None, Py_ssize_t start=0):
     """Queue the slices on ``lanes`` round-robin, slice ``k`` to lane ``(start + k) % len``."""
     cdef Py_ssize_t nl = len(lanes), i, k, c
     if nl == 0:
@@ -116,8 +122,12 @@ def submit(list lanes, Slices s, Py_ssize_t start=0):
         PyMem_RawFree(all_jobs)
 
 
-def run(Lane lane, Slices s, double timeout):
-    """Send and complete ``s`` on an idle lane from this thread; False if the lane is busy."""
+def run(Lane lane not None, Slices s not None, double timeout):
+    """Send and complete ``s`` on an idle lane from this thread; False if the lane is busy.
+
+    Past ``timeout`` the batch is cancelled (its tasks end TIMEOUT) and what was already sent is
+    drained within the lane's grace period, so the lane stays usable; a peer that does not answer
+    within that loses the lane."""
     cdef mc_job_t *jobs = _jobs(s)
     cdef int rc
     try:
@@ -128,19 +138,22 @@ def run(Lane lane, Slices s, double timeout):
     return rc != -EBUSY
 
 
-def serve(int fd, RegionTable regions, uint64_t max_frame, double frame_timeout):
-    """Serve one accepted data connection until it closes; 0 ok, 1 protocol violation (incl. a
-    frame not completed within ``frame_timeout`` s), <0 -errno."""
+def serve(int fd, RegionTable regions not None, uint64_t max_frame, double frame_timeout,
+          double idle_timeout=0.0):
+    """Serve one accepted data connection until it closes, or idles ``idle_timeout`` s (0 =
+    forever); 0 ok, 1 protocol violation or stall (a frame not completed, or a reply not drained,
+    within ``frame_timeout`` s), 2 an unregister cut a reply, <0 -errno."""
     cdef int rc
     with nogil:
-        rc = mc_serve(fd, regions.t, max_frame, frame_timeout)
+        rc = mc_serve(fd, regions.t, max_frame, frame_timeout, idle_timeout)
     return rc
 
 
-def all_alive(list lanes):
-    """True when no lane of the list is dead."""
+def all_alive(list lanes not None):
+    """True when every lane of the list is usable (a lane idle for a while is checked for a
+    close by the peer)."""
     cdef Lane lane
     for lane in lanes:
-        if lane.l.dead:
+        if not mc_lane_usable(lane.l):
             return False
     return True

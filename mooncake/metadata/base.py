@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,19 +135,26 @@ def decode_descriptor(name: str, raw: bytes | str) -> dict:
     """Parse a stored descriptor (JSON text) and :func:`validate_descriptor` it."""
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _bad(name, f"not JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _bad(name, f"not JSON ({type(e).__name__}: {str(e)[:120]})") from None
     return validate_descriptor(name, obj)
 
 
-def validate_descriptor(name: str, obj: Any) -> dict:
+MAX_BUFFERS = 1 << 20
+_LOCATION = re.compile(r"[A-Za-z0-9_*][A-Za-z0-9_:.*/,@-]{0,127}")
+
+
+def validate_descriptor(name: str, obj: Any, schemas: dict | None = None) -> dict:
     """Check a peer's descriptor before the engine trusts it; return it unchanged.
 
-    Required: ``name`` (str, equal to the segment name), ``host_id`` (str), ``pid`` (int ≥ 0),
-    ``timestamp`` (number), ``transports`` (object of objects) and ``buffers``: a list of
-    ``{"addr": int, "length": int > 0, "location": str}`` (optional ``shm_name``: str,
-    ``transports``: object) with ``addr + length ≤ 2**64`` and no two buffers overlapping.
-    Unknown fields are allowed.  Raises :class:`DescriptorError` naming the segment and the field.
+    Required: ``name`` (str, equal to the segment name), ``host_id`` (str), ``pid`` (int in
+    0..2**31-1), ``timestamp`` (finite number), ``transports`` (object of objects) and
+    ``buffers``: a list of ``{"addr": int, "length": int > 0, "location": str}`` (optional
+    ``shm_name``: str, ``access``: ``"ro"``/``"rw"``, ``transports``: object) with ``addr + length
+    ≤ 2**64`` and no two buffers overlapping.  ``schemas`` maps a transport name to its
+    ``(segment_fields, buffer_fields)`` (:class:`mooncake.fields.Field` rows): the fields that
+    transport publishes are checked too, whenever the peer publishes them.  Unknown fields are
+    allowed.  Raises :class:`DescriptorError` naming the segment and the field.
     """
     if not isinstance(obj, dict):
         raise _bad(name, f"expected a JSON object, got {type(obj).__name__}")
@@ -163,12 +172,21 @@ def validate_descriptor(name: str, obj: Any) -> dict:
         if not isinstance(v, types) or isinstance(v, bool):
             raise _bad(name, f"field {field!r} must be {tname}, got {v!r:.80}")
     if obj["name"] != name:
-        raise _bad(name, f"it describes segment {obj['name']!r}")
-    if obj["pid"] < 0:
-        raise _bad(name, f"pid {obj['pid']} is negative")
+        raise _bad(name, f"it describes segment {obj['name']!r:.80}")
+    if not 0 <= obj["pid"] < 2**31:
+        raise _bad(name, f"pid {obj['pid']!r:.40} is outside 0..2**31-1")
+    if len(obj["host_id"]) > 256:
+        raise _bad(name, "host_id is longer than 256 characters")
+    if not math.isfinite(obj["timestamp"]):
+        raise _bad(name, f"timestamp {obj['timestamp']!r} is not a finite number")
+    if len(obj["buffers"]) > MAX_BUFFERS:
+        raise _bad(name, f"{len(obj['buffers'])} buffers (at most {MAX_BUFFERS})")
+    schemas = schemas or {}
     for tname, fields in obj["transports"].items():
         if not isinstance(fields, dict):
-            raise _bad(name, f"transports[{tname!r}] must be an object")
+            raise _bad(name, f"transports[{tname!r:.40}] must be an object")
+        if tname in schemas:
+            _fields(name, fields, schemas[tname][0], f"transports.{tname}")
     spans = []
     for i, b in enumerate(obj["buffers"]):
         where = f"buffers[{i}]"
@@ -185,18 +203,35 @@ def validate_descriptor(name: str, obj: Any) -> dict:
         if addr + length > _U64:
             raise _bad(name, f"{where} [{addr:#x}, +{length}) runs past the end of the "
                              "64-bit address space")
-        if not isinstance(b["location"], str):
-            raise _bad(name, f"{where}.location must be a string like 'cpu:0'")
-        if "shm_name" in b and b["shm_name"] is not None and not isinstance(b["shm_name"], str):
-            raise _bad(name, f"{where}.shm_name must be a string")
-        if "transports" in b and not isinstance(b["transports"], dict):
-            raise _bad(name, f"{where}.transports must be an object")
+        if not isinstance(b["location"], str) or not _LOCATION.fullmatch(b["location"]):
+            raise _bad(name, f"{where}.location must be a string like 'cpu:0', got "
+                             f"{b['location']!r:.40}")
+        if "shm_name" in b and b["shm_name"] is not None and (
+                not isinstance(b["shm_name"], str) or len(b["shm_name"]) > 256):
+            raise _bad(name, f"{where}.shm_name must be a string of at most 256 characters")
+        if b.get("access", "rw") not in ("ro", "rw"):
+            raise _bad(name, f"{where}.access must be 'ro' or 'rw', got {b['access']!r:.40}")
+        if "transports" in b:
+            if not isinstance(b["transports"], dict):
+                raise _bad(name, f"{where}.transports must be an object")
+            for tname, fields in b["transports"].items():
+                if tname in schemas:
+                    _fields(name, fields, schemas[tname][1], f"{where}.transports.{tname}")
         spans.append((addr, addr + length, i))
     spans.sort()
     for (_, end_a, ia), (start_b, _, ib) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
             raise _bad(name, f"buffers[{ia}] and buffers[{ib}] overlap")
     return obj
+
+
+def _fields(name: str, fields: Any, spec: dict, where: str) -> None:
+    from mooncake.fields import FieldError, check_fields
+
+    try:
+        check_fields(fields, spec, where)
+    except FieldError as e:
+        raise _bad(name, str(e)) from None
 
 
 # --------------------------------------------------------------------------- leased stores
