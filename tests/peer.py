@@ -39,11 +39,28 @@ def _serve(conn, kwargs: dict) -> None:
             break
         try:
             if cmd == "alloc":
-                size, seed = args
-                b = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+                size, seed, at = (*args, None)[:3]
+                data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+                b = _fixed(at, size) if at else data
+                b[:] = data
                 eng.register(b)
                 bufs[b.ctypes.data] = b
                 out: Any = b.ctypes.data
+            elif cmd == "alloc_ro":  # read-only memory: registers as a READ source only
+                size, seed = args
+                data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+                b = np.frombuffer(data.tobytes(), np.uint8)
+                eng.register(b)
+                bufs[b.ctypes.data] = b
+                out = b.ctypes.data
+            elif cmd == "register_timed":  # how long registering a fresh buffer takes
+                import time
+
+                b = np.zeros(args[0], np.uint8)
+                t0 = time.monotonic()
+                eng.register(b)
+                out = time.monotonic() - t0
+                bufs[b.ctypes.data] = b
             elif cmd == "sha":
                 out = hashlib.sha256(view(*args).tobytes()).hexdigest()
             elif cmd == "bytes":
@@ -68,6 +85,24 @@ def _serve(conn, kwargs: dict) -> None:
             conn.send(("err", f"{type(e).__name__}: {e}"))
 
 
+def _fixed(addr: int, size: int):
+    """A NumPy view of an anonymous mapping at exactly ``addr`` (MAP_FIXED_NOREPLACE)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    got = libc.mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100000, -1, 0)
+    if got != addr:
+        raise OSError(ctypes.get_errno(), f"cannot map 0x{addr:x}")
+    return np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(addr))
+
+
 class Peer:
     """A target engine in its own process."""
 
@@ -89,8 +124,9 @@ class Peer:
             raise RuntimeError(out)
         return out
 
-    def alloc(self, size: int, seed: int = 0) -> int:
-        return self.call("alloc", size, seed)
+    def alloc(self, size: int, seed: int = 0, at: int | None = None) -> int:
+        """A registered buffer of random bytes (at address ``at`` when given)."""
+        return self.call("alloc", size, seed, at)
 
     def sha(self, addr: int, n: int) -> str:
         return self.call("sha", addr, n)

@@ -116,13 +116,14 @@ static inline int mc_fill(int fd, mc_rbuf_t *r, size_t need, double deadline) {
 }
 
 /* Read exactly n bytes into dst (dst NULL = discard).  With a guard, the bytes are discarded
- * from the moment it says the memory may no longer be touched; *stopped gets its reason.
- * 0 ok, 1 closed, -errno. */
+ * from the moment it says the memory may no longer be touched; *stopped gets its reason (a
+ * target's guard, a revoked region, returns -ECANCELED at once instead: the connection is cut
+ * rather than held open for a peer that may never send the rest).  0 ok, 1 closed, -errno. */
 static inline int mc_read_exact(int fd, mc_rbuf_t *r, char *dst, size_t n, double deadline,
                                 const mc_guard_t *g, int32_t *stopped) {
     if (dst && g) {
         int32_t e = mc_guard_check(g);
-        if (e) { dst = NULL; if (stopped) *stopped = e; }
+        if (e) { if (g->reg) return -ECANCELED; dst = NULL; if (stopped) *stopped = e; }
     }
     size_t have = r->len - r->pos;
     size_t take = have < n ? have : n;
@@ -136,7 +137,7 @@ static inline int mc_read_exact(int fd, mc_rbuf_t *r, char *dst, size_t n, doubl
         if (k > 0) { dst += k; n -= (size_t)k; }
         if (g && n) {
             int32_t e = mc_guard_check(g);
-            if (e) { dst = NULL; if (stopped) *stopped = e; }
+            if (e) { if (g->reg) return -ECANCELED; dst = NULL; if (stopped) *stopped = e; }
         }
     }
     while (n > 0) {
@@ -145,7 +146,7 @@ static inline int mc_read_exact(int fd, mc_rbuf_t *r, char *dst, size_t n, doubl
         if (k == -EAGAIN) {
             if (dst && g) {
                 int32_t e = mc_guard_check(g);
-                if (e) { dst = NULL; if (stopped) *stopped = e; }
+                if (e) { if (g->reg) return -ECANCELED; dst = NULL; if (stopped) *stopped = e; }
             }
             continue;
         }
@@ -155,7 +156,7 @@ static inline int mc_read_exact(int fd, mc_rbuf_t *r, char *dst, size_t n, doubl
         take = r->len < n ? r->len : n;
         if (dst && g) {
             int32_t e = mc_guard_check(g);
-            if (e) { dst = NULL; if (stopped) *stopped = e; }
+            if (e) { if (g->reg) return -ECANCELED; dst = NULL; if (stopped) *stopped = e; }
         }
         if (dst) { memcpy(dst, r->buf, take); dst += take; }
         r->pos = take; n -= take;
@@ -249,7 +250,7 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
             rc = mc_read_exact(fd, &r, g ? (char *)(uintptr_t)h.addr : NULL, h.len, deadline,
                                g ? &gd : NULL, &stopped);
             if (g) mc_reg_release(g);
-            if (rc) { rc = rc == -ETIMEDOUT ? 1 : -ECONNRESET; break; }
+            if (rc) { rc = rc == -ETIMEDOUT ? 1 : rc == -ECANCELED ? 2 : -ECONNRESET; break; }
             if (stopped) s->status = MC_ST_REFUSED;
         }
         out[nout].iov_base = s; out[nout].iov_len = sizeof *s; nout++;
@@ -273,7 +274,7 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
 
 typedef struct {
     mc_batch_t *b; uint64_t local, remote, len; uint32_t task; uint8_t op;
-    uint8_t ghost;   /* reported already (cancelled before it was sent): its response is ignored */
+    uint8_t ghost;   /* MC_JOB_*: nonzero once reported (its response is then only consumed) */
 } mc_job_t;
 
 typedef struct { mc_job_t *v; size_t cap, head, len; } mc_ring_t;
@@ -395,6 +396,10 @@ static inline void mc_spin_fill(mc_lane_t *l, double spin_s) {
     } while (mc_now() < until);
 }
 
+/* Job states: sent as asked; sent as an empty request (cancelled before it went out); or
+ * reported early (cancelled while its response was outstanding: a READ payload is discarded). */
+enum { MC_JOB_LIVE = 0, MC_JOB_GHOST = 1, MC_JOB_ORPHAN = 2 };
+
 /* Headers (and WRITE payload iovecs) for jobs[0..n).  A job whose memory may no longer be
  * touched is sent as an empty request (answered REFUSED, no payload) and reported now. */
 static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct iovec *iov,
@@ -407,7 +412,7 @@ static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct i
         h->magic = MC_REQ_MAGIC; h->op = j->op; h->seq = seq0 + (uint32_t)i;
         h->addr = j->remote; h->len = j->len;
         int32_t e = j->ghost ? 0 : mc_slice_live(j->b, j->task);
-        if (e) { j->ghost = 1; mc_slice_done(j->b, j->task, 0, e); }
+        if (e) { j->ghost = MC_JOB_GHOST; mc_slice_done(j->b, j->task, 0, e); }
         if (j->ghost) h->len = 0;
         iov[c].iov_base = h; iov[c].iov_len = sizeof *h; c++;
         if (j->op == MC_OP_WRITE && !j->ghost) {
@@ -417,15 +422,28 @@ static inline int mc_build_iov(mc_job_t *jobs, size_t n, mc_req_t *hdr, struct i
     return c;
 }
 
+/* Report every job of [from, to) whose batch was cancelled or whose memory was unregistered
+ * while its response is outstanding: its bytes will be discarded when they come. */
+static inline void mc_orphan_dead(mc_job_t *jobs, size_t from, size_t to) {
+    for (size_t i = from; i < to; i++) {
+        mc_job_t *j = &jobs[i];
+        if (j->ghost) continue;
+        int32_t e = mc_slice_live(j->b, j->task);
+        if (e) { j->ghost = MC_JOB_ORPHAN; mc_slice_done(j->b, j->task, 0, e); }
+    }
+}
+
 #define MC_SEND_BATCH 64
 #define MC_WORKER_BATCH 1024
 
 /* Drive jobs[0..n) (sequence numbers from seq0) from this thread; the caller owns the lane.
  * Every job is completed into its batch, errors included, after the last byte of it moved.
- * `timeout` bounds the whole drive, or, with `idle`, each stretch without progress.  When a
- * synchronous drive runs out of time it cancels its batches and drains what it already sent for
- * up to `l->grace` seconds (the lane stays usable for other callers); only a peer that does not
- * answer within that loses the lane. */
+ * `timeout` bounds the whole drive, or, with `idle`, each stretch without progress.  While it
+ * waits on the peer it wakes every tick to report jobs that were cancelled or unregistered
+ * meanwhile (their bytes are discarded when they arrive).  When a synchronous drive runs out of
+ * time it cancels its batches and drains what it already sent for up to `l->grace` seconds (the
+ * lane stays usable for other callers); only a peer that does not answer within that loses
+ * the lane. */
 static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_t seq0,
                                  double timeout, int idle) {
     double deadline = mc_now() + timeout;
@@ -436,6 +454,10 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
     int niov = 0, cur = 0;         /* pending iovec window for jobs [sent, sent+chunk) */
     size_t chunk = 0;
     int32_t err = 0;
+#define MC_START_DRAIN() do { \
+        for (size_t _i = done; _i < n; _i++) mc_batch_cancel(jobs[_i].b, MC_E_TIMEOUT); \
+        draining = 1; deadline = mc_now() + l->grace; \
+    } while (0)
     while (done < n) {
         int progressed = 0;
         if (sent < n && niov == 0) {
@@ -457,28 +479,26 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
             }
             if (cur == niov) { sent += chunk; niov = 0; }
         }
-        /* drain every response already here; block only once everything is sent */
+        /* handle every response already here; never block for a header */
         while (done < sent) {
-            size_t have = l->rb.len - l->rb.pos;
-            if (have < sizeof(mc_rsp_t) && sent == n && !idle && l->spin > 0 && !draining)
-                mc_spin_fill(l, l->spin);   /* a synchronous caller: skip the sleep if it's quick */
-            have = l->rb.len - l->rb.pos;
-            if (have < sizeof(mc_rsp_t) && sent < n) {
-                if (l->rb.pos) {
-                    memmove(l->rb.buf, l->rb.buf + l->rb.pos, have);
-                    l->rb.len = have; l->rb.pos = 0;
+            if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) {
+                if (sent == n && !idle && l->spin > 0 && !draining)
+                    mc_spin_fill(l, l->spin);   /* a synchronous caller: skip the sleep if quick */
+                if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) {
+                    if (l->rb.pos) {
+                        size_t have = l->rb.len - l->rb.pos;
+                        memmove(l->rb.buf, l->rb.buf + l->rb.pos, have);
+                        l->rb.len = have; l->rb.pos = 0;
+                    }
+                    ssize_t k = recv(l->fd, l->rb.buf + l->rb.len, l->rb.cap - l->rb.len,
+                                     MSG_DONTWAIT);
+                    if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK &&
+                                   errno != EINTR)) { err = MC_E_PEER; break; }
+                    if (k > 0) l->rb.len += (size_t)k;
+                    if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) break;   /* wait below */
                 }
-                ssize_t k = recv(l->fd, l->rb.buf + l->rb.len, l->rb.cap - l->rb.len, MSG_DONTWAIT);
-                if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-                    err = MC_E_PEER; break;
-                }
-                if (k > 0) l->rb.len += (size_t)k;
-                if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) break;   /* go on sending */
             }
-            mc_rsp_t s;   /* a whole header or nothing: a timeout here leaves the stream intact */
-            int rc = mc_fill(l->fd, &l->rb, sizeof s, deadline);
-            if (rc == -ETIMEDOUT) { err = MC_E_TIMEOUT; break; }
-            if (rc) { err = MC_E_PEER; break; }
+            mc_rsp_t s;
             memcpy(&s, l->rb.buf + l->rb.pos, sizeof s);
             l->rb.pos += sizeof s;
             if (s.magic != MC_RSP_MAGIC || s.seq != seq0 + (uint32_t)done) { err = MC_E_PROTO; break; }
@@ -486,19 +506,16 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
             int32_t e = s.status == MC_ST_OK ? 0 :
                         s.status == MC_ST_DENIED ? MC_E_DENIED : MC_E_REFUSED;
             if (!e && j->op == MC_OP_READ) {
-                if (j->ghost) { rc = MC_E_PROTO; err = MC_E_PROTO; break; }  /* empty request */
+                if (j->ghost == MC_JOB_GHOST) { err = MC_E_PROTO; break; }  /* OK to an empty ask */
                 /* a synchronous caller's deadline passing mid-payload cancels its batch: the
                  * rest is discarded (within the grace period), the stream stays in step */
                 int sync_live = !idle && !draining;
                 mc_guard_t gd = {j->b, j->task, NULL, sync_live ? deadline : 0};
                 int32_t stopped = 0;
-                rc = mc_read_exact(l->fd, &l->rb, (char *)(uintptr_t)j->local, j->len,
-                                   sync_live ? deadline + l->grace : deadline, &gd, &stopped);
-                if (sync_live && stopped == MC_E_TIMEOUT) {
-                    for (size_t i = done; i < n; i++) mc_batch_cancel(jobs[i].b, MC_E_TIMEOUT);
-                    draining = 1;
-                    deadline = mc_now() + l->grace;
-                }
+                int rc = mc_read_exact(l->fd, &l->rb, j->ghost ? NULL : (char *)(uintptr_t)j->local,
+                                       j->len, sync_live ? deadline + l->grace : deadline,
+                                       j->ghost ? NULL : &gd, &stopped);
+                if (sync_live && stopped == MC_E_TIMEOUT) MC_START_DRAIN();
                 if (rc) { err = rc == -ETIMEDOUT ? MC_E_TIMEOUT : MC_E_PEER; break; }
                 if (stopped) e = stopped;
             } else if (!e && j->op == MC_OP_WRITE && !j->ghost) {
@@ -506,37 +523,26 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
                 if (stopped) e = stopped;   /* it landed, but the caller gave up on it */
             }
             if (!j->ghost) mc_slice_done(j->b, j->task, e ? 0 : (int64_t)j->len, e);
-            j->ghost = 1;
+            j->ghost = MC_JOB_ORPHAN;
             done++;
             progressed = 1;
         }
-        if (err == MC_E_TIMEOUT && !idle && !draining) {
-            /* out of time: give up on our batches, drain what went out, keep the lane */
-            for (size_t i = done; i < n; i++) mc_batch_cancel(jobs[i].b, MC_E_TIMEOUT);
-            draining = 1;
-            deadline = mc_now() + l->grace;
-            err = 0;
-            continue;
-        }
+        if (err == MC_E_TIMEOUT && !idle && !draining) { err = 0; MC_START_DRAIN(); continue; }
         if (err) break;
         if (progressed && idle) deadline = mc_now() + timeout;
-        if (!progressed) {   /* socket full and no response yet: wait for either */
-            double now = mc_now();
-            if (now >= deadline) {
-                if (!idle && !draining) {
-                    for (size_t i = done; i < n; i++) mc_batch_cancel(jobs[i].b, MC_E_TIMEOUT);
-                    draining = 1;
-                    deadline = now + l->grace;
-                    continue;
-                }
+        if (!progressed) {   /* socket full and no response yet: wait for either, a tick at most */
+            if (mc_now() >= deadline) {
+                if (!idle && !draining) { MC_START_DRAIN(); continue; }
                 err = MC_E_TIMEOUT; break;
             }
+            mc_orphan_dead(jobs, done, sent);
             struct pollfd p = {l->fd, (short)((niov ? POLLOUT : 0) | (done < sent ? POLLIN : 0)), 0};
-            int pr = poll(&p, 1, mc_poll_ms(deadline, 0));
+            int pr = poll(&p, 1, mc_poll_ms(deadline, 1));
             if (pr < 0 && errno == EINTR) continue;
             if (pr < 0 || (p.revents & (POLLERR | POLLNVAL))) { err = MC_E_PEER; break; }
         }
     }
+#undef MC_START_DRAIN
     if (err) {
         pthread_mutex_lock(&l->mu);
         if (l->dead) err = l->dead_err;      /* aborted from outside: report why */
