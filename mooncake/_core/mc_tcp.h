@@ -11,12 +11,14 @@
 #define MC_TCP_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -82,12 +84,16 @@ typedef struct { char *buf; size_t pos, len, cap; } mc_rbuf_t;
 /* recv what is there, waiting up to one tick (and never past `deadline`, 0 = none).
  * >0 bytes, 0 closed, -EAGAIN nothing this tick, -ETIMEDOUT, -errno.  Never blocks in recv. */
 static inline ssize_t mc_recv_tick(int fd, void *dst, size_t n, double deadline, int tick) {
+    int eager = tick;   /* mid-payload the bytes are usually there: try before sleeping */
     for (;;) {
-        ssize_t k = recv(fd, dst, n, MSG_DONTWAIT);
-        if (k >= 0) return k;
-        if (errno == EINTR) continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
-        if (deadline > 0 && mc_now() >= deadline) return -ETIMEDOUT;
+        if (eager) {
+            ssize_t k = recv(fd, dst, n, MSG_DONTWAIT);
+            if (k >= 0) return k;
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+            if (deadline > 0 && mc_now() >= deadline) return -ETIMEDOUT;
+        }
+        eager = 1;
         struct pollfd p = {fd, POLLIN, 0};
         int pr = poll(&p, 1, mc_poll_ms(deadline, tick));
         if (pr < 0) { if (errno == EINTR) continue; return -errno; }
@@ -214,6 +220,15 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
     int np = 0, nout = 0, npins = 0, rc = 0;
     size_t outbytes = 0;
     if (!r.buf) return -ENOMEM;
+    int fl = fcntl(fd, F_GETFL);   /* we own the fd now: blocking, idle reads time out */
+    if (fl >= 0 && (fl & O_NONBLOCK)) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    if (idle_timeout > 0) {
+        struct timeval tv;
+        double cap = idle_timeout < 1e6 ? idle_timeout : 1e6;
+        tv.tv_sec = (time_t)cap;
+        tv.tv_usec = (suseconds_t)((cap - (double)tv.tv_sec) * 1e6);
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    }
 #define MC_FLUSH() do { \
         if (nout) { \
             rc = mc_send_iov(fd, out, nout, frame_timeout, pins, npins); \
@@ -227,10 +242,13 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
             MC_FLUSH();
             if (rc) break;
         }
-        if (r.len == r.pos) {   /* idle between frames */
-            double idle_until = idle_timeout > 0 ? mc_now() + idle_timeout : 0;
-            rc = mc_fill(fd, &r, 1, idle_until);
-            if (rc) { if (rc == 1 || rc == -ETIMEDOUT) rc = 0; break; }
+        if (r.len == r.pos) {   /* idle between frames: one blocking recv (SO_RCVTIMEO) */
+            ssize_t k;
+            r.pos = r.len = 0;
+            do { k = recv(fd, r.buf, r.cap, 0); } while (k < 0 && errno == EINTR);
+            if (k == 0) { rc = 0; break; }
+            if (k < 0) { rc = (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno; break; }
+            r.len = (size_t)k;
         }
         double deadline = mc_now() + frame_timeout;
         rc = mc_fill(fd, &r, sizeof(mc_req_t), deadline);
@@ -458,8 +476,9 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         for (size_t _i = done; _i < n; _i++) mc_batch_cancel(jobs[_i].b, MC_E_TIMEOUT); \
         draining = 1; deadline = mc_now() + l->grace; \
     } while (0)
+    int readable = 0;              /* the last poll said responses are waiting */
     while (done < n) {
-        int progressed = 0;
+        int progressed = 0, want_wait = 0;
         if (sent < n && niov == 0) {
             chunk = n - sent < MC_SEND_BATCH ? n - sent : MC_SEND_BATCH;
             niov = mc_build_iov(jobs + sent, chunk, hdr, iov, seq0 + (uint32_t)sent);
@@ -485,6 +504,9 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
                 if (sent == n && !idle && l->spin > 0 && !draining)
                     mc_spin_fill(l, l->spin);   /* a synchronous caller: skip the sleep if quick */
                 if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) {
+                    /* all sent and poll did not say readable: go straight to the wait */
+                    if (sent == n && !readable) { want_wait = 1; break; }
+                    readable = 0;
                     if (l->rb.pos) {
                         size_t have = l->rb.len - l->rb.pos;
                         memmove(l->rb.buf, l->rb.buf + l->rb.pos, have);
@@ -495,7 +517,7 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
                     if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK &&
                                    errno != EINTR)) { err = MC_E_PEER; break; }
                     if (k > 0) l->rb.len += (size_t)k;
-                    if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) break;   /* wait below */
+                    if (l->rb.len - l->rb.pos < sizeof(mc_rsp_t)) { want_wait = 1; break; }
                 }
             }
             mc_rsp_t s;
@@ -530,7 +552,8 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         if (err == MC_E_TIMEOUT && !idle && !draining) { err = 0; MC_START_DRAIN(); continue; }
         if (err) break;
         if (progressed && idle) deadline = mc_now() + timeout;
-        if (!progressed) {   /* socket full and no response yet: wait for either, a tick at most */
+        if (!progressed || (want_wait && niov == 0)) {
+            /* nothing to send and no response yet (or the socket is full): wait, a tick at most */
             if (mc_now() >= deadline) {
                 if (!idle && !draining) { MC_START_DRAIN(); continue; }
                 err = MC_E_TIMEOUT; break;
@@ -540,6 +563,7 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
             int pr = poll(&p, 1, mc_poll_ms(deadline, 1));
             if (pr < 0 && errno == EINTR) continue;
             if (pr < 0 || (p.revents & (POLLERR | POLLNVAL))) { err = MC_E_PEER; break; }
+            readable = (p.revents & (POLLIN | POLLHUP)) != 0;
         }
     }
 #undef MC_START_DRAIN
