@@ -373,7 +373,11 @@ class TransferEngine(MooncakeAPI):
             raise TransferTimeout(f"unregister 0x{region.addr:x}: {h.pins} transfers still hold "
                                   f"the region after {self._timeout}s; it stays allocated")
         for t in self.transports.values():
-            t.unregister(region)
+            try:
+                t.unregister(region)
+            except TransferTimeout:  # a peer still inside a copy: the memory must stay
+                self._stuck[region.addr] = region
+                raise
         h.release(0.0)
         region.owner = None
 

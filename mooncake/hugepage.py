@@ -1,10 +1,12 @@
 """HugeTLB-backed managed buffers (``MC_STORE_USE_HUGEPAGE``, ``MC_STORE_HUGEPAGE_SIZE``).
 
 :func:`allocate` maps a ``memfd_create(MFD_HUGETLB)`` file shared, so the buffer is backed by
-reserved huge pages (2 MiB or 1 GiB) and same-host peers can still map it: its ``shm_name`` is the
-path ``/proc/<pid>/fd/<fd>``, which the ``shm`` transport opens like a ``/dev/shm`` name (the kernel
-allows that to processes that may attach to us).  The memfd disappears with the process, so a crash
-leaks nothing.  With ``MC_STORE_USE_HUGEPAGE`` off it returns an ordinary memfd buffer.
+reserved huge pages (2 MiB or 1 GiB) and same-host peers can still map it: its ``shm_name`` is
+always ``/proc/<pid>/fd/<fd>`` (the only form the ``shm`` transport accepts; the kernel lets
+processes that may attach to us open it), and the memfd is sealed against shrinking and growing
+(:func:`mooncake.memory.memfd_buffer`), so a peer's mapping can never fault.  The memfd disappears
+with the process, so a crash leaks nothing.  With ``MC_STORE_USE_HUGEPAGE`` off it returns an
+ordinary (sealed) memfd buffer.
 
 When the pool lacks free pages the error says how to reserve them.
 """

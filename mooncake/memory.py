@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 
 from mooncake.errors import InvalidAddress
 
-__all__ = ["buffer_info", "ManagedBuffer", "allocate_shm", "memfd_buffer"]
+__all__ = ["buffer_info", "ManagedBuffer", "allocate_shm", "memfd_buffer", "seal_memfd", "SEALS"]
 
 
 def buffer_info(obj: Any) -> tuple[int, int, str]:
@@ -71,11 +72,18 @@ def _c_contiguous(ai: dict) -> bool:
     return True
 
 
+#: seals of a managed buffer's memfd: its size can never change, so a peer that maps it can
+#: never fault on a truncated page (SIGBUS); the seals themselves are final
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
 @dataclass(eq=False)
 class ManagedBuffer:
     """A buffer the engine allocated on a memfd, shared-mapped.  Same-host peers map it by its
     ``shm_name``, ``/proc/<pid>/fd/<fd>``; the kernel frees it with the process, so a crash
-    leaves nothing behind in ``/dev/shm``."""
+    leaves nothing behind in ``/dev/shm``.  The memfd is sealed against shrinking and growing
+    (``sealed``), which is what lets a peer map it without risking SIGBUS; peers use
+    cross-memory attach for an unsealed one."""
 
     addr: int
     length: int
@@ -83,6 +91,7 @@ class ManagedBuffer:
     shm_name: str | None
     _anchor: Any = None  # ctypes view pinning the address; dropped before close
     fd: int = -1
+    sealed: bool = False
 
     def close(self) -> None:
         self._anchor = None
@@ -95,20 +104,33 @@ class ManagedBuffer:
             self.fd = -1
 
 
+def seal_memfd(fd: int) -> bool:
+    """Seal a memfd's size (:data:`SEALS`); False when the kernel or file cannot be sealed
+    (created without ``MFD_ALLOW_SEALING``, a kernel without hugetlbfs seals)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except OSError:
+        return False
+    return True
+
+
 def memfd_buffer(length: int, size: int, flags: int = 0, cls: type = ManagedBuffer,
                  **extra: Any) -> ManagedBuffer:
     """Map a new memfd of ``size`` bytes (``memfd_create`` ``flags``) as a ``cls`` buffer whose
-    usable length is ``length``.  OSError propagates (the fd is closed)."""
-    fd = os.memfd_create(f"mooncake_{os.getpid()}", os.MFD_CLOEXEC | flags)
+    usable length is ``length``; its size is sealed (:func:`seal_memfd`).  OSError propagates
+    (the fd is closed).  The name peers open is ``/proc/<pid>/fd/<fd>``."""
+    fd = os.memfd_create(f"mooncake_{os.getpid()}",
+                         os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flags)
     try:
         os.ftruncate(fd, size)
+        sealed = seal_memfd(fd)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError:
         os.close(fd)
         raise
     anchor = ctypes.c_char.from_buffer(mm)
     return cls(ctypes.addressof(anchor), length, mm, f"/proc/{os.getpid()}/fd/{fd}", anchor,
-               fd=fd, **extra)
+               fd=fd, sealed=sealed, **extra)
 
 
 def allocate_shm(length: int) -> ManagedBuffer:

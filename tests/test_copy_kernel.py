@@ -218,3 +218,180 @@ def test_bad_arguments():
         kc.Mapping()
     with pytest.raises(OSError):
         kc.Mapping.from_fd(-1, 4096)
+
+
+# -- silence, writability and hygiene (issue 8) -------------------------------------------------
+
+E_UNREGISTERED, E_DENIED, E_CANCELED = 1006, 1007, 1008
+
+
+def memfd_map(size: int, writable: bool = True) -> kc.Mapping:
+    fd = os.memfd_create("kc_test")
+    try:
+        os.ftruncate(fd, size)
+        return kc.Mapping.from_fd(fd, size, 0, writable)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("inline_max", [0, 1 << 30])
+@pytest.mark.parametrize("kind", ["mem", "pv"])
+def test_write_into_read_only_entry_is_denied_untouched(pool, kind, inline_max):
+    dst = np.zeros(1 << 20, dtype=np.uint8)
+    src = np.ones_like(dst)
+    k = kc.KIND_MEM if kind == "mem" else kc.KIND_PV
+    table = kc.Table([(addr(dst), dst.nbytes, k, None, 0, None, 0, 0, None, 0, False)])
+    assert not table.writable(0)
+    st = run(pool, table, WRITE, [addr(src)], [addr(dst)], [dst.nbytes], inline_max=inline_max)
+    assert st[0][0] == FAILED and st[0][2] == E_DENIED
+    assert not dst.any()
+    dst[:] = 5  # READs from it still work
+    st = run(pool, table, READ, [addr(src)], [addr(dst)], [dst.nbytes], inline_max=inline_max)
+    assert st[0][0] == COMPLETED and (src == 5).all()
+
+
+def test_read_only_mapping_makes_a_read_only_entry(pool):
+    m = memfd_map(1 << 16, writable=False)
+    assert not m.writable
+    table = kc.Table([(0x5000_0000_0000, 1 << 16, kc.KIND_MEM, m, 0, None, 0, 0)])
+    assert not table.writable(0)
+    src = np.ones(4096, dtype=np.uint8)
+    st = run(pool, table, WRITE, [addr(src)], [0x5000_0000_0000], [4096])
+    assert st[0][2] == E_DENIED  # a PROT_READ mapping is never written (no SIGSEGV)
+    with pytest.raises(ValueError, match="read-only"):
+        m.store_u64(0, 1)
+
+
+def test_busy_counter_brackets_every_chunk(pool):
+    """Each chunk raises the lane's counter and drops it again; nothing is left over."""
+    busy = memfd_map(4096)
+    dst = np.zeros(8 << 20, dtype=np.uint8)
+    src = np.arange(dst.nbytes, dtype=np.uint8)
+    slots = memfd_map(4096)
+    slots.store_u64(64, 3)
+    table = kc.Table([(addr(dst), dst.nbytes, kc.KIND_MEM, None, 0, slots, 64, 3, busy, 12)])
+    st = run(pool, table, WRITE, [addr(src)], [addr(dst)], [dst.nbytes], slice_size=8 << 20)
+    assert st[0] == (COMPLETED, dst.nbytes, 0) and np.array_equal(src, dst)
+    assert busy.load_u32(12) == 0
+    with pytest.raises(ValueError, match="read-only"):
+        kc.Table([direct(dst) + (memfd_map(4096, writable=False), 0)])
+
+
+def test_wait_busy_waits_for_live_holders_only():
+    area = memfd_map(4 * 4096)
+    assert kc.wait_busy(area, 4096, 4096, 8, [0, 1], [-1, -1], 0.05) == []  # all idle
+    area.add_u32(4096 + 4096 + 8, 1)  # lane 1 is inside a chunk on slot 2
+    me = os.pidfd_open(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = os.pidfd_open(child.pid)
+    child.wait()
+    try:
+        assert kc.wait_busy(area, 4096, 4096, 8, [0, 1], [-1, me], 0.05) == [1]
+        assert kc.wait_busy(area, 4096, 4096, 8, [1], [dead], 5.0) == []  # its owner exited
+        t = threading.Timer(0.05, lambda: area.add_u32(4096 + 4096 + 8, -1))
+        t.start()
+        assert kc.wait_busy(area, 4096, 4096, 8, [1], [me], 30.0) == []  # it left the chunk
+        t.join()
+    finally:
+        os.close(me)
+        os.close(dead)
+    with pytest.raises(ValueError):
+        kc.wait_busy(area, 4096, 4096, 8, [3], [-1], 0.0)  # lane outside the area
+    with pytest.raises(ValueError):
+        kc.wait_busy(area, 4096, 4096, 4094, [0], [-1], 0.0)  # counter outside a lane
+
+
+@pytest.mark.parametrize("inline_max", [0, 1 << 30])
+def test_cancelled_batch_is_not_touched(pool, inline_max):
+    dst = np.zeros(4 << 20, dtype=np.uint8)
+    src = np.ones_like(dst)
+    b = Batch(1)
+    s = slice_requests(b, WRITE, [addr(src)], [addr(dst)], [dst.nbytes], 65536, 4)
+    b.cancel()
+    pool.submit(s, kc.Peer(os.getpid()), kc.Table([direct(dst)]), inline_max)
+    assert b.wait(30)
+    assert b.status(0) == (FAILED, 0, E_CANCELED)
+    assert not dst.any()
+
+
+def test_unregistered_local_region_is_not_touched(pool):
+    from mooncake._core.regions import RegionTable
+
+    regions = RegionTable()
+    dst = np.zeros(4 << 20, dtype=np.uint8)
+    src = np.ones_like(dst)
+    reg = regions.register(addr(dst), dst.nbytes, owner=dst)
+    b = Batch(1)
+    s = slice_requests(b, READ, [addr(dst)], [addr(src)], [dst.nbytes], 65536, 4, regions)
+    reg.revoke()
+    pool.submit(s, kc.Peer(os.getpid()), kc.Table([direct(src)]), 0)
+    assert b.wait(30)
+    assert b.status(0) == (FAILED, 0, E_UNREGISTERED)
+    assert not dst.any() and reg.wait_idle(5)
+
+
+def test_unregister_mid_copy_stops_at_the_next_chunk():
+    """A long READ into a local region that is revoked while it runs: once the region's pins
+    are gone, the memory is ours again and stays as we leave it."""
+    p = kc.CopyPool(1)
+    try:
+        from mooncake._core.regions import RegionTable
+
+        regions = RegionTable()
+        n = 64 << 20
+        dst = np.zeros(n, dtype=np.uint8)
+        src = np.ones_like(dst)
+        reg = regions.register(addr(dst), n, owner=dst)
+        b = Batch(1)
+        s = slice_requests(b, READ, [addr(dst)], [addr(src)], [n], n, 4, regions)
+        p.submit(s, kc.Peer(os.getpid()), kc.Table([direct(src)]), 0)
+        reg.revoke()
+        assert reg.wait_idle(30)
+        dst[:] = 0x55  # ours again
+        assert b.wait(30)
+        code, nbytes, err = b.status(0)
+        assert (code, err) in ((COMPLETED, 0), (FAILED, E_UNREGISTERED))
+        assert (dst == 0x55).all()
+    finally:
+        p.close()
+
+
+def test_offsets_near_two_to_the_64_are_refused():
+    a = np.zeros(4096, dtype=np.uint8)
+    m = kc.Mapping.view(addr(a), 4096)
+    for off in ((1 << 64) - 8, (1 << 64) - 4096):
+        with pytest.raises(IndexError):
+            m.load_u64(off)
+        with pytest.raises(IndexError):
+            m.store_u64(off, 1)
+    with pytest.raises(IndexError):
+        m.zero(8, (1 << 64) - 4)
+    with pytest.raises(ValueError, match="exceeds"):
+        kc.Table([(0x1000, 16, kc.KIND_MEM, m, (1 << 64) - 8, None, 0, 0)])
+    with pytest.raises(ValueError, match="wraps"):
+        kc.Table([((1 << 64) - 4096, 8192, kc.KIND_MEM, None, 0, None, 0, 0)])
+    with pytest.raises(IndexError):
+        kc.Table([direct(a, (m, (1 << 64) - 8, 0))])
+    with pytest.raises(ValueError, match="wraps"):
+        kc.Mapping.view((1 << 64) - 4096, 8192)
+    fd = os.memfd_create("kc_off")
+    try:
+        os.ftruncate(fd, 4096)
+        with pytest.raises(ValueError, match="offset"):
+            kc.Mapping.from_fd(fd, 4096, 1 << 63)
+    finally:
+        os.close(fd)
+
+
+def test_typed_arguments_must_not_be_none(pool):
+    b = Batch(1)
+    dst = np.zeros(16, dtype=np.uint8)
+    s = slice_requests(b, WRITE, [addr(dst)], [addr(dst)], [16], 65536, 4)
+    table = kc.Table([direct(dst)])
+    for args in ((None, kc.Peer(0), table), (s, None, table), (s, kc.Peer(0), None)):
+        with pytest.raises(TypeError):
+            pool.submit(*args)
+    with pytest.raises(TypeError):
+        kc.wait_busy(None, 0, 4096, 0, [], [], 0.0)
+    pool.submit(s, kc.Peer(0), table)
+    assert b.wait(10)

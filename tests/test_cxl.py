@@ -24,7 +24,7 @@ from transports.cxl import CxlTransport
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 COMPLETED, FAILED = 4, 6
-E_REFUSED = 1000
+E_REFUSED, E_DENIED = 1000, 1007
 READ, WRITE = 0, 1
 
 PEER = r"""
@@ -46,7 +46,7 @@ def out(x):
 for line in sys.stdin:
     c = json.loads(line)
     if c["op"] == "register":
-        r = Region(w.address(c["off"]), c["n"], "cxl")
+        r = Region(w.address(c["off"]), c["n"], "cxl", flags=c.get("flags", 7))
         r.fields["cxl"] = t.register(r)
         regions.append(r)
         out(r.addr)
@@ -207,5 +207,58 @@ def test_reach_reasons(xport, win_file):
         assert "another host" in xport.can_reach(decode("cxlpeer:1", other))
         nocxl = dict(raw, transports={})
         assert "does not publish cxl" in xport.can_reach(decode("cxlpeer:1", nocxl))
+    finally:
+        peer.close()
+
+
+def test_write_into_read_only_range_is_refused_untouched(win_file, xport):
+    """A range the peer registered read-only ("access": "ro") is a READ source only."""
+    peer = Peer(win_file, 16 * MiB)
+    try:
+        raddr = peer("register", off=2 * MiB, n=2 * MiB, flags=2)  # REMOTE_READ only
+        assert peer("fill", off=2 * MiB, n=2 * MiB, byte=0x21)
+        raw = peer("desc")
+        assert raw["buffers"][0]["access"] == "ro"
+        d = decode("cxlpeer:1", raw)
+        src = np.full(MiB, 0x42, dtype=np.uint8)
+        for remote in (raddr, 2 * MiB):  # by peer address and by raw window offset
+            st = move(xport, d, WRITE, [src.ctypes.data], [remote], [MiB])
+            assert st[0][0] == FAILED and st[0][2] == E_DENIED
+        assert peer("crc", off=2 * MiB, n=2 * MiB) == zlib.crc32(b"\x21" * (2 * MiB))
+        st = move(xport, d, READ, [src.ctypes.data], [raddr], [MiB])
+        assert st[0][0] == COMPLETED and (src == 0x21).all()
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("where,change", [
+    ("segment", {"size": "16"}), ("segment", {"cxl_base_addr": -1}),
+    ("segment", {"align": 0}), ("segment", {"cxl_name": "a\nb"}), ("segment", {"ident": "x"}),
+    ("buffer", {"offset": 1 << 70}), ("buffer", {"offset": -4096}), ("buffer", {"offset": "0"}),
+    ("buffer", {"offset": 15 * MiB}),
+])
+def test_malformed_or_outside_fields_are_refused(win_file, xport, where, change):
+    from mooncake.errors import SegmentNotFound
+
+    peer = Peer(win_file, 16 * MiB)
+    try:
+        raddr = peer("register", off=4 * MiB, n=2 * MiB)
+        raw = json.loads(json.dumps(peer("desc")))
+        if where == "segment":
+            raw["transports"]["cxl"].update(change)
+        else:
+            raw["buffers"][0]["transports"]["cxl"].update(change)
+        try:
+            d = decode("cxlpeer:1", raw)
+        except SegmentNotFound:
+            return  # the one validator refused it
+        why = xport.can_reach(d)
+        src = np.ones(4096, dtype=np.uint8)
+        if why is None:
+            st = move(xport, d, WRITE, [src.ctypes.data], [raddr], [4096])
+            assert st[0][0] == FAILED and st[0][2] == E_REFUSED
+        else:
+            assert "malformed" in why or "another" in why, why
+        assert peer("crc", off=0, n=16 * MiB) == zlib.crc32(bytes(16 * MiB))
     finally:
         peer.close()

@@ -3,6 +3,7 @@ explains how to reserve them, and a same-host peer reaching such a buffer throug
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import numpy as np
@@ -86,6 +87,11 @@ def test_two_mib_pages_back_the_buffer():
             # a peer (here: a second mapping by the published name) sees the same pages
             with open(name, "rb") as f:
                 assert f.read(4096) == b"\x07" * 4096
+            # sealed: it can never shrink under a peer's mapping (no SIGBUS there)
+            assert buf.sealed
+            assert fcntl.fcntl(buf.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+            with pytest.raises(PermissionError):
+                os.ftruncate(buf.fd, 0)
             del a
         finally:
             hugepage.free(buf)
@@ -123,6 +129,10 @@ def test_off_gives_an_ordinary_shared_buffer():
     buf = hugepage.allocate(MiB, Cfg(use=False))
     try:
         assert buf.shm_name == f"/proc/{os.getpid()}/fd/{buf.fd}"
+        assert buf.sealed and fcntl.fcntl(buf.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        for size in (0, MiB // 2, 2 * MiB):
+            with pytest.raises(PermissionError):
+                os.ftruncate(buf.fd, size)
         with open(buf.shm_name, "rb") as f:  # what a same-host peer opens
             assert os.fstat(f.fileno()).st_size == MiB
     finally:

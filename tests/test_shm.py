@@ -1,5 +1,8 @@
 """The ``shm`` transport between real processes: mapped managed buffers, cross-memory attach,
-reachability reasons (host identity, EPERM), and faults (unregister, exit, bad ranges)."""
+reachability reasons (host identity, EPERM), and faults (unregister, exit, bad ranges).
+
+Every transport here has a real RPC listener (the ``shm.prove`` handshake runs over it), so
+descriptors are named ``127.0.0.1:<port>`` like an engine's segment."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from jsonpeer import JsonPeer
 
 from mooncake._core.batch import Batch, slice_requests
 from mooncake.config import load_config
+from mooncake.rpc import RpcClient, RpcServer
 from mooncake.segments import decode, host_identity
 from mooncake.transport import Region, TransportContext
 from transports.shm import ShmTransport
@@ -28,12 +32,27 @@ READ, WRITE = 0, 1
 
 # A peer process driven over stdin/stdout, one JSON command per line.  It imports everything
 # first and may then drop to another uid (`--uid`), optionally staying dumpable (`--dumpable`).
-PEER = r"""
+# How a transport without an engine gets the RPC listener the shm proof runs over (prepended to
+# the scripts of child processes; imports everything before a uid change).
+RPC = r"""
+import encodings.idna, socket  # noqa: E401  (lazy imports fail after dropping to nobody)
+from mooncake.rpc import RpcClient, RpcServer
+from mooncake.segments import host_identity
+from mooncake.transport import TransportContext
+def rpc_ctx(cfg):
+    srv = RpcServer("127.0.0.1", [0], 1 << 20)
+    cli = RpcClient(1 << 20, 5.0)
+    name = "127.0.0.1:%d" % srv.port
+    return TransportContext(cfg, name, "127.0.0.1", host_identity(), None, srv.add_handler,
+                            cli.call), srv
+"""
+
+PEER = RPC + r"""
 import ctypes, json, mmap, os, sys, zlib
 import numpy as np
 from mooncake.config import load_config  # before any uid change: stdlib lives under /root
-from mooncake.segments import host_identity
-from mooncake.transport import Region, TransportContext
+from mooncake.memory import allocate_shm
+from mooncake.transport import Region
 from transports.shm import ShmTransport
 args = sys.argv[1:]
 if "--uid" in args:
@@ -42,15 +61,17 @@ if "--uid" in args:
     if "--dumpable" in args:
         ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
 cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2})
-ctx = TransportContext(cfg, "peer:1", "127.0.0.1", host_identity(), None, None, None)
+ctx, srv = rpc_ctx(cfg)
+NAME = ctx.segment_name
 t = ShmTransport(ctx)
 fields = t.start()
 regions, keep = {}, {}
 def out(x):
     sys.stdout.write(json.dumps(x) + "\n"); sys.stdout.flush()
 def desc():
-    return {"name": "peer:1", "host_id": host_identity(), "pid": os.getpid(), "timestamp": 0,
+    return {"name": NAME, "host_id": host_identity(), "pid": os.getpid(), "timestamp": 0,
             "buffers": [r.describe() for r in regions.values()], "transports": {"shm": fields}}
+out(NAME)
 def reg(addr, n, owner, shm_name=None):
     r = Region(addr, n, "cpu:0", shm_name, owner)
     f = t.register(r)
@@ -64,12 +85,10 @@ for line in sys.stdin:
         a = np.zeros(c["n"], dtype=np.uint8)
         out(reg(a.ctypes.data, a.nbytes, a))
     elif op == "managed":
-        name = "mooncake_%d_%s" % (os.getpid(), os.urandom(4).hex())
-        fd = os.open("/dev/shm/" + name, os.O_CREAT | os.O_RDWR, 0o600)
-        os.ftruncate(fd, c["n"]); m = mmap.mmap(fd, c["n"]); os.close(fd)
-        a = np.frombuffer(m, dtype=np.uint8)
-        keep[a.ctypes.data] = name
-        out(reg(a.ctypes.data, a.nbytes, (m, a), name))
+        mb = allocate_shm(c["n"])
+        a = np.frombuffer(mb.mm, dtype=np.uint8, count=c["n"])
+        keep[mb.addr] = mb
+        out(reg(mb.addr, c["n"], (mb, a), mb.shm_name))
     elif op == "desc":
         out(desc())
     elif op == "fill":
@@ -86,8 +105,7 @@ for line in sys.stdin:
         out(True)
     elif op == "exit":
         t.close()
-        for name in keep.values():
-            os.unlink("/dev/shm/" + name)
+        srv.close()
         out(True)
         break
 """
@@ -96,14 +114,10 @@ for line in sys.stdin:
 class Peer(JsonPeer):
     def __init__(self, *args: str) -> None:
         super().__init__(PEER, *args)
+        self.name = self.read()
 
     def desc(self):
-        return decode("peer:1", self("desc"))
-
-    def close(self) -> None:
-        super().close()
-        for f in Path("/dev/shm").glob(f"mooncake_{self.p.pid}_*"):  # left by a killed peer
-            f.unlink(missing_ok=True)
+        return decode(self.name, self("desc"))
 
 
 @pytest.fixture
@@ -113,11 +127,24 @@ def peer():
     p.close()
 
 
+class RpcShm(ShmTransport):
+    """A transport with an RPC listener of its own, as an engine would give it."""
+
+    def close(self) -> None:
+        super().close()
+        self._srv.close()
+        self._cli.close()
+
+
 def make_transport(**cfg) -> ShmTransport:
     base = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4,
                         "MC_WORKERS_PER_CTX": 2, **cfg})
-    ctx = TransportContext(base, "me:1", "127.0.0.1", host_identity(), None, None, None)
-    t = ShmTransport(ctx)
+    srv = RpcServer("127.0.0.1", [0], 1 << 20)
+    cli = RpcClient(1 << 20, 5.0)
+    ctx = TransportContext(base, f"127.0.0.1:{srv.port}", "127.0.0.1", host_identity(), None,
+                           srv.add_handler, cli.call)
+    t = RpcShm(ctx)
+    t._srv, t._cli = srv, cli
     t.start()
     return t
 
@@ -171,7 +198,7 @@ def test_managed_buffers_are_mapped_arrays_are_attached(peer, shm):
     link = shm._link(d)
     table = shm._table(link, d)
     assert len(table) == 2 and len(link.maps) == 1
-    (name, addr, _), = link.maps
+    (name, addr, _, _), = link.maps
     assert addr == m and name == d.find_buffer(m, 1).shm_name
     assert table.find(a, 16) >= 0 and table.find(m, 16) >= 0
 
@@ -248,11 +275,12 @@ def test_same_process_loopback(shm):
     a = np.arange(1 << 20, dtype=np.uint8)
     r = Region(a.ctypes.data, a.nbytes, "cpu:0", None, a)
     r.fields["shm"] = shm.register(r)
-    d = decode("me:1", {"name": "me:1", "host_id": host_identity(), "pid": os.getpid(),
-                        "timestamp": 0,
-                        "buffers": [r.describe()],
-                        "transports": {"shm": {"ctl": shm.ctl.name, "pid": os.getpid(),
-                                               "token_addr": shm.ctl.token_addr}}})
+    me = shm.ctx.segment_name
+    d = decode(me, {"name": me, "host_id": host_identity(), "pid": os.getpid(),
+                    "timestamp": 0,
+                    "buffers": [r.describe()],
+                    "transports": {"shm": {"ctl": shm.ctl.name, "pid": os.getpid(),
+                                           "token_addr": shm.ctl.token_addr}}})
     assert shm.can_reach(d) is None
     dst = np.zeros_like(a)
     assert move(shm, d, READ, [dst.ctypes.data], [a.ctypes.data], [a.nbytes])[0][0] == COMPLETED
@@ -262,17 +290,18 @@ def test_same_process_loopback(shm):
 def test_reach_reasons(peer, shm):
     peer("array", n=4096)
     raw = peer("desc")
-    assert shm.can_reach(decode("peer:1", raw)) is None
+    assert shm.can_reach(decode(peer.name, raw)) is None
     other = dict(raw, host_id="another-boot/123")
-    assert "another host" in shm.can_reach(decode("peer:1", other))
+    assert "another host" in shm.can_reach(decode(peer.name, other))
     nosh = dict(raw, transports={})
-    assert "does not publish shm" in shm.can_reach(decode("peer:1", nosh))
-    noctl = dict(raw, name="peer:2",
-                 transports={"shm": {"pid": raw["pid"], "ctl": "mooncake_nonexistent_ctl"}})
-    assert "control page" in shm.can_reach(decode("peer:2", noctl))
-    wrongpid = dict(raw, name="peer:3", pid=1,
+    assert "does not publish shm" in shm.can_reach(decode(peer.name, nosh))
+    noctl = dict(raw, name="127.0.0.1:2",
+                 transports={"shm": {**raw["transports"]["shm"],
+                                     "ctl": "mooncake_nonexistent_ctl"}})
+    assert "ctl" in shm.can_reach(decode("127.0.0.1:2", noctl))
+    wrongpid = dict(raw, name="127.0.0.1:3", pid=1,
                     transports={"shm": {**raw["transports"]["shm"], "pid": 1}})
-    assert "does not belong to pid 1" in shm.can_reach(decode("peer:3", wrongpid))
+    assert "not an fd of the peer's pid 1" in shm.can_reach(decode("127.0.0.1:3", wrongpid))
 
 
 def test_disabled_by_config():
@@ -290,18 +319,18 @@ UNPRIV = 65534  # nobody
 
 def _initiator(peer_desc: dict, raddr: int) -> subprocess.CompletedProcess:
     """can_reach + one write from a process running as `nobody`, not dumpable."""
-    code = r"""
+    code = RPC + r"""
 import json, os, sys
 import numpy as np
 from mooncake._core.batch import Batch, slice_requests
-from mooncake.segments import decode, host_identity
-from mooncake.transport import TransportContext
+from mooncake.segments import decode
 from transports.shm import ShmTransport
 from mooncake.config import load_config
 cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4})
-d = decode("peer:1", json.loads(sys.argv[1])); raddr = int(sys.argv[2])
+raw = json.loads(sys.argv[1]); d = decode(raw["name"], raw); raddr = int(sys.argv[2])
 os.setgroups([]); os.setresgid(UID, UID, UID); os.setresuid(UID, UID, UID)
-t = ShmTransport(TransportContext(cfg, "me:1", "127.0.0.1", host_identity(), None, None, None))
+ctx, srv = rpc_ctx(cfg)
+t = ShmTransport(ctx)
 t.start()
 why = t.can_reach(d)
 src = np.full(4096, 7, dtype=np.uint8)
@@ -345,18 +374,19 @@ def test_many_processes_write_at_once(peer):
     raddr = peer("managed", n=nproc * part)
     araddr = peer("array", n=nproc * part)
     raw = json.dumps(peer("desc"))
-    code = r"""
+    code = RPC + r"""
 import json, sys, zlib
 import numpy as np
 from mooncake._core.batch import Batch, slice_requests
-from mooncake.segments import decode, host_identity
-from mooncake.transport import TransportContext
+from mooncake.segments import decode
 from transports.shm import ShmTransport
-d = decode("peer:1", json.loads(sys.argv[1])); i = int(sys.argv[2]); part = int(sys.argv[3])
+raw = json.loads(sys.argv[1]); d = decode(raw["name"], raw)
+i = int(sys.argv[2]); part = int(sys.argv[3])
 from mooncake.config import load_config
 cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2,
                    "transports/shm/async_memcpy_threshold": 0})
-t = ShmTransport(TransportContext(cfg, "w:1", "127.0.0.1", host_identity(), None, None, None))
+ctx, srv = rpc_ctx(cfg)
+t = ShmTransport(ctx)
 t.start()
 src = np.random.default_rng(i).integers(0, 255, part, dtype=np.uint8)
 for rep in range(5):

@@ -23,6 +23,14 @@ Addressing (matching Mooncake's ``cxl_base_addr`` + per-buffer ``offset`` descri
 
 Two processes reach each other when both map the same window: same ``cxl_name`` and size, and for
 a file-backed window also the same host (``host_id``) and file (device and inode numbers).
+
+Silence: the copy kernel checks before every chunk (≤ 1 MiB) that the batch was not cancelled and
+the local region not unregistered, and the engine waits for the tasks pinning a region, so
+:meth:`CxlTransport.unregister` has nothing of its own to wait for.  A buffer the peer published
+read-only (``"access": "ro"``) refuses WRITEs (``MC_E_DENIED``) untouched.  Limit: the window has
+no per-range revocation word (a window may span hosts, with no control channel but the RPC port),
+so a peer holding a stale descriptor can still copy into a range we unregistered until it
+refreshes the descriptor; the window itself stays mapped, so this never faults.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import TYPE_CHECKING, ClassVar
 from mooncake._core import batch as _batch
 from mooncake._core import copy as kc
 from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
+from mooncake.fields import Field, FieldError, check_fields
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
 
 if TYPE_CHECKING:
@@ -165,6 +174,14 @@ class CxlTransport(Transport):
     name: ClassVar[str] = "cxl"
     auto_priority: ClassVar[int] = 20
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu", "cxl"})
+    segment_fields: ClassVar[dict[str, Field]] = {
+        "cxl_name": Field("str", max_len=4096, pattern=r"[^\x00-\x1f]{1,4096}"),
+        "cxl_base_addr": Field("int", 0, (1 << 64) - 1),
+        "size": Field("int", 1, (1 << 63) - 1),
+        "align": Field("int", 1, 1 << 40),
+        "ident": Field("str", max_len=41, pattern=r"([0-9]{1,20}:[0-9]{1,20})?"),
+    }
+    buffer_fields: ClassVar[dict[str, Field]] = {"offset": Field("int", 0, (1 << 63) - 1)}
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
@@ -213,8 +230,8 @@ class CxlTransport(Transport):
         return {"offset": off}
 
     def unregister(self, region: Region) -> None:
-        if self.pool is not None:
-            self.pool.drain(30.0)  # no queued copy touches the region once this returns
+        """Nothing to wait for: our copies touching the region belong to tasks the engine waits
+        for, and each of them stops at its next chunk once the region is revoked."""
 
     def can_reach(self, peer: SegmentDesc) -> str | None:
         w = self.window
@@ -223,6 +240,10 @@ class CxlTransport(Transport):
         info = peer.transports.get("cxl")
         if not info:
             return "peer does not publish cxl"
+        try:
+            check_fields(info, self.segment_fields, "transports.cxl")
+        except FieldError as e:
+            return f"peer's cxl descriptor is malformed: {e}"
         if info.get("cxl_name") != w.name or info.get("size") != w.size:
             return (f"peer maps another CXL window ({info.get('cxl_name')!r}, {info.get('size')} "
                     f"bytes; ours {w.name!r}, {w.size} bytes)")
@@ -242,11 +263,17 @@ class CxlTransport(Transport):
         w = self.window
         virt, raw = [], []
         for b in peer.buffers:
-            off = b.transports.get("cxl", {}).get("offset")
-            if off is None or not 0 <= off or off + b.length > w.size:
-                continue  # not a window range (or not inside our window)
-            virt.append((b.addr, b.length, kc.KIND_MEM, w.mapping, off, None, 0, 0))
-            raw.append((off, b.length, kc.KIND_MEM, w.mapping, off, None, 0, 0))
+            f = b.transports.get("cxl")
+            try:
+                check_fields(f, self.buffer_fields, "buffer.transports.cxl")
+            except FieldError:
+                continue  # not a window range
+            off = f["offset"]
+            if off > w.size or b.length > w.size - off:
+                continue  # not inside our window
+            wr = bool(getattr(b, "writable", True))
+            virt.append((b.addr, b.length, kc.KIND_MEM, w.mapping, off, None, 0, 0, None, 0, wr))
+            raw.append((off, b.length, kc.KIND_MEM, w.mapping, off, None, 0, 0, None, 0, wr))
         rows = virt
         lo = min((r[0] for r in virt), default=0)
         if all(r[0] + r[1] <= lo for r in raw):  # raw offsets never collide with addresses

@@ -2,83 +2,119 @@
 
 How a peer's buffer is reached (decided once per descriptor, not per slice):
 
-* a managed, shm-backed buffer (its descriptor carries ``shm_name``) is mapped here once
-  (relocation cache: peer address → local mapping) and copied with ``memcpy``;
-* any other CPU buffer (NumPy arrays, bytearrays, mmaps) is copied by cross-memory attach
-  (``process_vm_readv``/``process_vm_writev`` on the peer's pid);
+* a managed buffer (its descriptor carries ``shm_name``, ``/proc/<pid>/fd/<n>`` of a memfd the
+  peer sealed against shrinking) is mapped here once (relocation cache: peer address → local
+  mapping) and copied with ``memcpy``;
+* any other CPU buffer (NumPy arrays, bytearrays, mmaps, an unsealed or foreign file) is copied
+  by cross-memory attach (``process_vm_readv``/``process_vm_writev`` on the peer's pid), which
+  returns EFAULT where memory vanished instead of raising SIGBUS;
 * our own segment is copied directly.
 
-"Same host" means equal ``host_id`` (boot id + network namespace), never equal host names.
-Each engine also publishes a small *control page* (a memfd, named ``/proc/<pid>/fd/<fd>``): an
-alive word, a token that proves the published pid is really the peer, and one registration slot
-per buffer.  Every copy re-checks its buffer's slot, so a peer that unregisters (or exits, seen by
-the alive word and a pidfd) makes queued copies end FAILED instead of writing into memory that is
-no longer registered.  When the kernel refuses cross-memory attach (EPERM: Yama ptrace policy,
-another user, a non-dumpable peer) :meth:`ShmTransport.can_reach` says so and the engine uses
-another transport.
+**Descriptors are data from strangers.**  Every path a peer publishes must be
+``/proc/<pid>/fd/<n>`` of the peer's *proven* pid; it is ``stat``-ed before it is opened (regular
+files only: a FIFO or device is never opened), opened ``O_NONBLOCK|O_CLOEXEC`` and ``fstat``-ed
+for its size before it is mapped, and mapped only when ``F_GET_SEALS`` shows it cannot shrink.
+"Same host, same process" is never taken from fields: the initiator opens the peer's control
+page, calls ``shm.prove`` on the peer's RPC port with a fresh nonce, and trusts pid and page only
+when the nonce comes back through that page (a descriptor that copies another engine's pid/page,
+ours included, fails here and the engine falls back to another transport).  A token read by
+cross-memory attach also checks that the pid is the peer in our pid namespace and that the
+kernel lets us attach (EPERM is reported by :meth:`ShmTransport.can_reach`).
+
+**Control page** (a sealed memfd, ``/proc/<pid>/fd/<fd>``): a read-only part for peers (magic,
+pid, alive word, token, the nonces of ``shm.prove``, one registration slot per buffer) and a part
+peers map writable: one lane per initiator process (claimed by compare-and-swap of its pid) of
+per-slot *busy* counters.  Each copy chunk (≤ 1 MiB) runs as ``busy++ → re-check the slot →
+copy → busy--`` (seq_cst), so :meth:`ShmTransport.unregister` can release the slot and then wait
+(without the GIL, up to ``MC_TRANSFER_TIMEOUT``) until every lane's counter was seen at 0 or its
+process exited: after it returns, no peer's copy touches the region.  A peer that stays inside a
+chunk past the timeout (e.g. stopped by SIGSTOP) makes ``unregister`` raise
+:class:`~mooncake.errors.TransferTimeout`; the memory must then not be freed.
+
+Honest limit: processes of the same user can attach to each other anyway (ptrace,
+``process_vm_writev``, ``/proc/<pid>/mem``); the page and the protocol keep well-behaved peers
+silent and make stale or forged descriptors fail, they do not sandbox a hostile process of the
+same user.  Peers that another user runs cannot open our pages or attach at all.
 
 Knobs: ``transports/shm/enable``; ``transports/shm/async_memcpy_threshold`` (bytes: a submit of
-fewer bytes is copied inline, larger ones by the workers); ``MC_WORKERS_PER_CTX`` worker threads.
+fewer bytes is copied inline, larger ones by the workers); ``MC_WORKERS_PER_CTX`` worker threads;
+``MC_TRANSFER_TIMEOUT`` bounds the unregister wait and the proof RPC.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
+import re
 import secrets
+import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from mooncake._core import batch as _batch
 from mooncake._core import copy as kc
-from mooncake.errors import TransportUnavailable
+from mooncake.errors import TransferTimeout, TransportUnavailable
+from mooncake.fields import Field, FieldError, check_fields
+from mooncake.memory import seal_memfd
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
 
 if TYPE_CHECKING:
     from mooncake._core.batch import Slices
 
-__all__ = ["ShmTransport", "ControlPage", "shm_path"]
+__all__ = ["ShmTransport", "ControlPage", "PROC_FD"]
 
 log = logging.getLogger("mooncake.transports.shm")
 
 E_PEER = _batch.E_PEER
 
-# control page layout (u64 words)
-MAGIC = int.from_bytes(b"MCSHMCT1", "little")
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
+#: the only form of path a peer may publish: an fd of its own process
+PROC_FD = re.compile(r"/proc/([1-9][0-9]{0,6})/fd/([0-9]{1,9})")
+
+# control page layout (byte offsets); peers map [0, OFF_OWNERS) read-only
+MAGIC = int.from_bytes(b"MCSHMCT2", "little")
 OFF_MAGIC, OFF_PID, OFF_ALIVE, OFF_TOKEN = 0, 8, 16, 24
-OFF_SLOTS = 64
-NSLOTS = 8192
-CTL_SIZE = OFF_SLOTS + 8 * NSLOTS
+OFF_NONCES, NNONCES = 1024, 128  # shm.prove answers (u64 each), round robin
+OFF_SLOTS, NSLOTS = 8192, 8192  # registration slots: odd = registered, (gen << 1) | 1
+OFF_OWNERS = 128 << 10  # writable by peers: lane k's owner pid (u64), claimed by CAS
+NLANES = 256
+OFF_BUSY = OFF_OWNERS + (64 << 10)  # writable by peers: lane k = one u32 busy counter per slot
+LANE_SIZE = 64 << 10  # 32 KiB used, padded so every lane maps on any page size up to 64 KiB
+CTL_SIZE = OFF_BUSY + NLANES * LANE_SIZE
+assert OFF_SLOTS + 8 * NSLOTS <= OFF_OWNERS and 8 * NLANES <= OFF_BUSY - OFF_OWNERS
+assert 4 * NSLOTS <= LANE_SIZE
 
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 
 
-def shm_path(name: str) -> str:
-    """The file behind a published ``shm_name``: an absolute path as is (hugetlbfs files), a
-    POSIX shm name under ``/dev/shm``."""
-    if name.startswith("/") and "/" in name[1:]:
-        return name
-    return "/dev/shm/" + name.lstrip("/")
+class _NotUsable(Exception):
+    """Why a peer's page or buffer cannot be used (the message is the reason)."""
 
 
 class ControlPage:
-    """Our control page: created at start, unlinked at close."""
+    """Our control page: created at start, closed at close."""
 
     def __init__(self) -> None:
         # a memfd, published as /proc/<pid>/fd/<fd>: peers that may attach to us can open it,
-        # and it vanishes with the process (nothing leaks in /dev/shm after a crash)
-        self.fd = os.memfd_create(f"mooncake_{os.getpid()}_ctl", os.MFD_CLOEXEC)
+        # and it vanishes with the process (nothing leaks in /dev/shm after a crash); sealed so
+        # that no one can shrink it under a peer's mapping
+        fd = os.memfd_create(f"mooncake_{os.getpid()}_ctl", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(self.fd, CTL_SIZE)
-            self.map = kc.Mapping.from_fd(self.fd, CTL_SIZE)
+            os.ftruncate(fd, CTL_SIZE)
+            if not seal_memfd(fd):
+                log.warning("shm: cannot seal the control page; peers will refuse to map it")
+            self.map = kc.Mapping.from_fd(fd, CTL_SIZE)
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
             raise
-        self.name = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.fd = fd
+        self.name = f"/proc/{os.getpid()}/fd/{fd}"
         self.token = secrets.randbits(63) | 1
         m = self.map
         m.store_u64(OFF_PID, os.getpid())
@@ -88,6 +124,7 @@ class ControlPage:
         self._gens = [0] * NSLOTS
         self._free = list(range(NSLOTS - 1, -1, -1))
         self._lock = threading.Lock()
+        self._next_nonce = 0
 
     @property
     def token_addr(self) -> int:
@@ -105,9 +142,47 @@ class ControlPage:
         return i, val
 
     def release(self, slot: int) -> None:
+        """Mark the slot unregistered (seq_cst): chunks that start from now on copy nothing."""
         with self._lock:
             self.map.store_u64(OFF_SLOTS + 8 * slot, self._gens[slot] << 1)
+
+    def free(self, slot: int) -> None:
+        """Let a released slot, whose waiters are gone, be claimed again."""
+        with self._lock:
             self._free.append(slot)
+
+    def post_nonce(self, nonce: int) -> int:
+        """Write a prover's nonce where peers can read it; its index."""
+        with self._lock:
+            at = self._next_nonce
+            self._next_nonce = (at + 1) % NNONCES
+            self.map.store_u64(OFF_NONCES + 8 * at, nonce)
+        return at
+
+    def wait_idle(self, slot: int, timeout: float) -> list[int]:
+        """After :meth:`release`: wait until no peer is inside a chunk on ``slot`` (each lane's
+        counter seen at 0, or its owner exited).  The pids still inside at ``timeout``."""
+        m = self.map
+        lanes, fds, pids = [], [], []
+        try:
+            for k in range(NLANES):
+                owner = m.load_u64(OFF_OWNERS + 8 * k)
+                if not 0 < owner <= PID_MAX or not m.load_u32(OFF_BUSY + k * LANE_SIZE + 4 * slot):
+                    continue
+                fd = _pidfd(owner)
+                if fd is None:
+                    continue  # exited: it cannot copy any more
+                lanes.append(k)
+                fds.append(fd)
+                pids.append(owner)
+            if not lanes:
+                return []
+            left = kc.wait_busy(m, OFF_BUSY, LANE_SIZE, 4 * slot, lanes, fds, timeout)
+            return [pids[lanes.index(k)] for k in left]
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
 
     def close(self) -> None:
         if self.map.closed:
@@ -117,16 +192,103 @@ class ControlPage:
         os.close(self.fd)
 
 
-def _open_map(path: str, length: int, writable: bool = True) -> kc.Mapping:
-    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid``; None when it does not exist, -1 when pidfds are unavailable."""
     try:
-        size = os.fstat(fd).st_size
-        if size < length:
-            raise OSError(errno.EINVAL, f"{path} holds {size} bytes, the peer publishes {length}")
-        # the whole file: huge-page files must be unmapped in whole pages
-        return kc.Mapping.from_fd(fd, size, 0, writable)
-    finally:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (OSError, AttributeError):
+        return -1
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _check_proc_path(path: object, pid: int, what: str) -> str:
+    if not isinstance(path, str) or (m := PROC_FD.fullmatch(path)) is None:
+        raise _NotUsable(f"the peer's {what} {str(path)[:80]!r} is not /proc/<pid>/fd/<n>")
+    if int(m[1]) != pid:
+        raise _NotUsable(f"the peer's {what} {path} is not an fd of the peer's pid {pid}")
+    return path
+
+
+def _open_peer_file(path: str, length: int, writable: bool) -> tuple[int, os.stat_result]:
+    """Open a file a peer published: regular only (stat first, so FIFOs and devices are never
+    opened), O_NONBLOCK|O_CLOEXEC, at least ``length`` bytes.  ``_NotUsable`` or OSError."""
+    st = os.stat(path)  # follows the /proc magic link to the peer's file, opens nothing
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotUsable(f"{path} is {_kind(st.st_mode)}")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotUsable(f"{path} is {_kind(st.st_mode)}")
+        if st.st_size < length:
+            raise _NotUsable(f"{path} holds {st.st_size} bytes, the peer publishes {length}")
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, st
+
+
+def _size_sealed(fd: int) -> bool:
+    """True when the file cannot shrink under a mapping (sealed memfd)."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # not a memfd/shmem file
+        return False
+
+
+# lanes this process claimed in peers' control pages, by the page's (st_dev, st_ino): every
+# transport of the process shares one lane per peer (one pid, one liveness)
+_lanes: dict[tuple[int, int], int] = {}
+_lanes_lock = threading.Lock()
+
+
+def _claim_lane(fd: int, ident: tuple[int, int]) -> tuple[int, kc.Mapping]:
+    """Our lane in the peer's page open at ``fd`` and the writable mapping of its counters."""
+    me = os.getpid()
+    with _lanes_lock:
+        owners = kc.Mapping.from_fd(fd, 8 * NLANES, OFF_OWNERS, True)
+        try:
+            lane = _lanes.get(ident)
+            if lane is None or owners.load_u64(8 * lane) != me:
+                lane, used = _take_lane(owners, me)
+                _lanes[ident] = lane
+                busy = kc.Mapping.from_fd(fd, LANE_SIZE, OFF_BUSY + lane * LANE_SIZE, True)
+                if used:
+                    busy.zero(0, LANE_SIZE)  # an exited owner's leftovers; the lane is ours now
+                return lane, busy
+        finally:
+            owners.close()
+    return lane, kc.Mapping.from_fd(fd, LANE_SIZE, OFF_BUSY + lane * LANE_SIZE, True)
+
+
+def _take_lane(owners: kc.Mapping, me: int) -> tuple[int, bool]:
+    """A lane for pid ``me``, and whether an earlier owner may have left counters in it."""
+    for k in range(NLANES):
+        if owners.load_u64(8 * k) == me:
+            return k, True  # a process that had our pid before us
+    for k in range(NLANES):
+        if owners.cas_u64(8 * k, 0, me):
+            return k, False  # never used: lanes are not given back while their owner lives
+    for k in range(NLANES):  # reclaim a lane whose process exited
+        owner = owners.load_u64(8 * k)
+        fd = _pidfd(owner) if 0 < owner <= PID_MAX else None
+        if fd is None:
+            if owners.cas_u64(8 * k, owner, me):
+                return k, True
+        elif fd >= 0:
+            os.close(fd)
+    raise _NotUsable(f"all {NLANES} initiator lanes of the peer's control page are in use")
 
 
 @dataclass(eq=False)
@@ -137,6 +299,7 @@ class _Link:
     ctl: kc.Mapping | None
     handle: kc.Peer | None
     reason: str | None = None
+    busy: kc.Mapping | None = None
     who: tuple = ()
     key: tuple = ()
     table: kc.Table | None = None
@@ -147,8 +310,13 @@ class _Link:
             m.close()
         self.maps.clear()
         self.table = None
-        if self.ctl is not None:
-            self.ctl.close()
+        for m in (self.ctl, self.busy):
+            if m is not None:
+                m.close()
+
+
+def _failed(reason: str, pid: int = 0) -> _Link:
+    return _Link(pid, None, None, reason)
 
 
 class ShmTransport(Transport):
@@ -158,13 +326,22 @@ class ShmTransport(Transport):
     auto_priority: ClassVar[int] = 10
     same_host_only: ClassVar[bool] = True
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu", "cxl"})
+    segment_fields: ClassVar[dict[str, Field]] = {
+        "ctl": Field("str", max_len=32, pattern=PROC_FD.pattern),
+        "pid": Field("int", 1, PID_MAX),
+        "token_addr": Field("int", 1, (1 << 64) - 8),
+    }
+    buffer_fields: ClassVar[dict[str, Field]] = {
+        "slot": Field("int", 0, NSLOTS - 1),
+        "gen": Field("int", 1, (1 << 63) - 1),
+    }
 
     @classmethod
     def probe(cls) -> str | None:
-        if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
-            return "/dev/shm is missing or not writable"
         if not os.path.exists("/proc/self/ns/net"):
             return "needs Linux (process_vm_readv, /proc)"
+        if not hasattr(os, "memfd_create"):
+            return "needs memfd_create"
         return None
 
     def __init__(self, ctx: TransportContext) -> None:
@@ -173,10 +350,12 @@ class ShmTransport(Transport):
         self.enabled = cfg["transports/shm/enable"]
         self.inline_max = cfg["transports/shm/async_memcpy_threshold"]
         self.nworkers = cfg["MC_WORKERS_PER_CTX"]
+        self.timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
         self.pool: kc.CopyPool | None = None
         self.ctl: ControlPage | None = None
         self._slots: dict[int, int] = {}  # region addr -> slot
         self._links: dict[str, _Link] = {}
+        self._connecting: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -186,6 +365,8 @@ class ShmTransport(Transport):
             raise TransportUnavailable("shm is disabled by transports/shm/enable=false")
         self.ctl = ControlPage()
         self.pool = kc.CopyPool(self.nworkers)
+        if self.ctx.add_rpc_handler is not None:
+            self.ctx.add_rpc_handler("shm.prove", self._on_prove)
         _allow_attach()
         return {"ctl": self.ctl.name, "token_addr": self.ctl.token_addr, "pid": os.getpid()}
 
@@ -194,12 +375,24 @@ class ShmTransport(Transport):
             self.pool.close()  # queued copies end FAILED (ECANCELED)
             self.pool = None
         with self._lock:
-            for link in self._links.values():
-                link.close()
+            links = list(self._links.values())
             self._links.clear()
-        if self.ctl is not None:
-            self.ctl.close()
+        for link in links:
+            link.close()
+        ctl = self.ctl
+        if ctl is not None:
             self.ctl = None
+            ctl.map.store_u64(OFF_ALIVE, 0)  # peers' next chunk fails (MC_E_PEER)
+            slots, self._slots = list(self._slots.values()), {}
+            deadline = time.monotonic() + self.timeout
+            for slot in slots:
+                ctl.release(slot)
+            for slot in slots:
+                stuck = ctl.wait_idle(slot, max(0.0, deadline - time.monotonic()))
+                if stuck:
+                    log.error("shm: closing while peer process(es) %s still copy into a "
+                              "registered buffer (slot %d) after %.0fs", stuck, slot, self.timeout)
+            ctl.close()
 
     # -- registration --------------------------------------------------------------------------
 
@@ -208,20 +401,59 @@ class ShmTransport(Transport):
             return None
         got = self.ctl.claim()
         if got is None:
-            log.warning("shm: all %d registration slots are used; 0x%x is published without "
-                        "unregistration checks", NSLOTS, region.addr)
-            return {}
+            log.warning("shm: all %d registration slots are used; 0x%x is not reachable over shm",
+                        NSLOTS, region.addr)
+            return None
         self._slots[region.addr] = got[0]
         return {"slot": got[0], "gen": got[1]}
 
     def unregister(self, region: Region) -> None:
+        """Release the region's slot, then wait (up to ``MC_TRANSFER_TIMEOUT``, without the GIL)
+        until no peer is inside a copy chunk on it.  Copies we started ourselves are the
+        engine's business (it waits for the tasks pinning the region).  Raises
+        :class:`TransferTimeout` when a live peer is still inside a chunk: the memory must not be
+        freed then."""
         slot = self._slots.pop(region.addr, None)
-        if slot is not None and self.ctl is not None:
-            self.ctl.release(slot)  # peers' queued copies into it now fail
-        if self.pool is not None:
-            # copies we queued may still read or write this local region: let them finish
-            # before the caller frees it (they are bounded memcpy/attach calls)
-            self.pool.drain(30.0)
+        ctl = self.ctl
+        if slot is None or ctl is None:
+            return
+        ctl.release(slot)
+        stuck = ctl.wait_idle(slot, self.timeout)
+        if stuck:
+            raise TransferTimeout(
+                f"shm: peer process(es) {stuck} are still copying into 0x{region.addr:x}+"
+                f"{region.length} {self.timeout:g}s (MC_TRANSFER_TIMEOUT) after it was "
+                "unregistered; the memory must not be freed yet")
+        ctl.free(slot)
+
+    # -- the proof -----------------------------------------------------------------------------
+
+    def _on_prove(self, args: dict) -> dict:
+        """``shm.prove``: write the caller's nonce into our control page; where it is."""
+        nonce = args.get("nonce") if isinstance(args, dict) else None
+        if type(nonce) is not int or not 0 < nonce < 1 << 63:
+            raise ValueError("shm.prove needs a nonce in 1..2**63-1")
+        ctl = self.ctl
+        if ctl is None:
+            raise RuntimeError("shm is closed")
+        return {"at": ctl.post_nonce(nonce)}
+
+    def _prove(self, peer: SegmentDesc, ctl: kc.Mapping, path: str) -> None:
+        if self.ctx.rpc_call is None:
+            raise _NotUsable("cannot prove the peer's identity: this transport has no RPC")
+        nonce = secrets.randbits(63) | 1
+        try:
+            reply = self.ctx.rpc_call(peer.name, "shm.prove", {"nonce": nonce},
+                                      min(self.timeout, 10.0))
+        except Exception as e:  # noqa: BLE001 - any failure means "not proven"
+            raise _NotUsable(f"the peer did not answer the shm proof: {e}") from None
+        at = reply.get("at") if isinstance(reply, dict) else None
+        if type(at) is not int or not 0 <= at < NNONCES:
+            raise _NotUsable(f"the peer answered the shm proof with {str(reply)[:80]!r}")
+        if ctl.load_u64(OFF_NONCES + 8 * at) != nonce:
+            raise _NotUsable(f"the engine at {peer.name} failed the shm proof: the control page "
+                             f"{path} is not its own (a descriptor copying another engine's pid "
+                             "and control page?)")
 
     # -- reachability --------------------------------------------------------------------------
 
@@ -240,52 +472,91 @@ class ShmTransport(Transport):
             return f"peer process {link.pid} has exited or closed its engine"
         return None
 
+    def _fresh(self, link: _Link | None, who: tuple, peer: SegmentDesc) -> bool:
+        return link is not None and link.who == who and (
+            link.reason is None or link.key == _ident(peer))
+
     def _link(self, peer: SegmentDesc) -> _Link:
+        info = peer.transports.get("shm")
+        info = info if isinstance(info, dict) else {}
+        who = (repr(info.get("pid")), repr(info.get("ctl")), repr(info.get("token_addr")))
         with self._lock:
             link = self._links.get(peer.name)
-            info = peer.transports.get("shm", {})
-            pid = int(info.get("pid") or peer.pid or 0)
-            who = (pid, info.get("ctl"), info.get("token_addr"))
-            if link is not None and link.who == who and (
-                    link.reason is None or link.key == _ident(peer)):
+            if self._fresh(link, who, peer):
                 return link
-            if link is not None:
-                link.close()
-            link = self._links[peer.name] = self._connect(peer, info, pid)
-            link.who = who
-            link.key = _ident(peer)
-            return link
+            connecting = self._connecting.setdefault(peer.name, threading.Lock())
+        with connecting:  # one proof per peer at a time; no transport-wide lock across the peer
+            with self._lock:
+                link = self._links.get(peer.name)
+                if self._fresh(link, who, peer):
+                    return link
+            new = self._connect(peer, info)
+            new.who, new.key = who, _ident(peer)
+            with self._lock:
+                old = self._links.get(peer.name)
+                self._links[peer.name] = new
+            if old is not None:
+                old.close()  # queued copies keep what they use mapped (refcounts)
+            return new
 
-    def _connect(self, peer: SegmentDesc, info: dict, pid: int) -> _Link:
-        name = info.get("ctl")
-        if not name or pid <= 0:
-            return _Link(pid, None, None, "peer's shm descriptor lacks its control page or pid")
+    def _connect(self, peer: SegmentDesc, info: dict) -> _Link:
         try:
-            ctl = _open_map(shm_path(name), CTL_SIZE, writable=False)
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM) and name.startswith("/proc/"):
-                return _Link(pid, None, None, _attach_reason(pid, errno.EPERM))
-            return _Link(pid, None, None, f"cannot open the peer's shm control page "
-                                          f"{shm_path(name)}: {e.strerror or e} (is /dev/shm "
-                                          "shared with it?)")
-        if ctl.load_u64(OFF_MAGIC) != MAGIC or ctl.load_u64(OFF_PID) != pid:
-            ctl.close()
-            return _Link(pid, None, None, f"shm control page {name} does not belong to pid {pid}")
-        token = ctl.load_u64(OFF_TOKEN)
-        if pid != os.getpid():
-            buf = ctypes.c_uint64(0)
-            rc = kc.pv_copy(pid, 0, ctypes.addressof(buf), int(info.get("token_addr", 0)), 8)
-            if rc:
-                ctl.close()
-                return _Link(pid, None, None, _attach_reason(pid, rc))
-            if buf.value != token:
-                ctl.close()
-                return _Link(pid, None, None, f"pid {pid} is not the peer (token mismatch: "
-                                              "different pid namespace?)")
-        handle = kc.Peer(pid, ctl, OFF_ALIVE)
-        return _Link(pid, ctl, handle)
+            check_fields(info, self.segment_fields, "transports.shm")
+        except FieldError as e:
+            return _failed(f"peer's shm descriptor is malformed: {e}")
+        pid, name = info["pid"], info["ctl"]
+        ctl = busy = None
+        try:
+            _check_proc_path(name, pid, "control page")
+            try:
+                fd, st = _open_peer_file(name, CTL_SIZE, writable=True)
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    raise _NotUsable(_attach_reason(pid, errno.EPERM)) from None
+                raise _NotUsable(f"cannot open the peer's shm control page {name}: "
+                                 f"{e.strerror or e}") from None
+            try:
+                if not _size_sealed(fd):
+                    raise _NotUsable(f"the peer's control page {name} is not a memfd sealed "
+                                     "against shrinking")
+                ctl = kc.Mapping.from_fd(fd, OFF_OWNERS, 0, False)
+                if ctl.load_u64(OFF_MAGIC) != MAGIC or ctl.load_u64(OFF_PID) != pid:
+                    raise _NotUsable(f"shm control page {name} does not belong to pid {pid}")
+                if pid != os.getpid():
+                    token = ctl.load_u64(OFF_TOKEN)
+                    buf = ctypes.c_uint64(0)
+                    rc = kc.pv_copy(pid, 0, ctypes.addressof(buf), info["token_addr"], 8)
+                    if rc:
+                        raise _NotUsable(_attach_reason(pid, rc))
+                    if buf.value != token:
+                        raise _NotUsable(f"pid {pid} is not the peer (token mismatch: different "
+                                         "pid namespace?)")
+                self._prove(peer, ctl, name)
+                _, busy = _claim_lane(fd, (st.st_dev, st.st_ino))
+            finally:
+                os.close(fd)
+            return _Link(pid, ctl, kc.Peer(pid, ctl, OFF_ALIVE), busy=busy)
+        except (_NotUsable, OSError) as e:
+            for m in (ctl, busy):
+                if m is not None:
+                    m.close()
+            why = str(e) if isinstance(e, _NotUsable) else f"shm setup failed: {e}"
+            return _failed(why, pid)
 
     # -- data path -----------------------------------------------------------------------------
+
+    def _map_buffer(self, link: _Link, name: str, length: int, writable: bool) -> kc.Mapping:
+        """Map a peer's sealed memfd; ``_NotUsable``/OSError when it must be attached instead."""
+        _check_proc_path(name, link.pid, "shm_name")
+        fd, st = _open_peer_file(name, length, writable)
+        try:
+            if not _size_sealed(fd):
+                raise _NotUsable(f"{name} is not sealed against shrinking")
+            page = max(st.st_blksize, os.sysconf("SC_PAGE_SIZE"))  # hugetlbfs: the huge page
+            size = min(st.st_size, -(-length // page) * page)  # unmapped in whole pages
+            return kc.Mapping.from_fd(fd, size, 0, writable)
+        finally:
+            os.close(fd)
 
     def _table(self, link: _Link, peer: SegmentDesc) -> kc.Table:
         key = _ident(peer)
@@ -297,20 +568,25 @@ class ShmTransport(Transport):
         for b in peer.buffers:
             if not b.location.startswith(("cpu", "cxl", "*")):
                 continue
-            f = b.transports.get("shm", {})
-            slot = (link.ctl, OFF_SLOTS + 8 * int(f["slot"]), int(f["gen"])) if "slot" in f \
-                else (None, 0, 0)
+            f = b.transports.get("shm")
+            try:
+                check_fields(f, self.buffer_fields, "buffer.transports.shm")
+            except FieldError:
+                continue  # no slot: it cannot be unregistered safely, so it is not reachable
+            writable = bool(getattr(b, "writable", True))
+            slot = (link.ctl, OFF_SLOTS + 8 * f["slot"], f["gen"], link.busy, 4 * f["slot"],
+                    writable)
             if same:
                 rows.append((b.addr, b.length, kc.KIND_MEM, None, 0, *slot))
                 continue
             if b.shm_name:
-                mk = (b.shm_name, b.addr, b.length)
+                mk = (b.shm_name, b.addr, b.length, writable)
                 m = link.maps.get(mk)
                 if m is None:
                     try:
-                        m = _open_map(shm_path(b.shm_name), b.length)
-                    except OSError as e:
-                        log.debug("shm: cannot map %s (%s); using cross-memory attach",
+                        m = self._map_buffer(link, b.shm_name, b.length, writable)
+                    except (_NotUsable, OSError) as e:
+                        log.debug("shm: not mapping %s (%s); using cross-memory attach",
                                   b.shm_name, e)
                 if m is not None:
                     maps[mk] = m
@@ -331,13 +607,17 @@ class ShmTransport(Transport):
         if link is None or link.reason or link.handle is None:
             slices.fail_all(E_PEER)
             return
-        pool.submit(slices, link.handle, self._table(link, peer), self.inline_max)
+        with self._lock:
+            table = self._table(link, peer)
+        pool.submit(slices, link.handle, table, self.inline_max)
 
     def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
         self.submit(peer, slices)
         return slices.batch.wait(timeout, 50e-6)
 
     def abort(self, peer: SegmentDesc) -> None:
+        """Fallback after a timeout: fail every copy queued for ``peer`` so far and wait for the
+        workers to let go (chunks in progress end at their next check)."""
         link = self._links.get(peer.name)
         if link is not None and link.handle is not None:
             link.handle.cancel()
@@ -378,4 +658,3 @@ def _allow_attach() -> None:
         if libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(PR_SET_PTRACER_ANY), 0, 0, 0) == 0:
             _attach_allowed = True
             log.debug("shm: Yama ptrace_scope=1, allowed same-user peers to attach")
-

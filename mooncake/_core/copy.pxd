@@ -12,9 +12,11 @@ cdef extern from "mc_copy.h" nogil:
         MC_CP_MEM
         MC_CP_PV
         MC_CP_MAX_THREADS
+    uint64_t MC_CP_CHUNK
     ctypedef struct mc_map_t:
         char *base
         size_t len
+        int writable
     ctypedef struct mc_peer_t:
         int pid
         int pidfd
@@ -22,18 +24,21 @@ cdef extern from "mc_copy.h" nogil:
         uint64_t start
         uint64_t end
         int kind
+        int writable
         mc_map_t *map
         uint64_t map_off
         const void *slot
         uint64_t slot_val
+        void *busy
+        mc_map_t *slot_map
+        mc_map_t *busy_map
     ctypedef struct mc_table_t:
         int n
     ctypedef struct mc_op_t:
         uint64_t local
         uint64_t remote
         uint64_t len
-        const void *slot
-        uint64_t slot_val
+        const mc_entry_t *e
         uint32_t task
         uint8_t kind
         uint8_t op
@@ -42,7 +47,7 @@ cdef extern from "mc_copy.h" nogil:
     ctypedef struct mc_pool_t:
         int nthreads
 
-    mc_map_t *mc_map_new(char *base, size_t len, int owned)
+    mc_map_t *mc_map_new(char *base, size_t len, int owned, int writable)
     void mc_map_ref(mc_map_t *m)
     void mc_map_unref(mc_map_t *m)
     mc_peer_t *mc_peer_new(int pid, int pidfd, mc_map_t *ctl, uint64_t alive_off)
@@ -68,9 +73,15 @@ cdef extern from "mc_copy.h" nogil:
     void mc_pool_stop(mc_pool_t *p, int32_t err)
     int64_t *mc_pool_inflight(mc_pool_t *p)
     int mc_wait_zero(int64_t *counter, double timeout_s)
+    int mc_busy_wait(char *area, uint64_t lane_size, uint64_t slot_off, int *lanes,
+                     const int *pidfds, int n, double timeout_s)
+    int mc_fd_readable(int fd)
     int64_t mc_load64(const int64_t *counter)
     uint64_t mc_load_u64(const void *addr)
     void mc_store_u64(void *addr, uint64_t v)
+    int mc_cas_u64(void *addr, uint64_t expect, uint64_t v)
+    uint32_t mc_load_u32(const void *addr)
+    uint32_t mc_add_u32(void *addr, int32_t d)
     int32_t mc_pv_copy(int pid, int op, uint64_t local, uint64_t remote, uint64_t len)
     int mc_pidfd_open(int pid)
 
@@ -78,6 +89,7 @@ cdef extern from "mc_copy.h" nogil:
 cdef class Mapping:
     cdef mc_map_t *m
     cdef int _live(self) except -1
+    cdef int _check_word(self, uint64_t off, uint64_t size) except -1
 
 
 cdef class Peer:
@@ -87,7 +99,6 @@ cdef class Peer:
 
 cdef class Table:
     cdef mc_table_t *t
-    cdef list _keep
 
 
 cdef class CopyPool:

@@ -7,11 +7,21 @@
  *   mc_peer_t   the process on the other end: pid, a pidfd (exit detection), the "alive" word of
  *               its control page, an abort generation and an in-flight counter.
  *   mc_table_t  the peer's buffers, sorted by start address: how a remote range is reached
- *               (through a mapping, directly, or by process_vm_readv/writev) and which
- *               registration slot must still hold the value it had when the table was built.
+ *               (through a mapping, directly, or by process_vm_readv/writev), whether WRITEs may
+ *               land in it, which registration slot must still hold the value it had when the
+ *               table was built, and this initiator's busy counter for that slot.
  *   mc_group_t  the copy ops of one submit; workers claim chunks of consecutive ops under the pool
  *               mutex, run them unlocked and report each op with mc_slice_done().  The group holds
  *               a batch reference until its last op is reported.
+ *
+ * Silence.  An op is copied in chunks of at most MC_CP_CHUNK bytes.  Before each chunk the worker
+ * checks mc_slice_live() (the batch was cancelled, the local region unregistered), the peer's
+ * abort generation and alive word; then, around the chunk, the target-side protocol:
+ *     busy++ (seq_cst)  ->  re-load the registration slot (seq_cst)  ->  copy  ->  busy-- (release)
+ * The target unregisters by storing a new slot value (seq_cst) and then waiting until every
+ * initiator's busy counter for that slot was seen at 0 (mc_busy_wait): either a worker saw the
+ * new value and copied nothing, or the target waits for its chunk to end.  A slice is reported
+ * only after its last byte was copied (or it was stopped), so a task that ended is never touched.
  */
 #ifndef MC_COPY_H
 #define MC_COPY_H
@@ -32,6 +42,7 @@
 enum { MC_CP_READ = 0, MC_CP_WRITE = 1 };          /* slice opcodes (batch.OP_READ/OP_WRITE) */
 enum { MC_CP_MEM = 0, MC_CP_PV = 1 };              /* how an entry is reached */
 #define MC_CP_MAX_THREADS 64
+#define MC_CP_CHUNK ((uint64_t)1 << 20)            /* bytes copied between two checks */
 
 /* ------------------------------------------------------------------ mappings */
 
@@ -40,15 +51,17 @@ typedef struct {
     char *base;
     size_t len;
     int owned;            /* munmap on last unref */
+    int writable;         /* mapped PROT_WRITE (a view of our own memory counts as writable) */
 } mc_map_t;
 
-static inline mc_map_t *mc_map_new(char *base, size_t len, int owned) {
+static inline mc_map_t *mc_map_new(char *base, size_t len, int owned, int writable) {
     mc_map_t *m = (mc_map_t *)calloc(1, sizeof(mc_map_t));
     if (!m) return NULL;
     atomic_init(&m->refs, 1);
     m->base = base;
     m->len = len;
     m->owned = owned;
+    m->writable = writable;
     return m;
 }
 
@@ -98,21 +111,32 @@ static inline void mc_peer_unref(mc_peer_t *p) {
     }
 }
 
-/* 0 while the peer is usable; MC_E_TIMEOUT after an abort, MC_E_PEER once it exited/closed. */
-static inline int32_t mc_peer_check(mc_peer_t *p, int32_t gen) {
+/* 1 when `fd` (a pidfd) is readable: its process exited.  -1 means "unknown": never. */
+static inline int mc_fd_readable(int fd) {
+    if (fd < 0) return 0;
+    struct pollfd pf = {fd, POLLIN, 0};
+    return poll(&pf, 1, 0) > 0;
+}
+
+/* The cheap part of mc_peer_check (atomic loads only): abort generation and alive word. */
+static inline int32_t mc_peer_quick(mc_peer_t *p, int32_t gen) {
     if (!p) return 0;
-    if (atomic_load(&p->cancel_gen) != gen) return MC_E_TIMEOUT;
-    if (atomic_load(&p->dead)) return MC_E_PEER;
+    if (atomic_load_explicit(&p->cancel_gen, memory_order_acquire) != gen) return MC_E_TIMEOUT;
+    if (atomic_load_explicit(&p->dead, memory_order_relaxed)) return MC_E_PEER;
     if (p->alive && atomic_load_explicit(p->alive, memory_order_acquire) == 0) {
         atomic_store(&p->dead, 1);
         return MC_E_PEER;
     }
-    if (p->pidfd >= 0) {
-        struct pollfd pf = {p->pidfd, POLLIN, 0};
-        if (poll(&pf, 1, 0) > 0) {
-            atomic_store(&p->dead, 1);
-            return MC_E_PEER;
-        }
+    return 0;
+}
+
+/* 0 while the peer is usable; MC_E_TIMEOUT after an abort, MC_E_PEER once it exited/closed. */
+static inline int32_t mc_peer_check(mc_peer_t *p, int32_t gen) {
+    int32_t err = mc_peer_quick(p, gen);
+    if (err || !p) return err;
+    if (mc_fd_readable(p->pidfd)) {
+        atomic_store(&p->dead, 1);
+        return MC_E_PEER;
     }
     return 0;
 }
@@ -122,10 +146,13 @@ static inline int32_t mc_peer_check(mc_peer_t *p, int32_t gen) {
 typedef struct {
     uint64_t start, end;              /* the range as the initiator names it (remote addresses) */
     int kind;                         /* MC_CP_MEM or MC_CP_PV */
+    int writable;                     /* WRITEs may land in it (else MC_E_DENIED, untouched) */
     mc_map_t *map;                    /* MEM: where it lives here (NULL: addresses valid as is) */
     uint64_t map_off;                 /* MEM: offset of `start` inside map */
     const void *slot;                 /* registration slot (atomic u64) to re-check, or NULL */
     uint64_t slot_val;
+    void *busy;                       /* our busy counter (atomic u32) for that slot, or NULL */
+    mc_map_t *slot_map, *busy_map;    /* keep `slot` and `busy` mapped while the table lives */
 } mc_entry_t;
 
 typedef struct {
@@ -146,7 +173,11 @@ static inline void mc_table_ref(mc_table_t *t) { atomic_fetch_add(&t->refs, 1); 
 
 static inline void mc_table_unref(mc_table_t *t) {
     if (t && atomic_fetch_sub(&t->refs, 1) == 1) {
-        for (int i = 0; i < t->n; i++) mc_map_unref(t->e[i].map);
+        for (int i = 0; i < t->n; i++) {
+            mc_map_unref(t->e[i].map);
+            mc_map_unref(t->e[i].slot_map);
+            mc_map_unref(t->e[i].busy_map);
+        }
         free(t);
     }
 }
@@ -170,8 +201,7 @@ typedef struct {
     uint64_t local;                   /* initiator memory */
     uint64_t remote;                  /* MEM: local view of the target; PV: peer address */
     uint64_t len;
-    const void *slot;
-    uint64_t slot_val;
+    const mc_entry_t *e;              /* the table entry holding the remote range */
     uint32_t task;
     uint8_t kind, op;
 } mc_op_t;
@@ -226,17 +256,27 @@ static inline void mc_group_release(mc_group_t *g, int64_t n) {
     if (atomic_fetch_sub(&g->left, n) == n) mc_group_free(g);
 }
 
+/* One cross-memory-attach copy of `len` bytes.  0 or an errno: a peer range that is not mapped
+ * (e.g. a truncated file) gives EFAULT, never a signal.  EAGAIN/ENOMEM back off (never spin). */
 static inline int32_t mc_pv_copy(int pid, int op, uint64_t local, uint64_t remote, uint64_t len) {
+    int again = 0;
     while (len) {
         struct iovec l = {(void *)(uintptr_t)local, (size_t)len};
         struct iovec r = {(void *)(uintptr_t)remote, (size_t)len};
         ssize_t got = op == MC_CP_WRITE ? process_vm_writev(pid, &l, 1, &r, 1, 0)
                                         : process_vm_readv(pid, &l, 1, &r, 1, 0);
         if (got < 0) {
-            if (errno == EINTR) continue;
-            return errno ? errno : EIO;
+            int e = errno;
+            if (e == EINTR) continue;
+            if ((e == EAGAIN || e == ENOMEM) && again < 50) {
+                struct timespec nap = {0, 100000L * (1 + again++)};   /* 0.1 ms .. 5 ms */
+                nanosleep(&nap, NULL);
+                continue;
+            }
+            return e ? e : EIO;
         }
         if (got == 0) return EFAULT;
+        again = 0;
         local += (uint64_t)got;
         remote += (uint64_t)got;
         len -= (uint64_t)got;
@@ -244,23 +284,49 @@ static inline int32_t mc_pv_copy(int pid, int op, uint64_t local, uint64_t remot
     return 0;
 }
 
-static inline int32_t mc_op_copy(const mc_group_t *g, const mc_op_t *o) {
-    if (o->kind == MC_CP_PV) return mc_pv_copy(g->peer->pid, o->op, o->local, o->remote, o->len);
-    if (o->op == MC_CP_WRITE) memcpy((void *)(uintptr_t)o->remote, (const void *)(uintptr_t)o->local, o->len);
-    else memcpy((void *)(uintptr_t)o->local, (const void *)(uintptr_t)o->remote, o->len);
+/* Copy bytes [off, off+n) of op o. */
+static inline int32_t mc_chunk_copy(const mc_group_t *g, const mc_op_t *o, uint64_t off,
+                                    uint64_t n) {
+    if (o->kind == MC_CP_PV)
+        return mc_pv_copy(g->peer->pid, o->op, o->local + off, o->remote + off, n);
+    void *l = (void *)(uintptr_t)(o->local + off), *r = (void *)(uintptr_t)(o->remote + off);
+    if (o->op == MC_CP_WRITE) memcpy(r, l, n);
+    else memcpy(l, r, n);
     return 0;
 }
 
-/* Run ops [i, j) of g and report each one.  May free g. */
+/* Run one op: chunks of MC_CP_CHUNK bytes, each preceded by the liveness checks and wrapped in
+ * the busy/slot protocol (see the top of this file).  0 or the error to report the slice with. */
+static inline int32_t mc_op_run(const mc_group_t *g, const mc_op_t *o) {
+    const mc_entry_t *e = o->e;
+    if (o->op == MC_CP_WRITE && !e->writable) return MC_E_DENIED;
+    _Atomic uint32_t *busy = (_Atomic uint32_t *)e->busy;
+    const _Atomic uint64_t *slot = (const _Atomic uint64_t *)e->slot;
+    uint64_t done = 0;
+    do {
+        uint64_t n = o->len - done;
+        if (n > MC_CP_CHUNK) n = MC_CP_CHUNK;
+        int32_t err = mc_slice_live(g->batch, o->task);
+        if (!err) err = mc_peer_quick(g->peer, g->cancel_gen);
+        if (err) return err;
+        if (busy) atomic_fetch_add_explicit(busy, 1, memory_order_seq_cst);
+        if (slot && atomic_load_explicit(slot, memory_order_seq_cst) != e->slot_val)
+            err = MC_E_REFUSED;   /* the peer unregistered the buffer since we resolved it */
+        else if (n)
+            err = mc_chunk_copy(g, o, done, n);
+        if (busy) atomic_fetch_sub_explicit(busy, 1, memory_order_seq_cst);
+        if (err) return err;
+        done += n;
+    } while (done < o->len);
+    return 0;
+}
+
+/* Run ops [i, j) of g and report each one after its last byte.  May free g. */
 static inline void mc_group_run(mc_group_t *g, int64_t i, int64_t j) {
     int32_t perr = mc_peer_check(g->peer, g->cancel_gen);
     for (int64_t k = i; k < j; k++) {
         const mc_op_t *o = &g->ops[k];
-        int32_t err = perr;
-        if (!err && o->slot &&
-            atomic_load_explicit((const _Atomic uint64_t *)o->slot, memory_order_acquire) != o->slot_val)
-            err = MC_E_REFUSED;   /* the peer unregistered the buffer since we resolved it */
-        if (!err) err = mc_op_copy(g, o);
+        int32_t err = perr ? perr : mc_op_run(g, o);
         mc_slice_done(g->batch, o->task, err ? 0 : (int64_t)o->len, err);
     }
     mc_group_release(g, j - i);
@@ -379,6 +445,34 @@ static inline int mc_wait_zero(int64_t *counter_, double timeout_s) {
     return 0;
 }
 
+/* Target side of the busy protocol, after the slot's new value was stored (seq_cst): wait until
+ * each initiator lane's counter for the slot was seen at 0 or the lane's process exited.
+ * `area` + lanes[i] * lane_size + slot_off is lane i's counter (atomic u32); pidfds[i] (-1:
+ * unknown) tells whether its owner exited.  Lanes found idle are set to -1; 0 or ETIMEDOUT. */
+static inline int mc_busy_wait(char *area, uint64_t lane_size, uint64_t slot_off, int *lanes,
+                               const int *pidfds, int n, double timeout_s) {
+    double until = mc_now() + timeout_s;
+    long nap = 20000;                       /* ns, doubling to 1 ms */
+    atomic_thread_fence(memory_order_seq_cst);
+    for (;;) {
+        int left = 0;
+        for (int i = 0; i < n; i++) {
+            if (lanes[i] < 0) continue;
+            const _Atomic uint32_t *c =
+                (const _Atomic uint32_t *)(area + (uint64_t)lanes[i] * lane_size + slot_off);
+            if (atomic_load_explicit(c, memory_order_seq_cst) == 0 || mc_fd_readable(pidfds[i]))
+                lanes[i] = -1;
+            else
+                left++;
+        }
+        if (!left) return 0;
+        if (mc_now() > until) return ETIMEDOUT;
+        struct timespec ts = {0, nap};
+        nanosleep(&ts, NULL);
+        if (nap < 1000000) nap *= 2;
+    }
+}
+
 static inline int mc_pidfd_open(int pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
 /* ------------------------------------------------------------------ accessors for Cython */
@@ -395,8 +489,18 @@ static inline int64_t mc_load64(const int64_t *c) { return atomic_load((const _A
 static inline uint64_t mc_load_u64(const void *a) {
     return atomic_load_explicit((const _Atomic uint64_t *)a, memory_order_acquire);
 }
+/* seq_cst: a slot release must be ordered before the busy counters are read (mc_busy_wait). */
 static inline void mc_store_u64(void *a, uint64_t v) {
-    atomic_store_explicit((_Atomic uint64_t *)a, v, memory_order_release);
+    atomic_store_explicit((_Atomic uint64_t *)a, v, memory_order_seq_cst);
+}
+static inline int mc_cas_u64(void *a, uint64_t expect, uint64_t v) {
+    return atomic_compare_exchange_strong((_Atomic uint64_t *)a, &expect, v);
+}
+static inline uint32_t mc_load_u32(const void *a) {
+    return atomic_load_explicit((const _Atomic uint32_t *)a, memory_order_seq_cst);
+}
+static inline uint32_t mc_add_u32(void *a, int32_t d) {
+    return atomic_fetch_add_explicit((_Atomic uint32_t *)a, (uint32_t)d, memory_order_seq_cst);
 }
 
 #endif
