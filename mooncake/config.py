@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 import threading
 import warnings
@@ -131,7 +132,9 @@ def _float(raw: Any) -> float:
         v = float(raw.strip() if isinstance(raw, str) else raw)
     except (TypeError, ValueError):
         raise _Invalid("not a number") from None
-    if not math.isfinite(v):
+    except OverflowError:  # an int beyond any float
+        raise _Invalid("not a finite number") from None
+    if not math.isfinite(v):  # nan, inf, and "1e999"
         raise _Invalid("not a finite number")
     return v
 
@@ -221,7 +224,7 @@ def allowed(opt: Option) -> str:
     else:
         lo, hi = opt.range or (None, None)
         low = None if lo is None else f"{'>' if opt.min_exclusive else '>='} {fmt(lo)}"
-        if lo is not None and hi is not None and not opt.min_exclusive:
+        if lo is not None and hi is not None and not opt.min_exclusive and opt.type is not float:
             text = f"{fmt(lo)}..{fmt(hi)}{unit}"
         else:
             text = " and ".join(p for p in (low, hi is not None and f"<= {fmt(hi)}") if p) + unit
@@ -239,7 +242,7 @@ def _brief(raw: Any, limit: int = 80) -> str:
 def _checked(opt: Option, raw: Any, where: str) -> Any:
     try:
         return _parse(opt, raw)
-    except _Invalid as e:
+    except (ValueError, TypeError, OverflowError) as e:  # _Invalid, or a parser's own
         label = opt.name if where == opt.name else f"{where} ({opt.name})"
         msg = f"{label}={_brief(raw)} is invalid ({e}); allowed: {allowed(opt)}"
         raise ConfigError(msg) from None
@@ -248,24 +251,99 @@ def _checked(opt: Option, raw: Any, where: str) -> Any:
 # ---- TENT JSON -----------------------------------------------------------------------------------
 
 
+#: the largest TENT config (file or inline) read, in bytes
+TENT_MAX_BYTES = 1 << 20
+#: the deepest nesting of objects/arrays a TENT config may have
+TENT_MAX_DEPTH = 32
+#: unknown TENT keys warned about one by one; beyond, one summary
+_TENT_MAX_UNKNOWN = 20
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _json_depth(text: str, limit: int) -> int:
+    """How deep ``text`` nests ``[``/``{`` (outside strings), counting no further than
+    ``limit + 1``; no recursion, so any input is safe."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
+def _read_tent_file(spec: str, path: str, what: str) -> str:
+    """The text of the TENT file at ``path``: a regular file of at most TENT_MAX_BYTES; never
+    blocks (a FIFO, a device or a directory is refused at once)."""
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"MC_TENT_CONF={spec!r}: {why}; allowed: {what}")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise fail(f"cannot read the file ({e.strerror or e})") from None
+    except ValueError as e:  # an embedded NUL
+        raise fail(f"cannot read the file ({e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                    "a directory" if stat.S_ISDIR(st.st_mode) else
+                    "a character device" if stat.S_ISCHR(st.st_mode) else
+                    "a block device" if stat.S_ISBLK(st.st_mode) else
+                    "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+            raise fail(f"{path} is {kind}, not a regular file")
+        too_big = fail(f"{path} is larger than {TENT_MAX_BYTES} bytes "
+                       f"({_human(TENT_MAX_BYTES)}), the limit of a TENT config")
+        if st.st_size > TENT_MAX_BYTES:
+            raise too_big
+        chunks, got = [], 0
+        while got <= TENT_MAX_BYTES:  # the file may grow while we read it
+            chunk = os.read(fd, TENT_MAX_BYTES + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got > TENT_MAX_BYTES:
+            raise too_big
+    except OSError as e:
+        raise fail(f"cannot read the file ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _read_tent(spec: str, warn: Callable[[str], None]) -> tuple[dict[str, tuple[str, Any]], str]:
     """``{option name: (path, raw value)}`` from MC_TENT_CONF, and the source label."""
     text = spec.strip()
     what = "a JSON file path, or inline JSON starting with '{'"
     if text.startswith(("{", "[")):
         label = "inline"
+        if len(text) > TENT_MAX_BYTES:
+            raise ConfigError(f"MC_TENT_CONF={_brief(spec)}: inline JSON of {len(text)} "
+                              f"characters is larger than {TENT_MAX_BYTES} "
+                              f"({_human(TENT_MAX_BYTES)}), the limit of a TENT config; "
+                              f"allowed: {what}")
     else:
         label = os.path.abspath(os.path.expanduser(text))
-        try:
-            with open(label, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"MC_TENT_CONF={spec!r}: cannot read the file ({e.strerror or e}); "
-                              f"allowed: {what}") from None
+        text = _read_tent_file(spec, label, what)
+    if _json_depth(text, TENT_MAX_DEPTH) > TENT_MAX_DEPTH:
+        raise ConfigError(f"MC_TENT_CONF={_brief(spec)}: JSON nested deeper than "
+                          f"{TENT_MAX_DEPTH} levels; allowed: {what}, at most "
+                          f"{TENT_MAX_DEPTH} levels deep")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"MC_TENT_CONF={_brief(spec)}: malformed JSON ({e}); "
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number...
+        raise ConfigError(f"MC_TENT_CONF={_brief(spec)}: malformed JSON ({str(e)[:200]}); "
                           f"allowed: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"MC_TENT_CONF={_brief(spec)}: the top level is not a JSON object; "
@@ -280,12 +358,18 @@ def _read_tent(spec: str, warn: Callable[[str], None]) -> tuple[dict[str, tuple[
             elif isinstance(value, dict) and value:
                 walk(value, path + "/")
             else:
-                near = _close(path, _TENT)
-                hint = f"; close matches: {', '.join(near)}" if near else ""
-                warn(f"MC_TENT_CONF ({label}): key {path!r} is not a mooncake option, "
-                     f"ignored{hint}")
+                unknown.append(path)
 
+    unknown: list[str] = []
     walk(data, "")
+    for path in unknown[:_TENT_MAX_UNKNOWN]:
+        near = _close(path, _TENT) if len(path) <= 200 else []
+        hint = f"; close matches: {', '.join(near)}" if near else ""
+        warn(f"MC_TENT_CONF ({label}): key {_brief(path)} is not a mooncake option, "
+             f"ignored{hint}")
+    if len(unknown) > _TENT_MAX_UNKNOWN:
+        warn(f"MC_TENT_CONF ({label}): {len(unknown) - _TENT_MAX_UNKNOWN} more keys are not "
+             "mooncake options, ignored")
     return found, label
 
 

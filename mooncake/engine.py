@@ -111,7 +111,7 @@ class TransferEngine(MooncakeAPI):
         ports = [port] if port is not None else port_candidates(cfg["MC_MIN_RPC_PORT"],
                                                                  cfg["MC_MAX_RPC_PORT"])
         self._rpc = RpcServer(bind, ports, cfg["MC_HANDSHAKE_MAX_LENGTH"],
-                              frame_timeout=self._timeout)
+                              frame_timeout=self._timeout, workers=cfg["MC_TENT_RPC_THREADS"])
         try:
             self.segment_name = f"{host}:{self._rpc.port}"
             self._rpc.add_handler("segment.describe", lambda args: self.describe())

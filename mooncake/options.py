@@ -25,9 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Option", "OPTIONS", "OWNERS", "KNOWN_UNUSED", "KiB", "MiB", "GiB", "TiB"]
+__all__ = ["Option", "OPTIONS", "OWNERS", "KNOWN_UNUSED", "KiB", "MiB", "GiB", "TiB", "DAY"]
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+#: the longest duration any option accepts, in seconds (every timeout, period and lease is
+#: bounded: a finite value that fits every OS timeout and every C int of milliseconds)
+DAY = 86400
 OWNERS = ("engine", "tcp", "rdma", "shm", "cxl", "metadata", "store", "tent")
 
 
@@ -80,7 +83,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("MC_RETRY_CNT", int, 9, range=(1, 127), doc="attempts per slice before it fails",
        hint="raise on unstable networks or when transfers time out often; 5 in the low-latency "
             "template"),
-    _O("MC_TRANSFER_TIMEOUT", float, 30.0, range=(0, None), min_exclusive=True, unit="s",
+    _O("MC_TRANSFER_TIMEOUT", float, 30.0, range=(0, DAY), min_exclusive=True, unit="s",
        doc="timeout of a synchronous transfer (Mooncake uses max(5, v); we take v as given)"),
     _O("MC_SLICE_TIMEOUT", float, -1.0, range=(0, 65535), min_exclusive=True,
        special=((-1, "off"),), unit="s",
@@ -130,9 +133,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("MC_DISABLE_METACACHE", bool, False, owner="metadata",
        doc="do not cache peers' segment descriptors",
        hint="leave it off: slow connection setup often means the metadata cache is disabled"),
-    _O("MC_TE_METADATA_REFRESH_INTERVAL_SECONDS", float, 0.0, range=(0, None), unit="s",
+    _O("MC_TE_METADATA_REFRESH_INTERVAL_SECONDS", float, 0.0, range=(0, DAY), unit="s",
        owner="metadata", doc="refresh cached descriptors in the background (0 = off)"),
-    _O("MC_METADATA_TTL", float, 10.0, range=(0, None), unit="s", owner="metadata",
+    _O("MC_METADATA_TTL", float, 10.0, range=(0, DAY), unit="s", owner="metadata",
        doc="lease of a published descriptor in etcd/redis/http, renewed every TTL/3 "
            "(0 = no expiry, no heartbeat; mooncake only)"),
     _O("MC_REDIS_USERNAME", str, "", owner="metadata", doc="redis metadata: ACL user name"),
@@ -242,7 +245,8 @@ OPTIONS: tuple[Option, ...] = (
     _O(f"{_RDMA}/workers/max_retry_count", int, 8, tent=f"{_RDMA}/workers/max_retry_count",
        range=(0, 127), owner="rdma", doc="TENT: resubmissions of a failed slice",
        hint="TENT default 8 (the TE's MC_RETRY_CNT is 9)"),
-    _O(f"{_RDMA}/max_timeout_ns", int, 10**10, tent=f"{_RDMA}/max_timeout_ns", range=(1, None),
+    _O(f"{_RDMA}/max_timeout_ns", int, 10**10, tent=f"{_RDMA}/max_timeout_ns",
+       range=(1, DAY * 10**9),
        unit="ns", owner="rdma", doc="TENT: software slice timeout; the endpoint is disabled after",
        hint="5 s (5000000000) in the high-performance TENT template"),
     _O(f"{_RDMA}/endpoint/send_timeout", int, 14, tent=f"{_RDMA}/endpoint/send_timeout",
@@ -293,7 +297,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("MC_LOG_DIR", str, "", doc="directory for log files (empty: stderr)"),
     _O("MC_TE_METRIC", bool, False, doc="log throughput periodically",
        hint="1 in the high-throughput template"),
-    _O("MC_TE_METRIC_INTERVAL_SECONDS", float, 5.0, range=(0, None), min_exclusive=True,
+    _O("MC_TE_METRIC_INTERVAL_SECONDS", float, 5.0, range=(0, DAY), min_exclusive=True,
        unit="s", doc="period of the throughput log"),
     _O("MC_TENT_CONF", str, "", owner="tent",
        doc="TENT JSON config: a file path, or inline JSON starting with '{'"),

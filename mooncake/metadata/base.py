@@ -174,7 +174,8 @@ def validate_descriptor(name: str, obj: Any, schemas: dict | None = None) -> dic
     if obj["name"] != name:
         raise _bad(name, f"it describes segment {obj['name']!r:.80}")
     if not 0 <= obj["pid"] < 2**31:
-        raise _bad(name, f"pid {obj['pid']!r:.40} is outside 0..2**31-1")
+        what = "is negative" if obj["pid"] < 0 else "is too large"
+        raise _bad(name, f"pid {obj['pid']!r:.40} {what} (allowed 0..2**31-1)")
     if len(obj["host_id"]) > 256:
         raise _bad(name, "host_id is longer than 256 characters")
     if not math.isfinite(obj["timestamp"]):

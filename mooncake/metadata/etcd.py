@@ -18,6 +18,7 @@ from typing import Any
 
 from mooncake.errors import ConfigError, PeerUnreachable
 from mooncake.metadata.base import LeasedStore, MetadataContext
+from mooncake.metadata.http import exchange
 
 __all__ = ["EtcdMetadata"]
 
@@ -68,9 +69,8 @@ class EtcdMetadata(LeasedStore):
                 with self._conns_lock:
                     self._all_conns.append(c)
             try:
-                c.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-                r = c.getresponse()
-                raw = r.read()
+                r, raw = exchange(c, "POST", path, data, {"Content-Type": "application/json"},
+                                  self.timeout)  # a whole-call deadline
                 if r.will_close:
                     self._forget(conns, idx)
             except (OSError, http.client.HTTPException) as e:

@@ -4,20 +4,61 @@ Heartbeat (see :mod:`mooncake.metadata.http_server`): PUTs carry ``X-Mooncake-TT
 every TTL/3 the client POSTs ``?key=K`` to extend the lease and re-PUTs the descriptor when the
 server answers 404 (it restarted, or the key expired) or 405 (a plain Mooncake server that has
 no leases).  Standard library only (``http.client``), one keep-alive connection per thread.
+
+Every request has a whole-call deadline (:func:`exchange`): connect, send and the whole response
+within ``timeout`` seconds, however slowly the server drips it, and a response body of at most
+:data:`MAX_RESPONSE` bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import ssl
 import threading
+import time
 from urllib.parse import quote, urlsplit
 
 from mooncake.errors import ConfigError, PeerUnreachable
 from mooncake.metadata.base import LeasedStore, MetadataContext
 from mooncake.metadata.http_server import TTL_HEADER
+from mooncake.rpc import DeadlineReader
 
-__all__ = ["HttpMetadata"]
+__all__ = ["HttpMetadata", "exchange", "MAX_RESPONSE"]
+
+#: the largest response body a metadata store may send (descriptors are kilobytes)
+MAX_RESPONSE = 64 << 20
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTP response whose every read ends by one deadline (see :class:`DeadlineReader`)."""
+
+    def __init__(self, sock, *args, deadline: float, **kwargs) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the plain makefile() reader: replaced, the socket stays open
+        self.fp = io.BufferedReader(DeadlineReader(sock, deadline))
+
+
+def exchange(c: http.client.HTTPConnection, method: str, url: str, body: bytes | None,
+             headers: dict[str, str], timeout: float) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on ``c`` and its whole response, all within ``timeout`` seconds: connecting
+    (if ``c`` is not connected), sending, and reading the status, headers and body (at most
+    :data:`MAX_RESPONSE` bytes).  Past the deadline, TimeoutError; the caller drops ``c``."""
+    deadline = time.monotonic() + timeout
+    c.timeout = timeout
+    if c.sock is not None:
+        c.sock.settimeout(timeout)
+    c.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+    c.request(method, url, body=body, headers=headers)
+    r = c.getresponse()
+    data = r.read(MAX_RESPONSE + 1)
+    if len(data) > MAX_RESPONSE:
+        raise ConnectionError(f"response body larger than {MAX_RESPONSE} bytes")
+    if not r.isclosed():  # a body without a length ends with the connection
+        r.close()
+        c.close()
+    return r, data
 
 
 class HttpMetadata(LeasedStore):
@@ -80,9 +121,7 @@ class HttpMetadata(LeasedStore):
             reused = getattr(self._local, "conn", None) is not None
             c = self._conn()
             try:
-                c.request(method, url, body=body, headers=hdrs)
-                r = c.getresponse()
-                data = r.read()
+                r, data = exchange(c, method, url, body, hdrs, self.timeout)
                 if r.will_close:
                     self._drop_conn()
                 return r.status, data

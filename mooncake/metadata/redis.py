@@ -9,14 +9,17 @@ an outage) is written again.
 
 from __future__ import annotations
 
+import io
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from mooncake.errors import ConfigError, PeerUnreachable
 from mooncake.metadata.base import LeasedStore, MetadataContext
+from mooncake.rpc import DeadlineReader
 
 __all__ = ["RedisMetadata", "RespError", "RespConnection"]
 
@@ -28,7 +31,10 @@ class RespError(Exception):
 
 
 class RespConnection:
-    """One RESP2 connection: ``call(*args)`` and ``pipeline([...])``; not thread-safe."""
+    """One RESP2 connection: ``call(*args)`` and ``pipeline([...])``; not thread-safe.
+
+    Each pipeline has a whole-call deadline of ``timeout`` seconds: sending and every reply,
+    however slowly the server drips them (past it, TimeoutError)."""
 
     def __init__(self, host: str, port: int, timeout: float, tls: bool = False) -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -36,7 +42,9 @@ class RespConnection:
         if tls:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         self.sock = sock
-        self.rfile = sock.makefile("rb")
+        self.timeout = timeout
+        self._reader = DeadlineReader(sock)
+        self.rfile = io.BufferedReader(self._reader)
 
     @staticmethod
     def _encode(args: tuple[Any, ...]) -> bytes:
@@ -79,6 +87,8 @@ class RespConnection:
 
     def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send all, read all; error replies come back as :class:`RespError` values."""
+        self._reader.deadline = time.monotonic() + self.timeout
+        self.sock.settimeout(self.timeout)
         self.sock.sendall(b"".join(self._encode(c) for c in commands))
         return [self._reply() for _ in commands]
 
