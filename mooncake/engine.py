@@ -323,7 +323,12 @@ class TransferEngine(MooncakeAPI):
         region = Region(addr, length, location, shm_name, owner, flags=flags, handle=handle)
         try:
             for name, t in self.transports.items():
-                fields = t.register(region)
+                try:
+                    fields = t.register(region)
+                except OSError as e:  # memlock, ENOMEM, a mapping the NIC cannot pin...
+                    raise MooncakeError(
+                        f"cannot register 0x{addr:x}+{length} with {name}: {e}" + _hint(e)
+                    ) from e
                 if fields:
                     region.fields[name] = fields
         except BaseException:
@@ -375,9 +380,12 @@ class TransferEngine(MooncakeAPI):
         for t in self.transports.values():
             try:
                 t.unregister(region)
-            except TransferTimeout:  # a peer still inside a copy: the memory must stay
-                self._stuck[region.addr] = region
-                raise
+            except Exception as e:  # a peer still inside a copy, an MR that would not go:
+                self._stuck[region.addr] = region  # the memory must stay allocated
+                if isinstance(e, MooncakeError):
+                    raise
+                raise MooncakeError(f"unregister 0x{region.addr:x}: {t.name}: {e}; the memory "
+                                    "stays allocated") from e
         h.release(0.0)
         region.owner = None
 
@@ -785,6 +793,18 @@ def _access_flags(access: str) -> int | None:
     if a in ("ro", "read-only", "remote-ro"):
         return _regions.READ_ONLY
     raise InvalidAddress(f"access={access!r}: allowed 'auto', 'rw' (read-write), 'ro' (read-only)")
+
+
+def _hint(e: OSError) -> str:
+    import errno
+
+    if e.errno in (errno.ENOMEM, errno.EAGAIN, errno.EPERM):
+        return (" (the locked-memory limit is likely too low: raise `ulimit -l`, e.g. "
+                "unlimited, or LimitMEMLOCK= in the service unit)")
+    if e.errno == errno.EFAULT:
+        return (" (the NIC cannot pin this mapping: shared read-only file mappings fail before "
+                "Linux 6.2; map it MAP_PRIVATE or register it read-write)")
+    return ""
 
 
 def _read_only(owner: Any) -> bool:

@@ -193,7 +193,10 @@ class Transport:
         return slices.batch.wait(timeout)
 
     def abort(self, peer: SegmentDesc) -> None:
-        """Fail everything in flight to ``peer`` (called after a timeout)."""
+        """Cut the connections to ``peer`` that still hold work, so every slice on them ends
+        (called when a cancelled batch's slices did not end within the grace period: the peer
+        stopped answering).  Work of batches that were not cancelled may be re-posted on fresh
+        connections instead of failed."""
 
     def close(self) -> None:
         """Release every resource; in-flight slices end FAILED."""

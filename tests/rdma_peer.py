@@ -4,7 +4,9 @@
 
 Prints ``{"segment", "addr", "size"}`` as one JSON line, then answers JSON-line commands on
 stdin: ``{"cmd": "fill", "seed": s}`` (fill the buffer with ``pattern(s, size)``),
-``{"cmd": "sha", "off": o, "len": n}`` (SHA-256 of a range), ``{"cmd": "quit"}``.
+``{"cmd": "sha", "off": o, "len": n}`` (SHA-256 of a range), ``{"cmd": "ro", "seed": s,
+"len": n}`` (register ``pattern(s, n)`` as a read-only ``bytes`` buffer; answers its ``addr``),
+``{"cmd": "sha_ro"}`` (SHA-256 of that buffer), ``{"cmd": "quit"}``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     e.register(buf)
     print(json.dumps({"segment": e.segment_name, "addr": buf.ctypes.data, "size": size}),
           flush=True)
+    ro = b""
     for line in sys.stdin:
         m = json.loads(line)
         if m["cmd"] == "fill":
@@ -45,6 +48,12 @@ def main() -> None:
             out: dict = {}
         elif m["cmd"] == "sha":
             out = {"sha": sha(buf[m["off"]:m["off"] + m["len"]])}
+        elif m["cmd"] == "ro":
+            ro = pattern(m["seed"], m["len"]).tobytes()
+            r = e.register(ro)
+            out = {"addr": r.addr, "flags": r.flags}
+        elif m["cmd"] == "sha_ro":
+            out = {"sha": hashlib.sha256(ro).hexdigest()}
         else:
             break
         print(json.dumps(out), flush=True)

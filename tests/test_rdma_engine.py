@@ -106,13 +106,20 @@ def test_batches_sync_and_async(eng, local, peer):
 
 
 def test_rkeys_and_devices_published(eng, local):
+    """What we publish is flat, typed and passes our own declared Field rows."""
+    from mooncake.fields import check_fields
+    from transports.rdma import RdmaTransport
+
     d = eng.describe()
-    dev = d["transports"]["rdma"]["devices"][0]
-    assert dev["name"] == RXE_DEV and dev["gid_index"] == RXE_GID_INDEX
-    assert len(bytes.fromhex(dev["gid"])) == 16
+    seg = d["transports"]["rdma"]
+    assert seg["ndevs"] == 1 and seg["dev0"] == RXE_DEV
+    assert len(bytes.fromhex(seg["gid0"])) == 16
+    assert eng.transports["rdma"].devs[0].gid_index == RXE_GID_INDEX
+    check_fields(seg, RdmaTransport.segment_fields, "segment")
     buf = next(b for b in d["buffers"] if b["addr"] == local.ctypes.data)
     rd = buf["transports"]["rdma"]
-    assert rd["devices"] == [RXE_DEV] and isinstance(rd["rkey"][0], int)
+    assert isinstance(rd["rkey0"], int) and "rkey1" not in rd
+    check_fields(rd, RdmaTransport.buffer_fields, "buffer")
 
 
 def test_several_qps_per_endpoint(peer):
@@ -212,7 +219,7 @@ def test_bad_remote_ends_failed(eng, local, peer, lie):
     desc = copy.deepcopy(eng.segment(seg))
     buf = next(b for b in desc.buffers if b.addr == base)
     if lie == "rkey":
-        buf.transports["rdma"]["rkey"] = [k ^ 0x5A5A00 for k in buf.transports["rdma"]["rkey"]]
+        buf.transports["rdma"]["rkey0"] ^= 0x5A5A00
         remote = base
     else:
         buf.length += 1 << 20
@@ -285,3 +292,199 @@ def test_bad_gid_index_is_a_typed_error():
 
     with pytest.raises(MooncakeError, match="MC_GID_INDEX=200"):
         engine(MC_GID_INDEX=200)
+
+
+# ----------------------------------------------------------------- after failure, silence
+
+
+def _reg(eng, n: int) -> np.ndarray:
+    buf = np.zeros(n, np.uint8)
+    eng.register(buf)
+    return buf
+
+
+def _quiet(buf: np.ndarray, secs: float = 1.0) -> bool:
+    """Zero ``buf``, wait, and say whether it stayed zero (nothing landed late)."""
+    buf[:] = 0
+    time.sleep(secs)
+    return not buf.any()
+
+
+def test_unregister_during_inflight_read(eng, peer):
+    """unregister() while a large READ lands in the region: it returns only once no work
+    request can touch the memory; the batch has ended by then, and nothing lands afterwards."""
+    from mooncake._core import batch as _core
+
+    n = 16 * MiB
+    seg, base = peer.info["segment"], peer.info["addr"]
+    peer.ask(cmd="fill", seed=31)
+    dst = np.zeros(n, np.uint8)
+    eng.register(dst)
+    b = eng.submit(seg, "read", [dst.ctypes.data], [base], [n], timeout=120)
+    time.sleep(0.05)  # some of it posted, most of it not yet (rxe under TCG: ~50 MB/s)
+    eng.unregister(dst)
+    assert b.core.done, "unregister returned while slices of the batch were still in flight"
+    st = b.statuses()[0]
+    print(f"\nunregister during READ: task {st.status.name} {st.code_name}, "
+          f"{st.transferred_bytes} of {n} bytes")
+    assert st.status.name in ("COMPLETED", "FAILED"), st
+    if st.status.name == "FAILED":
+        assert st.code == _core.E_UNREGISTERED, st
+    assert _quiet(dst), "bytes landed after unregister returned"
+    b.close()
+    again = _reg(eng, MiB)
+    roundtrip(eng, again, peer, 4096, 0, 0, 32)
+    eng.unregister(again)
+
+
+def test_timeout_then_silence(eng, peer):
+    """A READ that times out raises TransferTimeout; from then on no byte of it lands, and the
+    endpoint still serves the next transfer."""
+    from mooncake.errors import TransferTimeout
+
+    n = 32 * MiB
+    seg, base = peer.info["segment"], peer.info["addr"]
+    dst = _reg(eng, n)
+    with pytest.raises(TransferTimeout):
+        eng.read(seg, dst.ctypes.data, base, n, timeout=0.05)
+    assert _quiet(dst), "bytes landed after the timed-out READ returned"
+    roundtrip(eng, dst, peer, 300000, 0, 0, seed=33)
+    eng.unregister(dst)
+
+
+def test_abort_resets_only_the_cancelled_batch(eng, peer):
+    """Two READs share one endpoint; one is cancelled and the transport aborts the peer's
+    endpoints (the path the engine takes when a cancelled batch does not drain).  The
+    cancelled one ends on its flush completions and stays silent; the other one is moved to a
+    rebuilt endpoint and completes with the right bytes."""
+    from mooncake._core import batch as _core
+    from mooncake._core.batch import Batch, slice_requests
+
+    t = eng.transports["rdma"]
+    n = 16 * MiB
+    seg, base = peer.info["segment"], peer.info["addr"]
+    peer.ask(cmd="fill", seed=35)
+    want = pattern(35, PEER_SIZE)[:n]
+    a, b = _reg(eng, n), _reg(eng, n)
+    desc = eng.segment(seg)
+    ba, bb = Batch(1), Batch(1)
+    t.submit(desc, slice_requests(ba, 0, [a.ctypes.data], [base], [n], 65536, 4))
+    t.submit(desc, slice_requests(bb, 0, [b.ctypes.data], [base], [n], 65536, 4))
+    ba.cancel(_core.E_TIMEOUT)
+    t.abort(desc)
+    assert ba.wait(60), "the cancelled batch did not end after abort"
+    st, got, code = ba.status(0)
+    ws = t.stats()[RXE_DEV]["workers"]
+    print(f"\ncancelled batch: status {st} code {code}, {got} of {n} bytes; requeued "
+          f"{sum(w['retried'] for w in ws)}, ended unposted {sum(w['canceled'] for w in ws)}")
+    assert st in (4, 5), (st, code)  # COMPLETED (it won the race) or TIMEOUT
+    assert _quiet(a, 0.5), "the cancelled batch wrote after it ended"
+    assert bb.wait(120), "the other batch did not finish"
+    assert bb.status(0) == (4, n, 0), bb.status(0)
+    assert np.array_equal(b, want)
+    assert not a.any(), "the cancelled batch wrote after it ended"
+    eng.unregister(a)
+    eng.unregister(b)
+
+
+def test_close_during_inflight_read(peer):
+    """close() with a READ in flight: the batch ends (CLOSED), close returns only once the NIC
+    is done with the memory, and nothing lands afterwards."""
+    e = engine()
+    n = 16 * MiB
+    dst = _reg(e, n)
+    b = e.submit(peer.info["segment"], "read", [dst.ctypes.data], [peer.info["addr"]], [n],
+                 timeout=120)
+    time.sleep(0.05)
+    e.close()
+    assert b.core.wait(10), "close left slices unreported"
+    print(f"\nclose during READ: {b.statuses()[0]}")
+    assert _quiet(dst), "bytes landed after close returned"
+
+
+def test_read_only_region_refused_by_the_target_nic(eng, local, peer):
+    """A buffer the peer registered read-only: WRITEs are refused here (the descriptor says
+    so), by the kernel if a caller bypasses the engine (DENIED), and by the target's NIC when
+    the descriptor lies (its MR has no remote-write access): the peer's bytes never change.
+    READs from it work."""
+    from mooncake._core import batch as _core
+    from mooncake.errors import InvalidAddress
+
+    seg = peer.info["segment"]
+    n = 256 * 1024
+    info = peer.ask(cmd="ro", seed=37, len=n)
+    ro = info["addr"]
+    before = peer.ask(cmd="sha_ro")["sha"]
+    assert before == sha(pattern(37, n))
+    desc = eng.segment(seg, refresh=True)
+    rbuf = desc.find_buffer(ro, n)
+    assert rbuf is not None and not rbuf.writable
+    local[:n] = pattern(38, n)
+    with pytest.raises(InvalidAddress, match="read-only"):
+        eng.write(seg, local.ctypes.data, ro, n)
+    t = eng.transports["rdma"]
+    b, sl = _slices(local.ctypes.data, ro, n, 1)
+    assert t.transfer(desc, sl, 60)
+    assert b.status(0)[0] == FAILED and b.status(0)[2] == _core.E_DENIED, b.status(0)
+    lie = copy.deepcopy(desc)
+    lie.find_buffer(ro, n).writable = True
+    b, sl = _slices(local.ctypes.data, ro, n, 1)
+    assert t.transfer(lie, sl, 120)
+    assert b.status(0)[0] == FAILED and b.status(0)[2] == _core.E_REFUSED, b.status(0)
+    assert peer.ask(cmd="sha_ro")["sha"] == before, "the target NIC let a WRITE in"
+    local[:n] = 0
+    eng.read(seg, local.ctypes.data, ro, n)
+    assert sha(local[:n]) == before
+
+
+def test_register_read_only_pages(eng, peer, tmp_path):
+    """A file mapped PROT_READ (weights, a checkpoint) registers: its MR has no local-write
+    access (read-only pages cannot be pinned for writing: with it ibv_reg_mr fails EFAULT).  It
+    is a WRITE source, and a local READ into it is refused.  (MAP_PRIVATE: Debian's 6.1 kernel
+    pins read-only user memory with FOLL_FORCE, which works only for private mappings; from
+    6.2 on shared read-only mappings register too.)"""
+    import mmap
+
+    from mooncake.errors import InvalidAddress
+
+    n = 64 * 1024
+    data = pattern(39, n)
+    f = tmp_path / "ro.bin"
+    f.write_bytes(data.tobytes())
+    with open(f, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    r = eng.register(m)
+    try:
+        assert not r.writable
+        seg, base = peer.info["segment"], peer.info["addr"]
+        eng.write(seg, r.addr, base, n)
+        assert peer.ask(cmd="sha", off=0, len=n)["sha"] == sha(data)
+        with pytest.raises(InvalidAddress, match="read-only"):
+            eng.read(seg, r.addr, base, n)
+    finally:
+        eng.unregister(r)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("gid0", "zz" * 16), ("gid0", 5), ("lid0", 1 << 16), ("ndevs", 99), ("dev0", "../x"),
+    ("instance", "not-hex"),
+])
+def test_forged_rdma_fields_are_refused(eng, local, field, value):
+    """The engine's validator checks a peer's RDMA fields against what RdmaTransport declares
+    before the transport reads them."""
+    from mooncake.errors import SegmentNotFound
+    from mooncake.rpc import RpcServer
+
+    srv = RpcServer("127.0.0.1", [0], 1 << 20)
+    seg = f"127.0.0.1:{srv.port}"
+    rdma = {"instance": "0" * 32, "ndevs": 1, "dev0": RXE_DEV, "gid0": "0" * 32, "lid0": 0,
+            field: value}
+    srv.add_handler("segment.describe", lambda args: {
+        "name": seg, "host_id": "x", "pid": 1, "timestamp": 1.0, "transports": {"rdma": rdma},
+        "buffers": [{"addr": 1 << 30, "length": 4096, "location": "cpu:0",
+                     "transports": {"rdma": {"rkey0": 1}}}]})
+    try:
+        with pytest.raises(SegmentNotFound, match=f"rdma.{field}"):
+            eng.write(seg, local.ctypes.data, 1 << 30, 4096)
+    finally:
+        srv.close()

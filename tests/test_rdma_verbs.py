@@ -139,3 +139,134 @@ def test_interop_with_pyverbs_peer(dev):
             t.join(10)
     finally:
         p.close()
+
+
+def _rig(dev, n, depth=64):
+    """A loopback endpoint on a running worker with src/dst buffers and key tables."""
+    cq = V.CQ(dev, 256, V.CompChannel(dev))
+    qa, qb = _pair(dev, cq, depth)
+    src, dst = pattern(5, n).copy(), np.zeros(n, np.uint8)
+    ms = V.MR(dev, src.ctypes.data, n, V.ACCESS_RW)
+    md = V.MR(dev, dst.ctypes.data, n, V.ACCESS_RW)
+    slot, hub = K.CQSlot(cq), K.Hub()
+    w = K.Worker([slot], hub, 5)
+    t = threading.Thread(target=w.run)
+    t.start()
+    ep = K.Endpoint(1, [qa], w, slot)
+    lt = K.KeyTable([(src.ctypes.data, n, [ms.lkey]), (dst.ctypes.data, n, [md.lkey])], 1)
+    rt = K.KeyTable([(dst.ctypes.data, n, [md.rkey]), (src.ctypes.data, n, [ms.rkey])], 1)
+    return dict(cq=cq, qps=(qa, qb), src=src, dst=dst, mrs=(ms, md), w=w, t=t, ep=ep, lt=lt,
+                rt=rt, hub=hub, slot=slot)
+
+
+def test_cancelled_batch_is_never_posted(dev):
+    """Slices of a batch cancelled before a worker takes them end with the cancel code and are
+    not posted; nothing lands."""
+    from mooncake._core import batch as _core
+    from mooncake._core.batch import Batch, slice_requests
+
+    n = 1 << 20
+    r = _rig(dev, n)
+    try:
+        posted = r["w"].stats()["posted"]
+        b = Batch(1)
+        sl = slice_requests(b, K.OP_WRITE, [r["src"].ctypes.data], [r["dst"].ctypes.data], [n],
+                            65536, 4)
+        b.cancel(_core.E_CANCELED)
+        K.submit(sl, r["lt"], 0, r["rt"], [0], [r["ep"]])
+        assert b.wait(10) and b.status(0) == (6, 0, _core.E_CANCELED)
+        assert r["w"].stats()["posted"] == posted and not r["dst"].any()
+        assert r["ep"].users == 0
+    finally:
+        r["w"].stop()
+        r["t"].join(10)
+
+
+def test_stopped_worker_ends_everything(dev):
+    """Teardown: what is still posted when the worker stops ends once the QP is destroyed
+    (Endpoint.teardown), what reaches the stopped worker ends at once (CLOSED); no batch is
+    left waiting for its timeout, no endpoint reference leaks."""
+    from mooncake._core import batch as _core
+    from mooncake._core.batch import Batch, slice_requests
+
+    n = 8 << 20
+    r = _rig(dev, n, depth=256)
+    ep, w = r["ep"], r["w"]
+    b = Batch(1)
+    K.submit(slice_requests(b, K.OP_READ, [r["dst"].ctypes.data], [r["src"].ctypes.data], [n],
+                            65536, 4), r["lt"], 0, r["rt"], [0], [ep])
+    w.stop()
+    r["t"].join(10)
+    assert w.stopped
+    ep.teardown(_core.E_CLOSED)
+    assert b.wait(5), "a slice was lost at teardown"
+    st, nbytes, code = b.status(0)
+    assert st == 4 or (st == 6 and code == _core.E_CLOSED), b.status(0)
+    assert ep.users == 0 and ep.inflight == 0
+    b2 = Batch(1)
+    K.submit(slice_requests(b2, K.OP_WRITE, [r["src"].ctypes.data], [r["dst"].ctypes.data],
+                            [4096], 65536, 4), r["lt"], 0, r["rt"], [0], [ep])
+    assert b2.wait(1) and b2.status(0) == (6, 0, _core.E_CLOSED)
+    assert ep.users == 0
+
+
+def test_abort_reports_on_flush_and_requeues_live_work(dev):
+    """abort(requeue=True): QPs go to ERR; a cancelled batch's slices end with its cancel code
+    when their flushes are polled, a live batch's slices go to the hub for a new endpoint."""
+    from mooncake._core import batch as _core
+    from mooncake._core.batch import Batch, slice_requests
+
+    n = 8 << 20
+    r = _rig(dev, n, depth=256)
+    ep, hub = r["ep"], r["hub"]
+    try:
+        dead, live = Batch(1), Batch(1)
+        for b in (dead, live):
+            K.submit(slice_requests(b, K.OP_READ, [r["dst"].ctypes.data],
+                                    [r["src"].ctypes.data], [n], 65536, 4),
+                     r["lt"], 0, r["rt"], [0], [ep])
+        dead.cancel(_core.E_TIMEOUT)
+        assert ep.abort(_core.E_TIMEOUT, True) == []
+        assert dead.wait(30), "the cancelled batch did not end on its flushes"
+        assert dead.status(0)[0] in (4, 5), dead.status(0)
+        orphans = None
+        for _ in range(100):
+            orphans = hub.take(0.1)
+            if orphans is not None or live.done:
+                break
+        if not live.done:
+            assert orphans is not None and ep.id in orphans.groups()
+            assert orphans.fail(ep.id, _core.E_PEER) > 0
+        assert live.wait(30)
+        assert ep.users == 0 and ep.inflight == 0
+    finally:
+        r["w"].stop()
+        r["t"].join(10)
+
+
+def test_dropped_endpoint_with_work_in_flight_is_reclaimed(dev):
+    """An Endpoint object garbage-collected while slices are on it: its QPs go to ERR, the
+    slices end on their flushes, and the struct and QPs are freed afterwards (no leak, no use
+    after free)."""
+    import gc
+
+    from mooncake._core.batch import Batch, slice_requests
+
+    n = 8 << 20
+    r = _rig(dev, n, depth=256)
+    try:
+        ep = r.pop("ep")
+        b = Batch(1)
+        K.submit(slice_requests(b, K.OP_READ, [r["dst"].ctypes.data], [r["src"].ctypes.data],
+                                [n], 65536, 4), r["lt"], 0, r["rt"], [0], [ep])
+        del ep
+        gc.collect()
+        assert b.wait(30)
+        for _ in range(100):
+            if K.reap_graves() == 0:
+                break
+            threading.Event().wait(0.05)
+        assert K.reap_graves() == 0
+    finally:
+        r["w"].stop()
+        r["t"].join(10)

@@ -6,7 +6,16 @@ Per local device: one protection domain, ``MC_NUM_CQ_PER_CTX`` CQs on
 ``MC_MAX_EP_PER_CTX`` endpoints (``MC_NUM_QP_PER_EP`` QPs each, SIEVE/FIFO eviction).
 Endpoints are set up lazily by an ``rdma.connect`` RPC that exchanges GID, LID, QPNs, PSNs and
 MTU; the peer's side of the pair serves one-sided operations.  Every registered buffer gets an
-MR on every device; its rkeys are published per buffer, the devices (name, GID, LID) per segment.
+MR on every device (without remote-write access when the region is read-only, so the NIC itself
+refuses peers' WRITEs); its rkeys are published per buffer (``rkey0``, ``rkey1``...), the
+devices (``ndevs``, ``dev<i>``, ``gid<i>``, ``lid<i>``) per segment, all declared as
+:class:`~mooncake.fields.Field` rows so the engine's validator checks a peer's before use.
+
+After failure, silence: a slice is reported only once the NIC is done with it (its completion
+polled, or its QP moved to ERR and the flush polled; at close, its QP destroyed).  A timed-out
+batch is cancelled by the engine (slices not yet posted end at once); if its posted work does
+not drain, :meth:`RdmaTransport.abort` resets the endpoints to that peer: their QPs go to ERR,
+the cancelled slices end on their flushes, and other callers' slices move to a rebuilt endpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +31,16 @@ from typing import Any, ClassVar
 
 from mooncake._core import batch as _batch
 from mooncake.errors import ConfigError, PeerUnreachable, TransportUnavailable
-from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
+from mooncake.fields import Field, FieldError, check_fields
+from mooncake.transport import (
+    LOCAL_WRITE,
+    REMOTE_READ,
+    REMOTE_WRITE,
+    Region,
+    SegmentDesc,
+    Transport,
+    TransportContext,
+)
 from transports.rdma_endpoints import EndpointStore
 
 try:
@@ -33,12 +51,84 @@ except ImportError:  # built without libibverbs: probe() says so
 
 _E_PEER = _batch.E_PEER
 _E_TIMEOUT = _batch.E_TIMEOUT
+_E_CLOSED = _batch.E_CLOSED
 
 __all__ = ["RdmaTransport", "select_gid"]
 
 log = logging.getLogger(__name__)
 
 _SOFT_VENDOR = 0xFFFFFF  # rxe/siw report this vendor id: no PCIe, relaxed ordering is moot
+#: devices one segment may publish (and one engine may open)
+MAX_DEVICES = 16
+#: QPs one endpoint may have (the handshake's lists are at most this long)
+MAX_QPS = 255
+_DEV_NAME = r"[A-Za-z0-9_.:-]{1,64}"
+_HEX32 = r"[0-9a-f]{32}"
+_MTUS = (256, 512, 1024, 2048, 4096)
+_U32 = (1 << 32) - 1
+_U24 = (1 << 24) - 1
+
+
+def _dev_fields(i: int) -> dict[str, Field]:
+    req = i == 0
+    return {f"dev{i}": Field("str", max_len=64, pattern=_DEV_NAME, required=req),
+            f"gid{i}": Field("str", max_len=32, pattern=_HEX32, required=req),
+            f"lid{i}": Field("int", 0, 0xFFFF, required=req)}
+
+
+#: what ``start`` publishes per segment: the instance (changes when the process restarts) and
+#: each device's name, GID and LID
+SEGMENT_FIELDS: dict[str, Field] = {
+    "instance": Field("str", max_len=32, pattern=_HEX32),
+    "ndevs": Field("int", 1, MAX_DEVICES),
+    **{k: v for i in range(MAX_DEVICES) for k, v in _dev_fields(i).items()},
+}
+#: what ``register`` publishes per buffer: one rkey per device, in the segment's device order
+BUFFER_FIELDS: dict[str, Field] = {
+    f"rkey{i}": Field("int", 0, _U32, required=i == 0) for i in range(MAX_DEVICES)}
+#: the scalar fields of an ``rdma.connect`` request and reply (the lists are checked apart)
+_HANDSHAKE_FIELDS: dict[str, Field] = {
+    "instance": Field("str", max_len=32, pattern=_HEX32),
+    "gid": Field("str", max_len=32, pattern=_HEX32),
+    "lid": Field("int", 0, 0xFFFF),
+    "mtu": Field("int", 256, 4096),
+}
+_CONNECT_FIELDS: dict[str, Field] = {
+    **_HANDSHAKE_FIELDS,
+    "segment": Field("str", max_len=300),
+    "src_dev": Field("str", max_len=64, pattern=_DEV_NAME),
+    "dst_dev": Field("str", max_len=64, pattern=_DEV_NAME),
+}
+
+
+def _check_handshake(msg: Any, spec: dict[str, Field], nqp: int | None, where: str) -> None:
+    """FieldError unless ``msg`` is a well-formed handshake (``nqp``: the QP count it must
+    carry, None: 1..MAX_QPS)."""
+    check_fields(msg, spec, where)
+    if msg["mtu"] not in _MTUS:
+        raise FieldError(f"{where}.mtu {msg['mtu']} is not one of {_MTUS}")
+    for key in ("qpns", "psns"):
+        v = msg.get(key)
+        if not isinstance(v, list) or not 1 <= len(v) <= MAX_QPS:
+            raise FieldError(f"{where}.{key} must be a list of 1..{MAX_QPS} integers")
+        if nqp is not None and len(v) != nqp:
+            raise FieldError(f"{where}.{key} lists {len(v)} QPs, expected {nqp}")
+        if any(type(x) is not int or not 0 <= x <= _U24 for x in v):
+            raise FieldError(f"{where}.{key} must hold integers in 0..2**24-1")
+    if len(msg["qpns"]) != len(msg["psns"]):
+        raise FieldError(f"{where}: qpns and psns differ in length")
+
+
+def peer_devices(info: Any) -> list[str] | None:
+    """The device names a peer's segment publishes (in rkey order), or None when its RDMA
+    fields are missing or incomplete."""
+    if not isinstance(info, dict):
+        return None
+    n = info.get("ndevs")
+    if type(n) is not int or not 1 <= n <= MAX_DEVICES:
+        return None
+    names = [info.get(f"dev{i}") for i in range(n)]
+    return names if all(isinstance(x, str) and x for x in names) else None
 
 
 def select_gid(entries: list[tuple[int, bytes, int]], link_layer_ib: bool) -> int | None:
@@ -86,6 +176,8 @@ class RdmaTransport(Transport):
     name: ClassVar[str] = "rdma"
     auto_priority: ClassVar[int] = 20
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    segment_fields: ClassVar[dict[str, Field]] = SEGMENT_FIELDS
+    buffer_fields: ClassVar[dict[str, Field]] = BUFFER_FIELDS
 
     @classmethod
     def probe(cls) -> str | None:
@@ -148,6 +240,8 @@ class RdmaTransport(Transport):
         self._started = False
         #: endpoint id -> (completions seen, since when): stall detection
         self._progress: dict[int, tuple[int, float]] = {}
+        #: CQ slot -> poll errors already acted on
+        self._cq_errors: dict[int, int] = {}
         self._last_watch = 0.0
         #: seconds without a completion, with work in flight, before the peer is pinged
         self.stall_s = 1.0
@@ -222,12 +316,15 @@ class RdmaTransport(Transport):
         d = _Dev(index=index, dev=dev, port=self.port, gid_index=gidx, gid=gid,
                  lid=port["lid"], mtu=mtu)
         d.channels = [V.CompChannel(dev) for _ in range(self.num_chan)]
+        # a CQ belongs to one worker (it posts and polls its endpoints alone): at least one each
+        ncq = max(self.num_cq, self.workers_per_ctx)
+        if ncq > self.num_cq:
+            log.debug("rdma: %s: %d CQs for %d workers (MC_NUM_CQ_PER_CTX=%d)", name, ncq,
+                      self.workers_per_ctx, self.num_cq)
         d.slots = [K.CQSlot(V.CQ(dev, self.max_cqe, d.channels[i % self.num_chan], i))
-                   for i in range(self.num_cq)]
+                   for i in range(ncq)]
         for w in range(self.workers_per_ctx):
             mine = [s for i, s in enumerate(d.slots) if i % self.workers_per_ctx == w]
-            if not mine:
-                mine = [d.slots[w % self.num_cq]]
             d.workers.append(K.Worker(mine, self._hub, self.retry_cnt))
         d.store = EndpointStore(self.max_ep, self.store_type)
         d.ltab = K.KeyTable([], 1)
@@ -238,6 +335,9 @@ class RdmaTransport(Transport):
         names = self._pick_devices()
         if not names:
             raise TransportUnavailable("rdma: no RDMA device found")
+        if len(names) > MAX_DEVICES:
+            log.warning("rdma: using the first %d of %d devices", MAX_DEVICES, len(names))
+            names = names[:MAX_DEVICES]
         self._hub = K.Hub()
         self.devs = [self._open(i, n) for i, n in enumerate(names)]
         for d in self.devs:
@@ -251,22 +351,35 @@ class RdmaTransport(Transport):
         self.ctx.add_rpc_handler("rdma.connect", self._on_connect)
         self.ctx.add_rpc_handler("rdma.ping", lambda args: {"instance": self.instance})
         self._started = True
-        return {
-            "instance": self.instance,
-            "devices": [{"name": d.name, "gid": d.gid.hex(), "lid": d.lid, "port": d.port,
-                         "gid_index": d.gid_index, "mtu": d.mtu} for d in self.devs],
-        }
+        out: dict[str, Any] = {"instance": self.instance, "ndevs": len(self.devs)}
+        for i, d in enumerate(self.devs):
+            out[f"dev{i}"] = d.name
+            out[f"gid{i}"] = d.gid.hex()
+            out[f"lid{i}"] = d.lid
+        check_fields(out, SEGMENT_FIELDS, "rdma segment fields")  # what we publish is strict
+        return out
 
-    def _access(self, d: _Dev) -> int:
-        acc = V.ACCESS_RW
+    def _access(self, d: _Dev, flags: int) -> int:
+        """MR access for a region's flags: a read-only region gets no remote-write access (the
+        NIC refuses peers' WRITEs), and no local-write access unless it grants LOCAL_WRITE
+        (read-only pages cannot be registered with it)."""
+        acc = 0
+        if flags & LOCAL_WRITE:
+            acc |= V.ACCESS_LOCAL_WRITE
+        if flags & REMOTE_READ:
+            acc |= V.ACCESS_REMOTE_READ
+        if flags & REMOTE_WRITE and flags & LOCAL_WRITE:  # verbs: remote write needs local
+            acc |= V.ACCESS_REMOTE_WRITE
         if self.relaxed == 1 or (self.relaxed == 2 and d.dev.limits["vendor_id"] != _SOFT_VENDOR):
             acc |= V.ACCESS_RELAXED_ORDERING  # an optional flag: ignored where unsupported
         return acc
 
     def register(self, region: Region) -> dict | None:
         """Register ``region`` on every device; publish its rkeys (one per device)."""
+        flags = getattr(region, "flags", LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE)
+
         def reg(d: _Dev) -> Any:
-            return V.MR(d.dev, region.addr, region.length, self._access(d))
+            return V.MR(d.dev, region.addr, region.length, self._access(d, flags))
 
         parallel = self.parallel_reg == 1 or (self.parallel_reg == -1 and len(self.devs) > 1)
         if parallel and len(self.devs) > 1:
@@ -277,12 +390,16 @@ class RdmaTransport(Transport):
         with self._lock:
             self._mrs[region.addr] = mrs
             self._rebuild_ltabs()
-        return {"rkey": [m.rkey for m in mrs], "devices": [d.name for d in self.devs]}
+        return {f"rkey{i}": m.rkey for i, m in enumerate(mrs)}
 
     def unregister(self, region: Region) -> None:
+        """Deregister the region's MRs.  The engine has waited for every task pinning the
+        region, and slices are reported only once the NIC is done with them, so no posted work
+        request uses these MRs; after ``ibv_dereg_mr`` returns the NIC cannot touch the memory
+        (a stray request would fail with a protection error, never land)."""
         with self._lock:
             mrs = self._mrs.pop(region.addr, None)
-            self._rebuild_ltabs()
+            self._rebuild_ltabs()  # new submits no longer find the lkey
         for m in mrs or []:
             m.close()
 
@@ -293,7 +410,7 @@ class RdmaTransport(Transport):
 
     def can_reach(self, peer: SegmentDesc) -> str | None:
         info = peer.transports.get(self.name)
-        if not info or not info.get("devices"):
+        if not info or peer_devices(info) is None:
             return f"peer {peer.name} publishes no RDMA devices"
         if not self.devs:
             return "rdma transport not started"
@@ -309,6 +426,7 @@ class RdmaTransport(Transport):
         return qps
 
     def _bring_up(self, d: _Dev, qps: list, remote: dict, my_psns: list) -> None:
+        """RTR/RTS towards a validated handshake (``_check_handshake``)."""
         gid = bytes.fromhex(remote["gid"])
         mtu = min(d.mtu, int(remote["mtu"]))
         for qp, rqpn, rpsn, mpsn in zip(qps, remote["qpns"], remote["psns"], my_psns,
@@ -344,19 +462,26 @@ class RdmaTransport(Transport):
         """RPC ``rdma.connect``: the passive side of an endpoint handshake."""
         if self._closing:
             raise PeerUnreachable("rdma transport is closing")
+        try:
+            _check_handshake(args, _CONNECT_FIELDS, None, "rdma.connect")
+        except FieldError as e:
+            raise ValueError(f"malformed rdma.connect request: {e}") from None
         name = args["dst_dev"]
         d = next((x for x in self.devs if x.name == name), None)
         if d is None:
             raise ValueError(f"no RDMA device {name!r} here (have: "
                              f"{', '.join(x.name for x in self.devs)})")
         n = len(args["qpns"])
-        if not 1 <= n <= 255:
-            raise ValueError(f"qpns must list 1..255 QPs, got {n}")
         with self._lock:
             worker, slot = self._place(d)
         qps = self._new_qps(d, n, slot)
         psns = [random.getrandbits(24) for _ in qps]
-        self._bring_up(d, qps, args, psns)
+        try:
+            self._bring_up(d, qps, args, psns)
+        except BaseException:
+            for q in qps:
+                q.close()
+            raise
         key = (args["segment"], args["instance"], args["src_dev"])
         self._install(d, key, self._make_ep(d, qps, slot, worker, key))
         return {"instance": self.instance, "gid": d.gid.hex(), "lid": d.lid,
@@ -376,12 +501,24 @@ class RdmaTransport(Transport):
             for q in qps:
                 q.close()
             raise PeerUnreachable(f"rdma handshake with {peer_name} ({pdev}) failed: {e}") from e
+        try:
+            _check_handshake(remote, _HANDSHAKE_FIELDS, len(qps), "rdma.connect reply")
+        except FieldError as e:
+            for q in qps:
+                q.close()
+            raise PeerUnreachable(f"{peer_name} sent a malformed rdma.connect reply: {e}") \
+                from None
         if inst and remote.get("instance") != inst:
             for q in qps:
                 q.close()
             raise PeerUnreachable(f"{peer_name} restarted (instance {remote.get('instance')}, "
                                   f"expected {inst})")
-        self._bring_up(d, qps, remote, psns)
+        try:
+            self._bring_up(d, qps, remote, psns)
+        except BaseException:
+            for q in qps:
+                q.close()
+            raise
         key = (peer_name, inst, pdev)
         ep = self._make_ep(d, qps, slot, worker, key)
         self._install(d, key, ep)
@@ -409,11 +546,16 @@ class RdmaTransport(Transport):
         t = self._rtabs.get(ck)
         if t is None:
             rows = []
-            for b in peer.buffers:
-                f = b.transports.get(self.name)
-                if f and len(f.get("rkey", ())) == len(pdevs):
-                    rows.append((b.addr, b.length, [int(k) for k in f["rkey"]]))
-            t = K.KeyTable(rows, max(1, len(pdevs)))
+            for b in peer.buffers:  # a buffer without every device's rkey is not reachable
+                f = b.transports.get(self.name) or {}
+                keys = [f.get(f"rkey{i}") for i in range(len(pdevs))]
+                if all(type(k) is int and 0 <= k <= _U32 for k in keys):
+                    rows.append((b.addr, b.length, keys, getattr(b, "writable", True)))
+            try:
+                t = K.KeyTable(rows, max(1, len(pdevs)))
+            except (ValueError, OverflowError) as e:  # the validator should have caught it
+                log.warning("rdma: segment %s publishes unusable buffers: %s", peer.name, e)
+                t = K.KeyTable([], max(1, len(pdevs)))
             if len(self._rtabs) > 256:
                 self._rtabs.clear()
             self._rtabs[ck] = t
@@ -421,8 +563,11 @@ class RdmaTransport(Transport):
 
     def submit(self, peer: SegmentDesc, slices: Any) -> None:
         info = peer.transports.get(self.name) or {}
-        pdevs = [x["name"] for x in info.get("devices", [])]
-        if not pdevs or not self.devs or self._closing:
+        pdevs = peer_devices(info)
+        if self._closing or not self.devs:
+            slices.fail_all(_E_CLOSED)
+            return
+        if not pdevs:
             slices.fail_all(_E_PEER)
             return
         inst = info.get("instance", "")
@@ -439,8 +584,13 @@ class RdmaTransport(Transport):
             log.warning("rdma: no endpoint to %s: %s", peer.name, e)
             slices.fail_all(_E_PEER)
             return
-        K.submit(slices, d.ltab, 0, self._remote_table(peer, pdevs), cols, eps,
-                 self.roundrobin)
+        try:
+            rtab = self._remote_table(peer, pdevs)
+        except Exception as e:
+            log.warning("rdma: cannot use segment %s: %s", peer.name, e)
+            slices.fail_all(_E_PEER)
+            return
+        K.submit(slices, d.ltab, 0, rtab, cols, eps, self.roundrobin)
 
     def _repair_loop(self) -> None:
         while not self._closing:
@@ -453,18 +603,31 @@ class RdmaTransport(Transport):
 
     def _watch(self) -> None:
         """Find endpoints with work in flight and no completion for ``stall_s``; if their peer
-        is gone (RPC fails, or another process answers), fail that work with MC_E_PEER.  (A
-        dead peer's QP does not always time out: Soft-RoCE may retransmit forever.)"""
+        is gone (RPC fails, or another process answers), abort them with MC_E_PEER: QPs to
+        ERR, each slice reported on its flush.  (A dead peer's QP does not always time out:
+        Soft-RoCE may retransmit forever.)  Endpoints on a CQ that failed to poll are aborted
+        the same way."""
         now = time.monotonic()
         if now - self._last_watch < self.stall_s / 2:
             return
         self._last_watch = now
-        stalled = []
+        stalled, broken = [], []
         with self._lock:
             live = set()
+            bad_slots = set()
             for d in self.devs:
+                for sl in d.slots:
+                    n = sl.errors
+                    if n != self._cq_errors.get(id(sl), 0):
+                        self._cq_errors[id(sl)] = n
+                        bad_slots.add(id(sl))
+                        log.error("rdma: %s: ibv_poll_cq failed %d times (last %d): aborting "
+                                  "its endpoints", d.name, n, sl.last_error)
                 for key, ep in zip(d.store.keys(), d.store.values(), strict=True):
                     live.add(ep.id)
+                    if id(ep.slot) in bad_slots:
+                        broken.append((d, key, ep))
+                        continue
                     done = ep.completions
                     seen = self._progress.get(ep.id)
                     if ep.users == 0 or seen is None or seen[0] != done:
@@ -473,6 +636,9 @@ class RdmaTransport(Transport):
                         stalled.append((d, key, ep))
             for k in [k for k in self._progress if k not in live]:
                 del self._progress[k]
+            for d, key, ep in broken:
+                d.store.remove(key, ep)
+                self._abort_ep(ep, _E_PEER, False)
         for d, (peer, inst, pdev), ep in stalled:
             try:
                 who = self.ctx.rpc_call(peer, "rdma.ping", {}, max(2.0, self.stall_s))
@@ -485,13 +651,21 @@ class RdmaTransport(Transport):
             log.warning("rdma: peer %s (%s) is gone (%s): failing its endpoint", peer, pdev, why)
             with self._lock:
                 d.store.remove((peer, inst, pdev), ep)
-                ep.abort(_E_PEER)
-                self._retire([ep])
+                self._abort_ep(ep, _E_PEER, False)
+
+    def _abort_ep(self, ep: Any, err: int, requeue: bool) -> None:
+        """Abort one endpoint (caller holds the lock and took it out of the store)."""
+        for e in ep.abort(err, requeue):
+            log.error("rdma: endpoint %d: a QP did not move to ERR (%s): its posted work may "
+                      "only end at close", ep.id, e)
+        self._retire([ep])
 
     def _repair(self, orphans: Any, ep_id: int) -> None:
         old = self._by_id.get(ep_id)
-        if old is None or self._closing or old.aborted:
-            orphans.fail(ep_id, old.abort_error if old is not None and old.aborted else _E_PEER)
+        if old is None or self._closing or (old.aborted and not old.requeue):
+            err = _E_CLOSED if self._closing else (
+                old.abort_error if old is not None and old.aborted else _E_PEER)
+            orphans.fail(ep_id, err)
             return
         d, (peer, inst, pdev) = old.info["dev"], old.info["key"]
         try:
@@ -512,6 +686,7 @@ class RdmaTransport(Transport):
                 else:
                     keep.append(ep)
             self._retired = keep
+        K.reap_graves()
 
     def endpoints(self) -> list[tuple]:
         """``(local device, key, endpoint)`` for every stored endpoint (diagnostics, tests)."""
@@ -520,40 +695,60 @@ class RdmaTransport(Transport):
                     zip(d.store.keys(), d.store.values(), strict=True)]
 
     def abort(self, peer: SegmentDesc) -> None:
+        """A batch to ``peer`` was cancelled (it timed out) and its posted work did not drain:
+        reset every endpoint to ``peer`` that has work on it.  The QPs go to ERR; each posted
+        slice is reported on its flush completion (the NIC no longer touches it): a cancelled
+        batch's with its cancel code, other callers' moved to a rebuilt endpoint (or failed
+        with MC_E_PEER if the peer cannot be reached).  Idle endpoints stay."""
         with self._lock:
             for d in self.devs:
-                for k in [k for k in d.store.keys() if k[0] == peer.name]:
-                    ep = d.store.remove(k)
-                    ep.abort()
-                    self._retire([ep])
+                for k, ep in zip(d.store.keys(), d.store.values(), strict=True):
+                    if k[0] == peer.name and ep.users > 0:
+                        d.store.remove(k, ep)
+                        log.info("rdma: resetting endpoint %d to %s (%s): %d slices on it",
+                                 ep.id, peer.name, k[2], ep.users)
+                        self._abort_ep(ep, _E_TIMEOUT, True)
 
     def close(self) -> None:
+        """Stop everything.  In-flight work ends FAILED (MC_E_CLOSED) and is reported only once
+        the NIC is done with it: QPs go to ERR and their flushes are polled; what has not
+        flushed when the workers stop is reported after its QP is destroyed."""
         if self._closing:
             return
         self._closing = True
         with self._lock:
             for d in self.devs:
                 for k in d.store.keys():
-                    ep = d.store.remove(k)
-                    ep.abort()
-                    self._retire([ep])
+                    self._abort_ep(d.store.remove(k), _E_CLOSED, False)
         if self._repair_thread is not None:
             self._repair_thread.join(5)
-        # workers poll the flushed completions; give them a moment, then stop them
-        for _ in range(200):
+        deadline = time.monotonic() + 5.0  # flush completions come at once on a live device
+        while time.monotonic() < deadline:
             with self._lock:
                 if all(ep.users == 0 for ep in self._retired):
                     break
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         for d in self.devs:
             for w in d.workers:
                 w.stop()
             for t in d.threads:
                 t.join(5)
+        with self._lock:
+            for ep in self._retired:
+                if ep.users == 0:
+                    continue
+                if not ep.worker.stopped:
+                    log.error("rdma: endpoint %d: its worker did not stop; %d slices stay in "
+                              "flight (their memory is not released)", ep.id, ep.users)
+                    continue
+                n = ep.teardown(_E_CLOSED)  # QPs destroyed first: then the slices end
+                if n:
+                    log.warning("rdma: endpoint %d: %d slices had not flushed at close",
+                                ep.id, n)
         if self._hub is not None:
             self._hub.close()
             while (o := self._hub.take(0)) is not None:
-                o.fail(-1, _E_PEER)
+                o.fail(-1, _E_CLOSED)
         self._reclaim()
         for mrs in self._mrs.values():
             for m in mrs:
@@ -562,7 +757,8 @@ class RdmaTransport(Transport):
         self.devs = []
 
     def stats(self) -> dict:
-        """Per-device worker counters, endpoint counts and clamped knobs."""
+        """Per-device worker counters, CQ poll errors, endpoint counts and clamped knobs."""
         return {d.name: {"workers": [w.stats() for w in d.workers], "endpoints": len(d.store),
-                         "evictions": d.store.evictions} for d in self.devs} | {
+                         "evictions": d.store.evictions,
+                         "cq_errors": sum(sl.errors for sl in d.slots)} for d in self.devs} | {
             "clamped": dict(self.clamped), "retired": len(self._retired)}

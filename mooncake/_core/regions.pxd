@@ -2,6 +2,11 @@
 from cpython.buffer cimport Py_buffer
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
+cdef extern from "mc_errors.h" nogil:
+    enum:
+        MC_E_REFUSED
+        MC_E_DENIED
+
 cdef extern from "mc_regions.h" nogil:
     enum:
         MC_REG_LOCAL_WRITE

@@ -10,7 +10,9 @@ stops at its next check and fails) and returns only once no pin is left.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 LOCAL_WRITE = MC_REG_LOCAL_WRITE
 REMOTE_READ = MC_REG_REMOTE_READ
@@ -89,6 +91,37 @@ cdef class RegionTable:
 
     def contains(self, uint64_t addr, uint64_t length):
         return bool(mc_regions_contains(self.t, addr, length))
+
+    def copy_in(self, uint64_t addr, const unsigned char[::1] data not None):
+        """Copy ``data`` into the registered, writable range at ``addr`` holding a pin, so an
+        unregister waits for the copy.  0, or the refusal code (E_REFUSED/E_DENIED)."""
+        cdef int32_t err = 0
+        cdef uint64_t n = data.shape[0]
+        if n == 0:
+            return MC_E_REFUSED
+        cdef mc_reg_t *r = mc_regions_acquire(self.t, addr, n, MC_REG_LOCAL_WRITE, &err)
+        if r == NULL:
+            return err
+        with nogil:
+            memcpy(<void *><size_t>addr, &data[0], n)
+        mc_reg_release(r)
+        return 0
+
+    def copy_out(self, uint64_t addr, uint64_t length):
+        """The bytes of the registered range, copied holding a pin; the refusal code instead."""
+        cdef int32_t err = 0
+        cdef mc_reg_t *r = mc_regions_acquire(self.t, addr, length, 0, &err)
+        if r == NULL:
+            return err
+        cdef char *dst
+        try:
+            out = PyBytes_FromStringAndSize(NULL, length)
+            dst = PyBytes_AS_STRING(out)
+            with nogil:
+                memcpy(dst, <const void *><size_t>addr, length)
+        finally:
+            mc_reg_release(r)
+        return out
 
     def flags(self, uint64_t addr, uint64_t length):
         """Access flags of the region holding the range, or -1."""

@@ -23,6 +23,7 @@ cdef class MR:
     cdef ibv_mr *mr
     cdef readonly Device device
     cdef readonly object owner
+    cdef ibv_mr *_live(self) except NULL
 
 
 cdef class CompChannel:
@@ -44,4 +45,5 @@ cdef class QP:
     cdef readonly int max_wr
     cdef readonly int max_sge
     cdef readonly int max_inline
+    cdef ibv_qp *_live(self) except NULL
     cdef _modify(self, ibv_qp_attr *a, int mask, str what)

@@ -2,7 +2,9 @@
 """libibverbs control path: devices, ports and GIDs, PD, MR, completion channels, CQs, RC QPs.
 
 Objects hold references to what they were made from (a QP keeps its CQ and Device alive), so
-destruction runs children first.  Errors raise ``OSError(errno, "<verb> on <device>: ...")``.
+destruction runs children first.  Errors raise ``OSError(errno, "<verb> on <device>: ...")``,
+with the errno read right after the failing verb.  Typed arguments refuse None, and a closed MR
+or QP raises ValueError instead of handing the provider a NULL.
 The data path (posting and polling without the GIL) is in ``verbs_kernel``.
 """
 
@@ -11,7 +13,89 @@ from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset, strerror
 
-from mooncake._core.libibverbs cimport *
+from mooncake._core.libibverbs cimport (
+    IBV_ACCESS_LOCAL_WRITE,
+    IBV_ACCESS_RELAXED_ORDERING,
+    IBV_ACCESS_REMOTE_READ,
+    IBV_ACCESS_REMOTE_WRITE,
+    IBV_GID_TYPE_IB,
+    IBV_GID_TYPE_ROCE_V1,
+    IBV_GID_TYPE_ROCE_V2,
+    IBV_LINK_LAYER_ETHERNET,
+    IBV_MTU_1024,
+    IBV_MTU_2048,
+    IBV_MTU_256,
+    IBV_MTU_4096,
+    IBV_MTU_512,
+    IBV_PORT_ACTIVE,
+    IBV_QPS_ERR,
+    IBV_QPS_INIT,
+    IBV_QPS_RESET,
+    IBV_QPS_RTR,
+    IBV_QPS_RTS,
+    IBV_QPT_RC,
+    IBV_QP_ACCESS_FLAGS,
+    IBV_QP_AV,
+    IBV_QP_DEST_QPN,
+    IBV_QP_MAX_DEST_RD_ATOMIC,
+    IBV_QP_MAX_QP_RD_ATOMIC,
+    IBV_QP_MIN_RNR_TIMER,
+    IBV_QP_PATH_MTU,
+    IBV_QP_PKEY_INDEX,
+    IBV_QP_PORT,
+    IBV_QP_RETRY_CNT,
+    IBV_QP_RNR_RETRY,
+    IBV_QP_RQ_PSN,
+    IBV_QP_SQ_PSN,
+    IBV_QP_STATE,
+    IBV_QP_TIMEOUT,
+    IBV_SEND_SIGNALED,
+    IBV_WC_REM_ACCESS_ERR,
+    IBV_WC_RETRY_EXC_ERR,
+    IBV_WC_SUCCESS,
+    IBV_WC_WR_FLUSH_ERR,
+    IBV_WR_RDMA_READ,
+    IBV_WR_RDMA_WRITE,
+    ibv_alloc_pd,
+    ibv_close_device,
+    ibv_create_comp_channel,
+    ibv_create_cq,
+    ibv_create_qp,
+    ibv_dealloc_pd,
+    ibv_dereg_mr,
+    ibv_destroy_comp_channel,
+    ibv_destroy_cq,
+    ibv_destroy_qp,
+    ibv_device,
+    ibv_device_attr,
+    ibv_free_device_list,
+    ibv_get_device_list,
+    ibv_get_device_name,
+    ibv_gid,
+    ibv_gid_entry,
+    ibv_modify_qp,
+    ibv_mr,
+    ibv_mtu,
+    ibv_open_device,
+    ibv_poll_cq,
+    ibv_port_attr,
+    ibv_post_send,
+    ibv_qp,
+    ibv_qp_attr,
+    ibv_qp_init_attr,
+    ibv_query_device,
+    ibv_query_gid,
+    ibv_query_gid_ex,
+    ibv_query_port,
+    ibv_query_qp,
+    ibv_reg_mr,
+    ibv_send_wr,
+    ibv_sge,
+    ibv_wc,
+    ibv_wc_status,
+    ibv_wc_status_str,
+    ibv_wr_opcode,
+)
 
 cdef extern from "fcntl.h" nogil:
     int fcntl(int fd, int cmd, ...)
@@ -53,9 +137,10 @@ def wc_status_str(int status):
     return ibv_wc_status_str(<ibv_wc_status>status).decode()
 
 
-cdef _err(str what, int rc=0):
-    cdef int e = rc if rc > 0 else errno
-    if e == 0:
+cdef _err(str what, int e):
+    """The OSError for a failed verb; ``e`` is its errno (read by the caller right after the
+    call, before anything can clobber it) or its positive return code."""
+    if e <= 0:
         e = 5  # EIO: the provider failed without setting errno
     return OSError(e, f"{what}: {strerror(e).decode()}")
 
@@ -75,19 +160,21 @@ def device_names():
 cdef class Device:
     """An opened RDMA device with one protection domain."""
 
-    def __cinit__(self, str name):
-        cdef int n = 0, i
+    def __cinit__(self, str name not None):
+        cdef int n = 0, i, e, rc
         cdef ibv_device **lst = ibv_get_device_list(&n)
         cdef ibv_device_attr a
+        e = errno
         self.name = name
         if lst == NULL:
-            raise _err(f"ibv_get_device_list (looking for {name!r})")
+            raise _err(f"ibv_get_device_list (looking for {name!r})", e)
         try:
             for i in range(n):
                 if ibv_get_device_name(lst[i]).decode() == name:
                     self.ctx = ibv_open_device(lst[i])
+                    e = errno
                     if self.ctx == NULL:
-                        raise _err(f"ibv_open_device {name}")
+                        raise _err(f"ibv_open_device {name}", e)
                     break
             else:
                 raise OSError(19, f"no RDMA device named {name!r} (have: "
@@ -95,11 +182,14 @@ cdef class Device:
         finally:
             ibv_free_device_list(lst)
         self.pd = ibv_alloc_pd(self.ctx)
+        e = errno
         if self.pd == NULL:
-            raise _err(f"ibv_alloc_pd on {name}")
+            raise _err(f"ibv_alloc_pd on {name}", e)
         memset(&a, 0, sizeof(a))
-        if ibv_query_device(self.ctx, &a):
-            raise _err(f"ibv_query_device {name}")
+        rc = ibv_query_device(self.ctx, &a)
+        e = errno
+        if rc:
+            raise _err(f"ibv_query_device {name}", rc if rc > 0 else e)
         self.limits = dict(
             max_qp=a.max_qp, max_qp_wr=a.max_qp_wr, max_sge=a.max_sge, max_cq=a.max_cq,
             max_cqe=a.max_cqe, max_mr=a.max_mr, max_mr_size=a.max_mr_size,
@@ -126,9 +216,14 @@ cdef class Device:
     def query_port(self, int port):
         """State, LID, MTUs, link layer and GID table size of ``port``."""
         cdef ibv_port_attr p
+        cdef int rc, e
+        if not 1 <= port <= 255:
+            raise ValueError(f"port must be 1..255, got {port}")
         memset(&p, 0, sizeof(p))
-        if ibv_query_port(self.ctx, <uint8_t>port, &p):
-            raise _err(f"ibv_query_port {self.name} port {port}")
+        rc = ibv_query_port(self.ctx, <uint8_t>port, &p)
+        e = errno
+        if rc:
+            raise _err(f"ibv_query_port {self.name} port {port}", rc if rc > 0 else e)
         return dict(state=p.state, lid=p.lid, active_mtu=MTU_BYTES.get(p.active_mtu, 0),
                     max_mtu=MTU_BYTES.get(p.max_mtu, 0), gid_tbl_len=p.gid_tbl_len,
                     link_layer=p.link_layer, max_msg_sz=p.max_msg_sz)
@@ -136,8 +231,14 @@ cdef class Device:
     def query_gid(self, int port, int index):
         """The 16-byte GID at ``index`` (all zeros when the slot is empty)."""
         cdef ibv_gid g
-        if ibv_query_gid(self.ctx, <uint8_t>port, index, &g):
-            raise _err(f"ibv_query_gid {self.name} port {port} index {index}")
+        cdef int rc, e
+        if not 1 <= port <= 255:
+            raise ValueError(f"port must be 1..255, got {port}")
+        rc = ibv_query_gid(self.ctx, <uint8_t>port, index, &g)
+        e = errno
+        if rc:
+            raise _err(f"ibv_query_gid {self.name} port {port} index {index}",
+                       rc if rc > 0 else e)
         return bytes(g.raw[:16])
 
     def gid_entry(self, int port, int index):
@@ -155,49 +256,71 @@ cdef class Device:
 cdef class MR:
     """A registered memory region (``ibv_reg_mr``)."""
 
-    def __cinit__(self, Device device, uint64_t addr, uint64_t length, int access,
+    def __cinit__(self, Device device not None, uint64_t addr, uint64_t length, int access,
                   object owner=None):
+        cdef int e = 0
         self.device = device
         self.owner = owner
         with nogil:  # pinning a large region takes a while: let other threads run
             self.mr = ibv_reg_mr(device.pd, <void *><uintptr_t>addr, length, access)
+            e = errno
         if self.mr == NULL:
-            raise _err(f"ibv_reg_mr {device.name} [{addr:#x}, +{length}) access {access:#x}")
+            raise _err(f"ibv_reg_mr {device.name} [{addr:#x}, +{length}) access {access:#x}", e)
 
     def __dealloc__(self):
-        self.close()
+        if self.mr != NULL:
+            ibv_dereg_mr(self.mr)  # nothing to report to from here
+            self.mr = NULL
 
     def close(self):
+        """Deregister: once this returns the NIC can no longer touch the memory (work requests
+        still using the MR complete with a protection error).  Idempotent."""
+        cdef int rc = 0, e = 0
         if self.mr != NULL:
-            ibv_dereg_mr(self.mr)
+            with nogil:  # may wait for the provider to let go of the pages
+                rc = ibv_dereg_mr(self.mr)
+                e = errno
+            if rc:
+                raise _err(f"ibv_dereg_mr {self.device.name}", rc if rc > 0 else e)
             self.mr = NULL
+            self.owner = None
+
+    cdef ibv_mr *_live(self) except NULL:
+        if self.mr == NULL:
+            raise ValueError("the MR is deregistered")
+        return self.mr
+
+    @property
+    def closed(self):
+        return self.mr == NULL
 
     @property
     def lkey(self):
-        return self.mr.lkey
+        return self._live().lkey
 
     @property
     def rkey(self):
-        return self.mr.rkey
+        return self._live().rkey
 
     @property
     def addr(self):
-        return <uintptr_t>self.mr.addr
+        return <uintptr_t>self._live().addr
 
     @property
     def length(self):
-        return self.mr.length
+        return self._live().length
 
 
 @cython.no_gc_clear
 cdef class CompChannel:
     """A completion channel; its fd is non-blocking (poll it, then drain events)."""
 
-    def __cinit__(self, Device device):
+    def __cinit__(self, Device device not None):
         self.device = device
         self.ch = ibv_create_comp_channel(device.ctx)
+        cdef int e = errno
         if self.ch == NULL:
-            raise _err(f"ibv_create_comp_channel {device.name}")
+            raise _err(f"ibv_create_comp_channel {device.name}", e)
         fcntl(self.ch.fd, F_SETFL, fcntl(self.ch.fd, F_GETFL) | O_NONBLOCK)
 
     def __dealloc__(self):
@@ -214,7 +337,13 @@ cdef class CompChannel:
 cdef class CQ:
     """A completion queue of ``cqe`` entries, optionally bound to a completion channel."""
 
-    def __cinit__(self, Device device, int cqe, CompChannel channel=None, int comp_vector=0):
+    def __cinit__(self, Device device not None, int cqe, CompChannel channel=None,
+                  int comp_vector=0):
+        cdef int e
+        if channel is not None and channel.device is not device:
+            raise ValueError("the completion channel belongs to another device")
+        if cqe < 1:
+            raise ValueError(f"a CQ needs at least one entry, got {cqe}")
         self.device = device
         self.channel = channel
         nvec = device.ctx.num_comp_vectors
@@ -222,8 +351,9 @@ cdef class CQ:
             comp_vector %= nvec
         self.cq = ibv_create_cq(device.ctx, cqe, NULL,
                                 channel.ch if channel is not None else NULL, comp_vector)
+        e = errno
         if self.cq == NULL:
-            raise _err(f"ibv_create_cq {device.name} cqe={cqe}")
+            raise _err(f"ibv_create_cq {device.name} cqe={cqe}", e)
         self.cqe = self.cq.cqe
 
     def __dealloc__(self):
@@ -237,6 +367,8 @@ cdef class CQ:
         cdef int got, i
         if n > 16:
             n = 16
+        if n < 1:
+            return []
         with nogil:
             got = ibv_poll_cq(self.cq, n, wcs)
         if got < 0:
@@ -248,8 +380,15 @@ cdef class CQ:
 cdef class QP:
     """A reliable-connected queue pair; bring it up with ``to_init``/``to_rtr``/``to_rts``."""
 
-    def __cinit__(self, Device device, CQ cq, int max_wr, int max_sge=1, int max_inline=0):
+    def __cinit__(self, Device device not None, CQ cq not None, int max_wr, int max_sge=1,
+                  int max_inline=0):
         cdef ibv_qp_init_attr ia
+        cdef int e
+        if cq.device is not device:
+            raise ValueError("the CQ belongs to another device")
+        if max_wr < 1 or max_sge < 1 or max_inline < 0:
+            raise ValueError(f"max_wr and max_sge must be >= 1 and max_inline >= 0, got "
+                             f"{max_wr}, {max_sge}, {max_inline}")
         self.device = device
         self.cq = cq
         memset(&ia, 0, sizeof(ia))
@@ -263,9 +402,10 @@ cdef class QP:
         ia.cap.max_recv_sge = 1
         ia.cap.max_inline_data = max_inline
         self.qp = ibv_create_qp(device.pd, &ia)
+        e = errno
         if self.qp == NULL:
             raise _err(f"ibv_create_qp {device.name} max_wr={max_wr} max_sge={max_sge} "
-                       f"max_inline={max_inline}")
+                       f"max_inline={max_inline}", e)
         # the provider may round the capabilities up: keep what it granted
         self.max_wr = ia.cap.max_send_wr
         self.max_sge = ia.cap.max_send_sge
@@ -275,27 +415,43 @@ cdef class QP:
         self.close()
 
     def close(self):
+        """Destroy the QP: the NIC stops processing its work requests.  Idempotent."""
         if self.qp != NULL:
             ibv_destroy_qp(self.qp)
             self.qp = NULL
 
+    cdef ibv_qp *_live(self) except NULL:
+        if self.qp == NULL:
+            raise ValueError("the QP is destroyed")
+        return self.qp
+
+    @property
+    def closed(self):
+        return self.qp == NULL
+
     @property
     def qp_num(self):
-        return self.qp.qp_num
+        return self._live().qp_num
 
     @property
     def state(self):
         """The QP state as libibverbs last saw it (``ibv_query_qp``)."""
         cdef ibv_qp_attr a
         cdef ibv_qp_init_attr ia
-        if ibv_query_qp(self.qp, &a, IBV_QP_STATE, &ia):
-            raise _err(f"ibv_query_qp {self.device.name} qpn {self.qp.qp_num}")
+        cdef int rc, e
+        rc = ibv_query_qp(self._live(), &a, IBV_QP_STATE, &ia)
+        e = errno
+        if rc:
+            raise _err(f"ibv_query_qp {self.device.name} qpn {self.qp.qp_num}",
+                       rc if rc > 0 else e)
         return a.qp_state
 
     cdef _modify(self, ibv_qp_attr *a, int mask, str what):
-        cdef int rc = ibv_modify_qp(self.qp, a, mask)
+        cdef int rc = ibv_modify_qp(self._live(), a, mask)
+        cdef int e = errno
         if rc:
-            raise _err(f"ibv_modify_qp {what} {self.device.name} qpn {self.qp.qp_num}", rc)
+            raise _err(f"ibv_modify_qp {what} {self.device.name} qpn {self.qp.qp_num}",
+                       rc if rc > 0 else e)
 
     def to_init(self, int port, int access=ACCESS_RW, int pkey_index=0):
         cdef ibv_qp_attr a
@@ -307,7 +463,7 @@ cdef class QP:
         self._modify(&a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS,
                      "RESET->INIT")
 
-    def to_rtr(self, uint32_t dest_qpn, bytes dgid, int dlid, uint32_t rq_psn, int mtu,
+    def to_rtr(self, uint32_t dest_qpn, bytes dgid not None, int dlid, uint32_t rq_psn, int mtu,
                int port, int sgid_index, int traffic_class=0, int max_dest_rd_atomic=16):
         """INIT -> RTR towards ``dest_qpn``; ``mtu`` in bytes; ``dgid`` 16 bytes (GRH used when
         it is non-zero, as RoCE needs)."""
@@ -374,7 +530,8 @@ cdef class QP:
         wr.send_flags = IBV_SEND_SIGNALED if signaled else 0
         wr.wr.rdma.remote_addr = remote
         wr.wr.rdma.rkey = rkey
+        cdef ibv_qp *qp = self._live()
         with nogil:
-            rc = ibv_post_send(self.qp, &wr, &bad)
+            rc = ibv_post_send(qp, &wr, &bad)
         if rc:
             raise _err(f"ibv_post_send {self.device.name} qpn {self.qp.qp_num}", rc)

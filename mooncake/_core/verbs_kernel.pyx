@@ -3,29 +3,45 @@
 
 Pieces (C structs owned by small cdef classes):
 
-* ``CQSlot``: a CQ with its outstanding-CQE counter (posting stops before the CQ could overflow).
+* ``CQSlot``: a CQ with its outstanding-CQE counter (posting stops before the CQ could overflow)
+  and its poll-error counter.  A CQ belongs to exactly one worker.
 * ``Worker``: one thread's nogil loop.  It takes slices from its inbox, posts them in chains to
   its endpoints' QPs (bounded by each QP's ``max_wr`` and the CQ depth), polls its CQs 64
   completions at a time, reports each slice to the batch table, and sleeps on completion
-  channels + an eventfd when idle.
-* ``Endpoint``: ``n`` RC QPs to one peer device.  A slice that fails with a retryable status is
-  reposted on another healthy QP of its endpoint; when none is left it goes to the ``Hub``,
-  where the transport's repair thread rebuilds the endpoint (a handshake, in Python) and
-  resubmits it, or fails it.  Slices carry their retry count; past ``retry_cnt`` they fail.
-* ``KeyTable``: sorted address ranges -> lkey/rkey columns, searched per slice at submit.
+  channels + an eventfd when idle.  Before posting a slice it asks the batch table whether the
+  slice may still touch memory (``mc_slice_live``: the batch was cancelled, or its region
+  unregistered); if not, the slice ends with that code without being posted.
+* ``Endpoint``: ``n`` RC QPs to one peer device, polled and posted by one worker.  A slice that
+  fails with a retryable status is reposted on another healthy QP of its endpoint; when none is
+  left it goes to the ``Hub``, where the transport's repair thread rebuilds the endpoint (a
+  handshake, in Python) and resubmits it, or fails it.  Slices carry their retry count; past
+  ``retry_cnt`` they fail.  ``abort`` moves the QPs to ERR: each posted slice is reported when
+  its flush completion is polled (the NIC no longer touches it), failed, or (``requeue``) handed
+  to the hub for a rebuilt endpoint unless its batch was cancelled.
+* ``KeyTable``: sorted address ranges -> lkey/rkey columns (and whether a peer's range takes
+  WRITEs), searched per slice at submit.
 * ``submit``: turn a ``Slices`` block into in-flight slices on endpoints' workers.
 
-Completion accounting: every in-flight slice holds one reference on its endpoint (``users``)
-and its job holds one reference on the batch.  An endpoint is destroyed only at ``users == 0``,
-so its QPs drain first.
+After failure, silence: a slice is reported only when its work request's completion (success,
+error or flush) was polled, or -- at teardown, once the worker stopped -- after its QP was
+destroyed (``Endpoint.teardown``).  Nothing a caller already saw end is touched by the NIC.
+
+Completion accounting: every queued or in-flight slice holds one reference on its endpoint
+struct (the ``Endpoint`` object holds another), and its job holds one reference on the batch.
+The struct is freed by whoever drops the last reference; the QPs are destroyed only once no
+slice is left on them (``destroy``) or the worker stopped (``teardown``).  A worker that stopped
+completes whatever reaches its inbox afterwards with MC_E_CLOSED, so no slice is ever lost.
 """
 
 cimport cython
+from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 from mooncake._core.batch cimport (
+    MC_E_CLOSED,
+    MC_E_DENIED,
     MC_E_LOCAL,
     MC_E_PEER,
     MC_E_REFUSED,
@@ -36,17 +52,45 @@ from mooncake._core.batch cimport (
     mc_batch_unref,
     mc_now,
     mc_slice_done,
+    mc_slice_live,
 )
-from mooncake._core.libibverbs cimport *
-from mooncake._core.verbs cimport CQ, QP, CompChannel
+from mooncake._core.libibverbs cimport (
+    IBV_SEND_INLINE,
+    IBV_SEND_SIGNALED,
+    IBV_WC_LOC_ACCESS_ERR,
+    IBV_WC_LOC_LEN_ERR,
+    IBV_WC_LOC_PROT_ERR,
+    IBV_WC_MW_BIND_ERR,
+    IBV_WC_REM_ACCESS_ERR,
+    IBV_WC_REM_INV_REQ_ERR,
+    IBV_WC_REM_OP_ERR,
+    IBV_WC_SUCCESS,
+    IBV_WC_WR_FLUSH_ERR,
+    IBV_WR_RDMA_READ,
+    IBV_WR_RDMA_WRITE,
+    ibv_ack_cq_events,
+    ibv_comp_channel,
+    ibv_cq,
+    ibv_get_cq_event,
+    ibv_poll_cq,
+    ibv_post_send,
+    ibv_qp,
+    ibv_req_notify_cq,
+    ibv_send_wr,
+    ibv_sge,
+    ibv_wc,
+    ibv_wr_opcode,
+)
+from mooncake._core.verbs cimport CQ, QP
 
 cdef extern from *:
     """
     #include <pthread.h>
     #include <poll.h>
     #include <sched.h>
-    #include <stdlib.h>
+    #include <stdint.h>
     #include <sys/eventfd.h>
+    #include <time.h>
     #include <unistd.h>
     #include <errno.h>
     #define mcv_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
@@ -54,6 +98,42 @@ cdef extern from *:
     #define mcv_store(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
     static inline void mcv_kick(int fd) { uint64_t one = 1; ssize_t r = write(fd, &one, 8); (void)r; }
     static inline void mcv_drain(int fd) { uint64_t v; ssize_t r = read(fd, &v, 8); (void)r; }
+
+    /* Per-thread xorshift64*: no state shared between threads that pick paths at once. */
+    static __thread uint64_t mcv_rng_state;
+    static inline uint32_t mcv_rand(void) {
+        uint64_t x = mcv_rng_state;
+        if (x == 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            x = ((uint64_t)(uintptr_t)&mcv_rng_state * 0x9E3779B97F4A7C15ull) ^
+                ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec;
+            x |= 1;
+        }
+        x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+        mcv_rng_state = x;
+        return (uint32_t)((x * 0x2545F4914F6CDD1Dull) >> 32);
+    }
+
+    /* A condition variable on CLOCK_MONOTONIC, waited on until a deadline (mc_now() seconds);
+     * the deadline is clamped so no conversion overflows. */
+    static inline void mcv_cond_init_mono(pthread_cond_t *c) {
+        pthread_condattr_t a;
+        pthread_condattr_init(&a);
+        pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+        pthread_cond_init(c, &a);
+        pthread_condattr_destroy(&a);
+    }
+    static inline int mcv_cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, double deadline) {
+        struct timespec ts;
+        if (!(deadline > 0)) deadline = 0;          /* NaN too */
+        if (deadline > 4.0e9) deadline = 4.0e9;     /* ~126 years of uptime */
+        ts.tv_sec = (time_t)deadline;
+        ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
+        if (ts.tv_nsec < 0) ts.tv_nsec = 0;
+        if (ts.tv_nsec > 999999999L) ts.tv_nsec = 999999999L;
+        return pthread_cond_timedwait(c, m, &ts);
+    }
     """
     ctypedef struct pthread_mutex_t:
         pass
@@ -63,11 +143,9 @@ cdef extern from *:
     int pthread_mutex_destroy(pthread_mutex_t *m) nogil
     int pthread_mutex_lock(pthread_mutex_t *m) nogil
     int pthread_mutex_unlock(pthread_mutex_t *m) nogil
-    int pthread_cond_init(pthread_cond_t *c, void *attr) nogil
     int pthread_cond_destroy(pthread_cond_t *c) nogil
     int pthread_cond_signal(pthread_cond_t *c) nogil
     int pthread_cond_broadcast(pthread_cond_t *c) nogil
-    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m) nogil
     struct pollfd:
         int fd
         short events
@@ -78,20 +156,26 @@ cdef extern from *:
         EFD_NONBLOCK
         EFD_CLOEXEC
         ENOMEM
+        ETIMEDOUT
     int eventfd(unsigned int initval, int flags) nogil
     int close(int fd) nogil
     int sched_yield() nogil
-    int rand_r(unsigned int *seed) nogil
     int64_t mcv_add(int64_t *p, int64_t v) nogil
     int64_t mcv_load(int64_t *p) nogil
     void mcv_store(int64_t *p, int64_t v) nogil
     void mcv_kick(int fd) nogil
     void mcv_drain(int fd) nogil
+    uint32_t mcv_rand() nogil
+    void mcv_cond_init_mono(pthread_cond_t *c) nogil
+    int mcv_cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, double deadline) nogil
 
-DEF CHAIN = 32      # work requests per ibv_post_send chain
-DEF POLL_BATCH = 64  # completions per ibv_poll_cq
-DEF STICKY = 16     # consecutive slices on one QP before moving on (keeps chains long)
-DEF MAX_CQ = 64     # CQs one worker polls
+cdef enum:
+    CHAIN = 32       # work requests per ibv_post_send chain
+    POLL_BATCH = 64  # completions per ibv_poll_cq
+    STICKY = 16      # consecutive slices on one QP before moving on (keeps chains long)
+    MAX_CQ = 64      # CQs one worker polls
+    MAX_QP = 255     # QPs per endpoint
+    MAX_PATHS = 64   # endpoints one submit spreads over
 
 cdef enum:
     EP_OK = 0
@@ -103,6 +187,8 @@ cdef enum:
 
 OP_READ = C_OP_READ
 OP_WRITE = C_OP_WRITE
+#: the longest wait ``Hub.take`` accepts (longer values are clamped)
+MAX_WAIT_S = 1e6
 
 # --------------------------------------------------------------------------------- structs
 
@@ -115,9 +201,13 @@ cdef struct vcq:
     ibv_comp_channel *ch
     int64_t out
     int64_t cap
+    int64_t errors      # ibv_poll_cq calls that failed
+    int64_t last_err    # what the last failing one returned (negative)
+    int owned           # taken by a Worker
 
 cdef struct vslice:
-    vslice *next
+    vslice *next        # queue link (inbox, pending, hub) or, while posted, in-flight link
+    vslice *prev        # in-flight back link
     vjob *job
     vep *ep
     uint64_t local
@@ -145,6 +235,7 @@ cdef struct vworker:
     int64_t in_count
     int evfd
     int64_t stop
+    int64_t dead        # the loop has exited: _push completes slices itself
     int ncq
     vcq *cqs[MAX_CQ]
     vhub *hub
@@ -155,6 +246,8 @@ cdef struct vworker:
     int64_t completed
     int64_t failed
     int64_t retried
+    int64_t canceled
+    int64_t poll_errors
     int64_t sleeps
 
 cdef struct vep:
@@ -167,31 +260,73 @@ cdef struct vep:
     int max_inline
     int rr
     int rr_left
-    int64_t users
+    int64_t refs        # queued/in-flight slices, +1 while the Endpoint object lives
     int64_t state
     int64_t abort_err
+    int64_t requeue     # aborted slices of live batches go to the hub instead of failing
     int64_t last_status
     int64_t done
+    vslice *infl        # posted, completion not polled yet (only its worker touches the list)
+    int64_t ninfl
     vworker *worker
     vcq *cq
 
 # --------------------------------------------------------------------------------- helpers
 
+cdef inline void _ep_unref(vep *ep) noexcept nogil:
+    if mcv_add(&ep.refs, -1) == 0:
+        free(ep)
+
+
 cdef inline void _complete(vslice *s, int err) noexcept nogil:
     """Report a finished slice; afterwards ``s`` may be freed."""
     cdef vjob *job = s.job
-    if s.ep != NULL:  # first: the endpoint may be destroyed once a waiter sees the batch done
-        mcv_add(&s.ep.users, -1)
+    if s.ep != NULL:  # first: the transport may destroy the endpoint once it sees no users
+        _ep_unref(s.ep)
     mc_slice_done(job.batch, s.task, 0 if err else <int64_t>s.length, err)
     if mcv_add(&job.remaining, -1) == 0:
         mc_batch_unref(job.batch)
         free(job)
 
 
+cdef inline void _fail_chain(vslice *s, int err) noexcept nogil:
+    cdef vslice *nxt
+    while s != NULL:
+        nxt = s.next
+        s.next = NULL
+        _complete(s, err)
+        s = nxt
+
+
+cdef inline void _infl_add(vep *ep, vslice *s) noexcept nogil:
+    s.prev = NULL
+    s.next = ep.infl
+    if ep.infl != NULL:
+        ep.infl.prev = s
+    ep.infl = s
+    mcv_add(&ep.ninfl, 1)
+
+
+cdef inline void _infl_del(vep *ep, vslice *s) noexcept nogil:
+    if s.prev != NULL:
+        s.prev.next = s.next
+    else:
+        ep.infl = s.next
+    if s.next != NULL:
+        s.next.prev = s.prev
+    s.next = NULL
+    s.prev = NULL
+    mcv_add(&ep.ninfl, -1)
+
+
 cdef inline void _push(vworker *w, vslice *head, vslice *tail, int64_t n) noexcept nogil:
-    """Append a chain to a worker's inbox and wake it."""
+    """Append a chain to a worker's inbox and wake it; a stopped worker's chain ends now."""
     tail.next = NULL
     pthread_mutex_lock(&w.mu)
+    if w.dead:
+        pthread_mutex_unlock(&w.mu)
+        _fail_chain(head, MC_E_CLOSED)
+        return
     if w.in_tail == NULL:
         w.in_head = head
     else:
@@ -242,18 +377,48 @@ cdef inline bint _fatal(int status) noexcept nogil:
             status == IBV_WC_MW_BIND_ERR)
 
 
+cdef inline void _requeue(vworker *w, vslice *s) noexcept nogil:
+    """An aborted endpoint's slice of a live batch: to the hub (a rebuilt endpoint), or failed
+    once it has used up its retries."""
+    s.retries += 1
+    if s.retries > w.retry_cnt:
+        w.failed += 1
+        _complete(s, <int>mcv_load(&s.ep.abort_err))
+        return
+    w.retried += 1
+    s.qp = -1
+    _to_hub(w.hub, s)
+
+
+cdef inline int _stopped(vslice *s) noexcept nogil:
+    """Why ``s`` must end without (further) touching memory, or 0 (it may be posted)."""
+    cdef int err = mc_slice_live(s.job.batch, s.task)
+    if err:
+        return err
+    if mcv_load(&s.ep.state) == EP_ABORTED and not mcv_load(&s.ep.requeue):
+        return <int>mcv_load(&s.ep.abort_err)
+    return 0
+
+
 cdef inline void _on_error(vworker *w, vslice *s, int status) noexcept nogil:
+    """A polled error completion (``s`` is off the in-flight list: the NIC is done with it)."""
     cdef vep *ep = s.ep
+    cdef int err
     mcv_store(&ep.qp_bad[s.qp], 1)   # an errored RC QP is in ERR: nothing more goes there
     if status != IBV_WC_WR_FLUSH_ERR:
         mcv_store(&ep.last_status, status)
-    if mcv_load(&ep.state) == EP_ABORTED:
-        _complete(s, <int>mcv_load(&ep.abort_err))
-    elif _fatal(status):
+    if _fatal(status):
         w.failed += 1
         _complete(s, MC_E_REFUSED if (status == IBV_WC_REM_ACCESS_ERR or
                                       status == IBV_WC_REM_INV_REQ_ERR or
                                       status == IBV_WC_REM_OP_ERR) else MC_E_LOCAL)
+        return
+    err = _stopped(s)
+    if err:
+        w.canceled += 1
+        _complete(s, err)
+    elif mcv_load(&ep.state) == EP_ABORTED:
+        _requeue(w, s)
     else:
         s.retries += 1
         if s.retries > w.retry_cnt:
@@ -287,10 +452,10 @@ cdef int _flush(vworker *w, vep *ep, int q, ibv_send_wr *wrs, int n,
         mcv_store(&ep.last_status, -rc)
     for i in range(first_bad, n):
         s = <vslice *><uintptr_t>wrs[i].wr_id
+        _infl_del(ep, s)
         mcv_add(&ep.qp_out[q], -1)
         mcv_add(&ep.cq.out, -1)
         s.qp = -1
-        s.next = NULL
         if keep_tail[0] == NULL:
             keep_head[0] = s
         else:
@@ -304,7 +469,7 @@ cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
     """Post what can be posted from the pending list; the rest stays in it."""
     cdef ibv_send_wr wrs[CHAIN]
     cdef ibv_sge sges[CHAIN]
-    cdef int nwr = 0, q, cur_q = -1, posted = 0
+    cdef int nwr = 0, q, cur_q = -1, posted = 0, err
     cdef vep *cur_ep = NULL
     cdef vep *ep
     cdef vslice *s = phead[0]
@@ -316,8 +481,14 @@ cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
         nxt = s.next
         s.next = NULL
         ep = s.ep
-        if mcv_load(&ep.state) == EP_ABORTED:
-            _complete(s, <int>mcv_load(&ep.abort_err))
+        err = _stopped(s)
+        if err:   # cancelled, unregistered, or its endpoint aborted: never posted
+            w.canceled += 1
+            _complete(s, err)
+            s = nxt
+            continue
+        if mcv_load(&ep.state) == EP_ABORTED:   # aborted with requeue
+            _requeue(w, s)
             s = nxt
             continue
         q = _pick_qp(ep) if mcv_load(&ep.cq.out) < ep.cq.cap else -1
@@ -341,6 +512,7 @@ cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
         s.qp = q
         mcv_add(&ep.qp_out[q], 1)
         mcv_add(&ep.cq.out, 1)
+        _infl_add(ep, s)
         wr = &wrs[nwr]
         sges[nwr].addr = s.local
         sges[nwr].length = <uint32_t>s.length
@@ -370,8 +542,14 @@ cdef int _poll_cqs(vworker *w) noexcept nogil:
     for c in range(w.ncq):
         cq = w.cqs[c]
         n = ibv_poll_cq(cq.cq, POLL_BATCH, wcs)
+        if n < 0:   # the provider failed: the transport's watchdog aborts this CQ's endpoints
+            mcv_add(&cq.errors, 1)
+            mcv_store(&cq.last_err, n)
+            w.poll_errors += 1
+            continue
         for i in range(n):
             s = <vslice *><uintptr_t>wcs[i].wr_id
+            _infl_del(s.ep, s)
             mcv_add(&s.ep.done, 1)
             mcv_add(&s.ep.qp_out[s.qp], -1)
             mcv_add(&cq.out, -1)
@@ -380,8 +558,7 @@ cdef int _poll_cqs(vworker *w) noexcept nogil:
                 _complete(s, 0)
             else:
                 _on_error(w, s, wcs[i].status)
-        if n > 0:
-            total += n
+        total += n
     return total
 
 
@@ -422,7 +599,7 @@ cdef void _sleep(vworker *w, bint busy) noexcept nogil:
     for c in range(w.ncq):
         if w.cqs[c].ch == NULL:
             continue
-        while ibv_get_cq_event(w.cqs[c].ch, &ev_cq, &ev_ctx) == 0:
+        while ibv_get_cq_event(w.cqs[c].ch, &ev_cq, &ev_ctx) == 0:  # EAGAIN ends it
             ibv_ack_cq_events(ev_cq, 1)
 
 
@@ -472,65 +649,82 @@ cdef void _loop(vworker *w) noexcept nogil:
         _sleep(w, busy)
         armed = False
         idle = w.spin - 1   # after a wake-up, one poll round, then sleep again if idle
-    # stopping: whatever was never posted fails
-    while pending != NULL:
-        got = pending.next
-        _complete(pending, MC_E_PEER)
-        pending = got
+    # stopping: nothing new is accepted; whatever was never posted ends now.  Posted slices
+    # stay on their endpoints until Endpoint.teardown (after the QPs are destroyed).
+    pthread_mutex_lock(&w.mu)
+    mcv_store(&w.dead, 1)
+    got = w.in_head
+    w.in_head = NULL
+    w.in_tail = NULL
+    mcv_store(&w.in_count, 0)
+    pthread_mutex_unlock(&w.mu)
+    _fail_chain(got, MC_E_CLOSED)
+    _fail_chain(pending, MC_E_CLOSED)
 
 # --------------------------------------------------------------------------------- classes
 
 
 @cython.no_gc_clear
 cdef class CQSlot:
-    """A CQ as the kernel sees it: pointer, channel and outstanding-CQE budget."""
+    """A CQ as the kernel sees it: pointer, channel, outstanding-CQE budget, poll errors."""
     cdef vcq c
     cdef readonly CQ cq
 
-    def __cinit__(self, CQ cq):
+    def __cinit__(self, CQ cq not None):
+        if cq.cq == NULL:
+            raise ValueError("the CQ is destroyed")
         self.cq = cq
+        memset(&self.c, 0, sizeof(vcq))
         self.c.cq = cq.cq
         self.c.ch = cq.cq.channel
-        self.c.out = 0
         self.c.cap = cq.cqe
 
     @property
     def outstanding(self):
         return mcv_load(&self.c.out)
 
+    @property
+    def errors(self):
+        """How many ``ibv_poll_cq`` calls on this CQ failed."""
+        return mcv_load(&self.c.errors)
+
+    @property
+    def last_error(self):
+        """What the last failing ``ibv_poll_cq`` returned (negative), 0 if none failed."""
+        return mcv_load(&self.c.last_err)
+
 
 cdef class Hub:
-    """Slices whose endpoint has no healthy QP left, waiting for the repair thread."""
+    """Slices whose endpoint has no healthy QP left (or was aborted for a rebuild), waiting
+    for the repair thread."""
     cdef vhub h
 
     def __cinit__(self):
         memset(&self.h, 0, sizeof(vhub))
         pthread_mutex_init(&self.h.mu, NULL)
-        pthread_cond_init(&self.h.cv, NULL)
+        mcv_cond_init_mono(&self.h.cv)
 
     def __dealloc__(self):
-        cdef vslice *s = self.h.head
-        cdef vslice *n
-        while s != NULL:
-            n = s.next
-            _complete(s, MC_E_PEER)
-            s = n
+        _fail_chain(self.h.head, MC_E_PEER)
+        self.h.head = NULL
         pthread_mutex_destroy(&self.h.mu)
         pthread_cond_destroy(&self.h.cv)
 
     def take(self, double timeout):
-        """Wait up to ``timeout`` s for orphaned slices; an ``Orphans`` or None."""
-        cdef double deadline = mc_now() + timeout
+        """Wait up to ``timeout`` s (clamped to 0..MAX_WAIT_S) for orphaned slices; an
+        ``Orphans`` or None."""
         cdef vslice *got = NULL
+        cdef double deadline
+        if not timeout > 0:   # NaN too
+            timeout = 0
+        elif timeout > MAX_WAIT_S:
+            timeout = MAX_WAIT_S
         with nogil:
             pthread_mutex_lock(&self.h.mu)
+            deadline = mc_now() + timeout
             while self.h.head == NULL and not self.h.closed:
-                pthread_mutex_unlock(&self.h.mu)
-                if mc_now() >= deadline:
-                    pthread_mutex_lock(&self.h.mu)
+                if mcv_cond_wait_until(&self.h.cv, &self.h.mu, deadline) == ETIMEDOUT:
                     break
-                poll(NULL, 0, 5)
-                pthread_mutex_lock(&self.h.mu)
             got = self.h.head
             self.h.head = NULL
             self.h.tail = NULL
@@ -578,6 +772,7 @@ cdef class Orphans:
                     self.head = nxt
                 else:
                     prev.next = nxt
+                s.next = NULL
                 _complete(s, err)
                 n += 1
             else:
@@ -589,8 +784,9 @@ cdef class Orphans:
         """Fail the slices of endpoint ``ep_id`` (-1: all) with ``err``; how many."""
         return self._fail(ep_id, err)
 
-    def resubmit(self, int64_t ep_id, Endpoint ep):
-        """Move the slices of endpoint ``ep_id`` onto ``ep`` (same peer device: rkeys stay)."""
+    def resubmit(self, int64_t ep_id, Endpoint ep not None):
+        """Move the slices of endpoint ``ep_id`` onto ``ep`` (same peer device: rkeys stay).
+        A cancelled batch's slices end on the new endpoint's worker without being posted."""
         cdef vslice *s = self.head
         cdef vslice *prev = NULL
         cdef vslice *nxt
@@ -604,8 +800,8 @@ cdef class Orphans:
                     self.head = nxt
                 else:
                     prev.next = nxt
-                mcv_add(&ep.ep.users, 1)
-                mcv_add(&s.ep.users, -1)
+                mcv_add(&ep.ep.refs, 1)
+                _ep_unref(s.ep)
                 s.ep = ep.ep
                 s.qp = -1
                 s.next = NULL
@@ -626,27 +822,37 @@ cdef class Orphans:
 @cython.no_gc_clear
 cdef class Worker:
     """One worker thread's state; ``run()`` (in a thread) loops without the GIL until
-    ``stop()``."""
+    ``stop()``.  Each of its CQ slots belongs to it alone."""
     cdef vworker *w
     cdef readonly list slots
     cdef readonly Hub hub
 
-    def __cinit__(self, list slots, Hub hub, int retry_cnt=9, int spin=64):
+    def __cinit__(self, list slots not None, Hub hub not None, int retry_cnt=9, int spin=64):
+        cdef CQSlot sl
         if not slots or len(slots) > MAX_CQ:
             raise ValueError(f"a worker polls 1..{MAX_CQ} CQs, got {len(slots)}")
+        for x in slots:
+            sl = <CQSlot?>x
+            if sl.c.owned:
+                raise ValueError("a CQ slot belongs to one worker only")
         self.w = <vworker *>calloc(1, sizeof(vworker))
         if self.w == NULL:
             raise MemoryError()
-        pthread_mutex_init(&self.w.mu, NULL)
         self.w.evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.w.evfd < 0:
-            raise OSError("eventfd failed")
+            e = errno
+            free(self.w)
+            self.w = NULL
+            raise OSError(e, "eventfd failed")
+        pthread_mutex_init(&self.w.mu, NULL)
         self.slots = list(slots)
         self.hub = hub
         self.w.hub = &hub.h
         self.w.ncq = len(slots)
-        for i, sl in enumerate(slots):
-            self.w.cqs[i] = &(<CQSlot>sl).c
+        for i, x in enumerate(slots):
+            sl = <CQSlot>x
+            sl.c.owned = 1
+            self.w.cqs[i] = &sl.c
         self.w.retry_cnt = retry_cnt
         self.w.spin = spin
 
@@ -658,7 +864,9 @@ cdef class Worker:
             self.w = NULL
 
     def run(self):
-        """The worker loop; returns after ``stop()``."""
+        """The worker loop; returns after ``stop()``.  Runs once."""
+        if mcv_load(&self.w.dead):
+            raise RuntimeError("this worker has stopped")
         with nogil:
             _loop(self.w)
 
@@ -666,28 +874,74 @@ cdef class Worker:
         mcv_store(&self.w.stop, 1)
         mcv_kick(self.w.evfd)
 
+    @property
+    def stopped(self):
+        """The loop has exited (or never ran and ``stop()`` was called and ``run()`` returned):
+        what reaches it now ends with MC_E_CLOSED."""
+        return bool(mcv_load(&self.w.dead))
+
     def kick(self):
         mcv_kick(self.w.evfd)
 
     def stats(self):
         cdef vworker *w = self.w
         return dict(posted=w.posted, post_calls=w.post_calls, completed=w.completed,
-                    failed=w.failed, retried=w.retried, sleeps=w.sleeps)
+                    failed=w.failed, retried=w.retried, canceled=w.canceled,
+                    poll_errors=w.poll_errors, sleeps=w.sleeps)
+
+
+@cython.no_gc_clear
+cdef class _Grave:
+    """An endpoint struct (and its QPs) whose object died with slices still on it; kept until
+    the last of them is reported (``reap_graves``)."""
+    cdef vep *ep
+    cdef list qps
+
+    def __dealloc__(self):
+        if self.ep != NULL and mcv_add(&self.ep.refs, -1) == 0:
+            free(self.ep)
+        self.ep = NULL
+
+
+_graves = []
+
+
+def reap_graves():
+    """Free the endpoints (and QPs) of dead ``Endpoint`` objects whose slices have all been
+    reported; how many are still waiting."""
+    global _graves
+    keep = []
+    for g in _graves:
+        if mcv_load(&(<_Grave>g).ep.refs) > 1:
+            keep.append(g)
+    _graves = keep
+    return len(keep)
 
 
 @cython.no_gc_clear
 cdef class Endpoint:
-    """``len(qps)`` connected RC QPs to one peer device, served by one worker."""
+    """``len(qps)`` connected RC QPs to one peer device, all on ``slot``'s CQ, posted and polled
+    by ``worker`` (which owns that slot)."""
     cdef vep *ep
     cdef readonly list qps
     cdef readonly Worker worker
     cdef readonly CQSlot slot
     cdef public object info
 
-    def __cinit__(self, int64_t ep_id, list qps, Worker worker, CQSlot slot):
+    def __cinit__(self, int64_t ep_id, list qps not None, Worker worker not None,
+                  CQSlot slot not None):
         cdef int n = len(qps), i
-        if n < 1:
-            raise ValueError("an endpoint needs at least one QP")
+        cdef QP q
+        if not 1 <= n <= MAX_QP:
+            raise ValueError(f"an endpoint needs 1..{MAX_QP} QPs, got {n}")
+        if not any(x is slot for x in worker.slots):
+            raise ValueError("the endpoint's CQ slot must be one its worker polls")
+        for x in qps:
+            q = <QP?>x
+            if q.qp == NULL:
+                raise ValueError("a QP of the endpoint is destroyed")
+            if q.cq is not slot.cq:
+                raise ValueError("every QP of an endpoint must complete on the slot's CQ")
         self.ep = <vep *>calloc(1, sizeof(vep) + n * (sizeof(void *) + 2 * sizeof(int64_t)))
         if self.ep == NULL:
             raise MemoryError()
@@ -696,8 +950,9 @@ cdef class Endpoint:
         self.ep.qp_bad = self.ep.qp_out + n
         self.ep.id = ep_id
         self.ep.nqp = n
-        self.ep.max_wr = min((<QP>q).max_wr for q in qps)
-        self.ep.max_inline = min((<QP>q).max_inline for q in qps)
+        self.ep.refs = 1
+        self.ep.max_wr = min((<QP>x).max_wr for x in qps)
+        self.ep.max_inline = min((<QP>x).max_inline for x in qps)
         for i in range(n):
             self.ep.qp[i] = (<QP>qps[i]).qp
         self.ep.worker = worker.w
@@ -707,9 +962,22 @@ cdef class Endpoint:
         self.slot = slot
 
     def __dealloc__(self):
-        # in-flight slices point at the struct: leak it rather than free it under them
-        if self.ep != NULL and mcv_load(&self.ep.users) == 0:
+        cdef _Grave g
+        if self.ep == NULL:
+            return
+        if mcv_load(&self.ep.refs) == 1:  # nothing queued or in flight (none can be added)
             free(self.ep)
+        else:
+            # slices still point at the struct and the worker may still post on the QPs:
+            # stop new posts, flush what is posted, and keep both until the last is reported
+            self._abort(MC_E_CLOSED, False)
+            try:
+                g = _Grave.__new__(_Grave)
+                g.ep = self.ep
+                g.qps = self.qps
+                _graves.append(g)
+            except BaseException:  # interpreter shutdown: leaking beats freeing under them
+                pass
         self.ep = NULL
 
     @property
@@ -719,7 +987,12 @@ cdef class Endpoint:
     @property
     def users(self):
         """Slices queued or in flight on this endpoint."""
-        return mcv_load(&self.ep.users)
+        return mcv_load(&self.ep.refs) - 1
+
+    @property
+    def inflight(self):
+        """Slices posted whose completion was not polled yet."""
+        return mcv_load(&self.ep.ninfl)
 
     @property
     def healthy(self):
@@ -729,6 +1002,11 @@ cdef class Endpoint:
     @property
     def aborted(self):
         return mcv_load(&self.ep.state) == EP_ABORTED
+
+    @property
+    def requeue(self):
+        """Aborted for a rebuild: live batches' slices move to a new endpoint."""
+        return bool(mcv_load(&self.ep.requeue))
 
     @property
     def completions(self):
@@ -745,51 +1023,104 @@ cdef class Endpoint:
         """The last error status seen (ibv_wc_status, or -errno of a failed post), 0 if none."""
         return mcv_load(&self.ep.last_status)
 
-    def abort(self, int err=MC_E_TIMEOUT):
-        """Fail all queued and in-flight work with ``err`` (default MC_E_TIMEOUT; MC_E_PEER
-        when the peer is gone): QPs to ERR, posted WRs flush."""
+    cdef list _abort(self, int err, bint requeue):
         mcv_store(&self.ep.abort_err, err)
+        mcv_store(&self.ep.requeue, 1 if requeue else 0)
         mcv_store(&self.ep.state, EP_ABORTED)
         for i in range(self.ep.nqp):
             mcv_store(&self.ep.qp_bad[i], 1)
+        errors = []
         for q in self.qps:
+            if (<QP>q).qp == NULL:
+                continue
             try:
                 (<QP>q).to_error()
-            except OSError:
-                pass
-        self.worker.kick()
+            except OSError as e:
+                errors.append(e)
+        mcv_kick(self.ep.worker.evfd)
+        return errors
+
+    def abort(self, int err=MC_E_TIMEOUT, bint requeue=False):
+        """Stop the endpoint: its QPs go to ERR, so every posted work request completes with a
+        flush error and each slice is reported only then (the NIC is done with it).  Slices end
+        with ``err`` (default MC_E_TIMEOUT; MC_E_PEER when the peer is gone), or with their
+        batch's cancel code; with ``requeue`` the slices of batches still live go to the hub
+        instead, for a rebuilt endpoint.  Returns the OSErrors of QPs that did not move to ERR
+        (their posted work may never flush)."""
+        return self._abort(err, requeue)
+
+    def teardown(self, int err=MC_E_CLOSED):
+        """After the worker stopped: destroy the QPs (the NIC can no longer touch what was
+        posted on them), then fail every slice still posted with ``err``; how many."""
+        cdef vslice *s
+        cdef vslice *nxt
+        cdef int n = 0
+        if not mcv_load(&self.worker.w.dead):
+            raise RuntimeError(f"endpoint {self.ep.id}: its worker is still running")
+        if not self.aborted:
+            mcv_store(&self.ep.abort_err, err)
+            mcv_store(&self.ep.state, EP_ABORTED)
+        for i in range(self.ep.nqp):
+            mcv_store(&self.ep.qp_bad[i], 1)
+        for q in self.qps:
+            (<QP>q).close()
+        s = self.ep.infl
+        self.ep.infl = NULL
+        while s != NULL:
+            nxt = s.next
+            s.next = NULL
+            s.prev = NULL
+            mcv_add(&self.ep.ninfl, -1)
+            _complete(s, err)
+            n += 1
+            s = nxt
+        return n
 
     def destroy(self):
         """Destroy the QPs; only once nothing is queued or in flight."""
-        if mcv_load(&self.ep.users) != 0:
+        if mcv_load(&self.ep.refs) != 1:
             raise RuntimeError(f"endpoint {self.ep.id} still has {self.users} slices in flight")
         for q in self.qps:
             (<QP>q).close()
 
 
 cdef class KeyTable:
-    """Sorted, non-overlapping ``[start, end)`` ranges, each with one key per column."""
+    """Sorted, non-overlapping ``[start, end)`` ranges, each with one key per column and
+    whether it takes WRITEs."""
     cdef uint64_t *starts
     cdef uint64_t *ends
     cdef uint32_t *keys
+    cdef uint8_t *writable
     cdef readonly int n
     cdef readonly int ncols
 
     def __cinit__(self, rows, int ncols):
-        """``rows``: iterable of ``(start, length, [key per column])``."""
+        """``rows``: iterable of ``(start, length, [key per column])`` or ``(start, length,
+        keys, writable)``.  ValueError for an empty, wrapping or overlapping range."""
         rows = sorted(rows, key=lambda r: r[0])
+        if ncols < 1:
+            raise ValueError(f"a key table needs at least one column, got {ncols}")
         self.n = len(rows)
         self.ncols = ncols
         self.starts = <uint64_t *>malloc(max(1, self.n) * sizeof(uint64_t))
         self.ends = <uint64_t *>malloc(max(1, self.n) * sizeof(uint64_t))
         self.keys = <uint32_t *>malloc(max(1, self.n * ncols) * sizeof(uint32_t))
-        if self.starts == NULL or self.ends == NULL or self.keys == NULL:
+        self.writable = <uint8_t *>malloc(max(1, self.n))
+        if self.starts == NULL or self.ends == NULL or self.keys == NULL or \
+                self.writable == NULL:
             raise MemoryError()
-        for i, (start, length, keys) in enumerate(rows):
+        cdef uint64_t start, length
+        for i, row in enumerate(rows):
+            start, length, keys = row[0], row[1], row[2]
+            if length == 0 or start + length < start:
+                raise ValueError(f"row {i}: range {start:#x}+{length} is empty or wraps")
+            if i and start < self.ends[i - 1]:
+                raise ValueError(f"row {i}: range {start:#x}+{length} overlaps the previous one")
             if len(keys) != ncols:
                 raise ValueError(f"row {i} has {len(keys)} keys, expected {ncols}")
             self.starts[i] = start
             self.ends[i] = start + length
+            self.writable[i] = 1 if len(row) < 4 or row[3] else 0
             for j in range(ncols):
                 self.keys[i * ncols + j] = keys[j]
 
@@ -797,9 +1128,10 @@ cdef class KeyTable:
         free(self.starts)
         free(self.ends)
         free(self.keys)
+        free(self.writable)
 
-    cdef inline bint find(self, uint64_t addr, uint64_t length, int col,
-                          uint32_t *key) noexcept nogil:
+    cdef inline int find_row(self, uint64_t addr, uint64_t length) noexcept nogil:
+        """The row holding ``[addr, addr+length)``, or -1."""
         cdef int lo = 0, hi = self.n - 1, mid, hit = -1
         while lo <= hi:
             mid = (lo + hi) >> 1
@@ -809,44 +1141,49 @@ cdef class KeyTable:
             else:
                 hi = mid - 1
         if hit < 0 or addr + length > self.ends[hit] or addr + length < addr:
-            return False
-        key[0] = self.keys[hit * self.ncols + col]
-        return True
+            return -1
+        return hit
 
     def lookup(self, uint64_t addr, uint64_t length, int col=0):
         """The key covering ``[addr, addr+length)`` in ``col``, or None."""
-        cdef uint32_t k
-        return k if self.find(addr, length, col, &k) else None
+        if not 0 <= col < self.ncols:
+            raise ValueError(f"column {col} out of range")
+        cdef int r = self.find_row(addr, length)
+        return None if r < 0 else self.keys[r * self.ncols + col]
+
+    def writable_at(self, uint64_t addr, uint64_t length):
+        """Whether the range takes WRITEs (None when no row holds it)."""
+        cdef int r = self.find_row(addr, length)
+        return None if r < 0 else bool(self.writable[r])
 
 
-cdef unsigned int _seed = 12345
-cdef uint64_t _rr = 0
+cdef int64_t _rr = 0
 
 
-def submit(Slices s, KeyTable local, int local_col, KeyTable remote, list cols, list eps,
-           bint roundrobin=False):
+def submit(Slices s not None, KeyTable local not None, int local_col, KeyTable remote not None,
+           list cols not None, list eps not None, bint roundrobin=False):
     """Queue every slice of ``s`` on the endpoints' workers.
 
     ``eps[k]`` is the endpoint to the peer device whose rkeys are column ``cols[k]`` of
     ``remote``; each slice picks ``k`` round-robin or at random.  A slice outside ``local``
-    fails with MC_E_LOCAL, outside ``remote`` with MC_E_REFUSED, without being posted.
+    fails with MC_E_LOCAL, outside ``remote`` with MC_E_REFUSED, a WRITE into a read-only remote
+    range with MC_E_DENIED, all without being posted.  Returns how many failed so.
     """
-    global _seed, _rr
     cdef Py_ssize_t n = s.n, i
-    cdef int ne = len(eps), k, j
+    cdef int ne = len(eps), k, r
     if ne == 0 or ne != len(cols):
         raise ValueError("need one endpoint per remote column")
-    if ne > 64:
-        raise ValueError("at most 64 paths per submit")
+    if ne > MAX_PATHS:
+        raise ValueError(f"at most {MAX_PATHS} paths per submit")
     if n == 0:
         return 0
-    cdef vep *veps[64]
-    cdef int vcol[64]
-    cdef int64_t add[64]
-    cdef vslice *heads[64]
-    cdef vslice *tails[64]
+    cdef vep *veps[MAX_PATHS]
+    cdef int vcol[MAX_PATHS]
+    cdef int64_t add[MAX_PATHS]
+    cdef vslice *heads[MAX_PATHS]
+    cdef vslice *tails[MAX_PATHS]
     for k in range(ne):
-        veps[k] = (<Endpoint>eps[k]).ep
+        veps[k] = (<Endpoint?>eps[k]).ep
         vcol[k] = cols[k]
         add[k] = 0
         heads[k] = NULL
@@ -861,10 +1198,13 @@ def submit(Slices s, KeyTable local, int local_col, KeyTable remote, list cols, 
     cdef vslice *sl = <vslice *>(job + 1)
     cdef vslice *bad = NULL
     cdef vslice *x
-    cdef uint32_t key
     cdef int nbad = 0
-    cdef uint64_t rr0 = _rr
-    _rr += n
+    cdef uint64_t rr0 = <uint64_t>(mcv_add(&_rr, n) - n)
+    cdef uint32_t *task = s.task
+    cdef uint8_t *op = s.op
+    cdef uint64_t *lo = s.local
+    cdef uint64_t *ro = s.remote
+    cdef uint64_t *ln = s.length
     job.batch = s.batch.b
     mc_batch_ref(job.batch)
     job.remaining = n + 1   # +1: held until every slice is queued
@@ -872,33 +1212,39 @@ def submit(Slices s, KeyTable local, int local_col, KeyTable remote, list cols, 
         for i in range(n):
             x = &sl[i]
             x.job = job
-            x.local = s.local[i]
-            x.remote = s.remote[i]
-            x.length = s.length[i]
-            x.task = s.task[i]
-            x.op = s.op[i]
+            x.local = lo[i]
+            x.remote = ro[i]
+            x.length = ln[i]
+            x.task = task[i]
+            x.op = op[i]
             x.qp = -1
-            k = <int>((rr0 + i) % ne) if roundrobin else rand_r(&_seed) % ne
-            if not local.find(x.local, x.length, local_col, &x.lkey):
-                x.rkey = MC_E_LOCAL
-            elif not remote.find(x.remote, x.length, vcol[k], &x.rkey):
-                x.rkey = MC_E_REFUSED
-            elif x.length > <uint64_t>2147483648U:
+            k = <int>((rr0 + <uint64_t>i) % <uint64_t>ne) if roundrobin else \
+                <int>(mcv_rand() % <uint32_t>ne)
+            r = local.find_row(x.local, x.length)
+            if r < 0 or x.op > C_OP_WRITE or x.length > <uint64_t>2147483648U:
                 x.rkey = MC_E_LOCAL
             else:
-                x.ep = veps[k]
-                add[k] += 1
-                if tails[k] == NULL:
-                    heads[k] = x
+                x.lkey = local.keys[r * local.ncols + local_col]
+                r = remote.find_row(x.remote, x.length)
+                if r < 0:
+                    x.rkey = MC_E_REFUSED
+                elif x.op == C_OP_WRITE and not remote.writable[r]:
+                    x.rkey = MC_E_DENIED
                 else:
-                    tails[k].next = x
-                tails[k] = x
-                continue
+                    x.rkey = remote.keys[r * remote.ncols + vcol[k]]
+                    x.ep = veps[k]
+                    add[k] += 1
+                    if tails[k] == NULL:
+                        heads[k] = x
+                    else:
+                        tails[k].next = x
+                    tails[k] = x
+                    continue
             x.next = bad
             bad = x
         for k in range(ne):
             if add[k]:
-                mcv_add(&veps[k].users, add[k])
+                mcv_add(&veps[k].refs, add[k])
         for k in range(ne):
             if add[k]:
                 _push(veps[k].worker, heads[k], tails[k], add[k])
@@ -913,9 +1259,9 @@ def submit(Slices s, KeyTable local, int local_col, KeyTable remote, list cols, 
     return nbad
 
 
-def post_poll_loop(QP qp, CQ cq, int opcode, uint64_t local, uint32_t lkey, uint64_t remote,
-                   uint32_t rkey, uint32_t length, int64_t count, int depth=64,
-                   int chain=CHAIN):
+def post_poll_loop(QP qp not None, CQ cq not None, int opcode, uint64_t local, uint32_t lkey,
+                   uint64_t remote, uint32_t rkey, uint32_t length, int64_t count,
+                   int depth=64, int chain=CHAIN):
     """Post ``count`` RDMA WRs of ``length`` bytes (``depth`` in flight, chains of ``chain``)
     and poll them to completion, without the GIL.  ``(completed, errors, seconds)``."""
     cdef ibv_send_wr wrs[CHAIN]
@@ -927,7 +1273,11 @@ def post_poll_loop(QP qp, CQ cq, int opcode, uint64_t local, uint32_t lkey, uint
     cdef double t0, t1
     if chain < 1 or chain > CHAIN:
         raise ValueError(f"chain must be 1..{CHAIN}")
-    depth = min(depth, qp.max_wr, cq.cqe)
+    if qp.qp == NULL:
+        raise ValueError("the QP is destroyed")
+    if opcode != IBV_WR_RDMA_WRITE and opcode != IBV_WR_RDMA_READ:
+        raise ValueError(f"opcode must be RDMA WRITE or READ, got {opcode}")
+    depth = max(1, min(depth, qp.max_wr, cq.cqe))
     sge.addr = local
     sge.length = length
     sge.lkey = lkey
@@ -954,7 +1304,7 @@ def post_poll_loop(QP qp, CQ cq, int opcode, uint64_t local, uint32_t lkey, uint
                 inflight += k
             n = ibv_poll_cq(cq.cq, POLL_BATCH, wcs)
             if n < 0:
-                rc = -n
+                rc = 5  # EIO: the provider gives no errno for a failed poll
                 break
             for i in range(n):
                 if wcs[i].status != IBV_WC_SUCCESS:
