@@ -52,6 +52,7 @@ log = logging.getLogger("mooncake.engine")
 OPS = {"read": 0, "write": 1, 0: 0, 1: 1}
 E_PEER = _core.E_PEER
 E_CLOSED = _core.E_CLOSED
+E_REFUSED = _core.E_REFUSED
 MAX_LENGTH = 1 << 48
 MAX_TIMEOUT = 86400.0
 #: notifications kept until get_notifies() takes them; beyond, new ones are dropped (counted)
@@ -555,15 +556,22 @@ class TransferEngine(MooncakeAPI):
         try:
             return self._transfer(segment, op, local, remote, length, timeout)
         except (TransferFailed, PeerUnreachable) as e:
-            if isinstance(e, TransferTimeout) or (isinstance(e, TransferFailed) and not any(
-                    s.code == E_PEER for s in e.statuses)):
+            codes = {s.code for s in e.statuses} if isinstance(e, TransferFailed) else {E_PEER}
+            if isinstance(e, TransferTimeout) or not codes & {E_PEER, E_REFUSED}:
                 raise
-            self._forget_peer(segment)
-            try:
-                self._segments.get(segment, refresh=True)  # is it back (maybe restarted)?
+            used = self._segments.cached(segment)
+            if E_PEER in codes:
+                self._forget_peer(segment)
+            try:  # is it back (restarted), or did it re-register that memory?
+                fresh = self._segments.get(segment, refresh=True)
             except (SegmentNotFound, PeerUnreachable):
                 raise e from None
-            log.info("segment %s: connection lost; retrying once on a fresh descriptor", segment)
+            if E_PEER not in codes and used is not None and \
+                    _buffers_of(fresh.desc) == _buffers_of(used.desc):
+                raise  # refused by a peer whose registrations did not change: a real refusal
+            log.info("segment %s: %s; retrying once on a fresh descriptor", segment,
+                     "connection lost" if E_PEER in codes else "range refused by a stale "
+                     "descriptor")
             return self._transfer(segment, op, local, remote, length, timeout)
 
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
@@ -781,6 +789,11 @@ def _listdir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError:
         return []
+
+
+def _buffers_of(desc: SegmentDesc) -> list:
+    """What a descriptor says about the peer's registrations (not when it was made)."""
+    return [(b.addr, b.length, b.writable, b.shm_name, repr(b.transports)) for b in desc.buffers]
 
 
 def _access_flags(access: str) -> int | None:

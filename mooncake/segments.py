@@ -79,6 +79,10 @@ class SegmentCache:
                 self._entries[name] = e
         return e
 
+    def cached(self, name: str) -> _Entry | None:
+        """The entry held for ``name`` (no fetch), or None."""
+        return self._entries.get(name)
+
     def drop(self, name: str) -> None:
         with self._lock:
             self._entries.pop(name, None)

@@ -21,7 +21,10 @@ from mooncake.registry import (
 PLUGIN = textwrap.dedent('''
     """A real out-of-tree transport: WRITE/READ through the target's RPC port."""
     import base64, ctypes
-    from mooncake.transport import Transport
+    from mooncake.errors import PeerUnreachable
+    from mooncake.transport import REMOTE_WRITE, Transport
+
+    E_REFUSED, E_PEER, E_DENIED = 1000, 1001, 1007  # mooncake._core.batch.E_*
 
     class RpcCopyTransport(Transport):
         name = "rpccopy"
@@ -38,6 +41,8 @@ PLUGIN = textwrap.dedent('''
 
         def _write(self, a):
             self._check(a)
+            if not self.ctx.regions.flags(a["addr"], a["len"]) & REMOTE_WRITE:
+                raise PermissionError("read-only region")
             ctypes.memmove(a["addr"], base64.b64decode(a["data"]), a["len"])
             return {}
 
@@ -57,8 +62,11 @@ PLUGIN = textwrap.dedent('''
                                                 {"addr": remote, "len": n})
                         ctypes.memmove(local, base64.b64decode(got), n)
                     slices.batch.slice_done(task, n)
-                except Exception:
-                    slices.batch.slice_done(task, 0, 1000)
+                except PeerUnreachable:  # the engine refetches the descriptor and retries
+                    slices.batch.slice_done(task, 0, E_PEER)
+                except Exception as e:
+                    denied = "PermissionError" in str(e) or "read-only" in str(e)
+                    slices.batch.slice_done(task, 0, E_DENIED if denied else E_REFUSED)
 
     class Broken(Transport):
         name = "broken"
@@ -121,6 +129,40 @@ def test_out_of_tree_transport_selected_by_name(plugin_dist):
     assert not rows["ghost"]["available"] and "ModuleNotFoundError" in rows["ghost"]["reason"]
     assert out["ok"] and out["chosen"] == "rpccopy"
     assert out["broken"].startswith("TransportUnavailable") and "lacks" in out["broken"]
+
+
+#: what a third party writes to run the conformance suite for its transport
+CONFORMANCE = textwrap.dedent('''
+    from mooncake.testing.conformance import Conformance, TransportSpec
+
+    SYNC = ("submit() copies synchronously, in the caller: nothing is in flight when a wait "
+            "starts, so no transfer can time out")
+
+    class TestRpcCopy(Conformance):
+        spec = TransportSpec(
+            "rpccopy", refused_by="target", max_size=4 << 20,  # base64 over RPC: slow
+            peer_serves=False,  # a stopped peer would block submit() itself, slice by slice
+            unsupported={"timeout_isolation": SYNC, "timeout_silence": SYNC})
+''')
+
+
+def test_out_of_tree_transport_runs_the_conformance_suite(plugin_dist):
+    """The suite as a third party runs it: its own test file, its own pytest run."""
+    (plugin_dist / "test_rpccopy_conformance.py").write_text(CONFORMANCE)
+    env = dict(os.environ, PYTHONPATH=f"{plugin_dist}{os.pathsep}"
+                                      f"{os.environ.get('PYTHONPATH', '')}")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        "test_rpccopy_conformance.py"], cwd=plugin_dist, env=env,
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    summary = out.strip().splitlines()[-1]
+    assert "failed" not in summary and "error" not in summary, summary
+    skipped = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+    # exactly what the spec declares, and the integrity sizes above its max_size
+    assert sum("does not apply" in s for s in skipped) == 2, skipped
+    assert all("does not apply: submit() copies synchronously" in s or "max_size" in s
+               for s in skipped), skipped
 
 
 def test_cli_lists_plugins(plugin_dist):

@@ -580,7 +580,9 @@ class ShmTransport(Transport):
                 rows.append((b.addr, b.length, kc.KIND_MEM, None, 0, *slot))
                 continue
             if b.shm_name:
-                mk = (b.shm_name, b.addr, b.length, writable)
+                # the registration (slot, generation) is part of the key: a buffer freed and
+                # allocated again under the same name and address is other memory
+                mk = (b.shm_name, b.addr, b.length, writable, f["slot"], f["gen"])
                 m = link.maps.get(mk)
                 if m is None:
                     try:
