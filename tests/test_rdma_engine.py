@@ -70,41 +70,6 @@ def roundtrip(eng, local, peer, n, lo, ro, seed):
     assert sha(local[lo:lo + n]) == sha(pattern(seed + 1, PEER_SIZE)[ro:ro + n])
 
 
-@pytest.mark.parametrize("n, lo, ro", [
-    (1, 0, 0),
-    (13, 3, 5),                    # unaligned, tiny (inline WRITE)
-    (4096, 0, 4096),
-    (65536 + 7, 1, 2),             # one slice: the short tail merges
-    (3 * 65536 + 20000, 7, 11),    # four slices, the tail stands alone
-    (MiB + 333, 4095, 17),
-])
-def test_write_read_integrity(eng, local, peer, n, lo, ro):
-    roundtrip(eng, local, peer, n, lo, ro, seed=n)
-
-
-def test_64mib(eng, local, peer):
-    roundtrip(eng, local, peer, 64 * MiB, 0, 8192, seed=64)
-
-
-def test_batches_sync_and_async(eng, local, peer):
-    seg, base = peer.info["segment"], peer.info["addr"]
-    sizes = [1, 100, 4096, 70000, 200003, 5, 65536, 1 << 18]
-    lo = np.cumsum([0] + [s + 3 for s in sizes[:-1]]).tolist()
-    ro = [x + 1000 for x in lo]
-    local[: lo[-1] + sizes[-1]] = pattern(7, lo[-1] + sizes[-1])
-    eng.transfer(seg, "write", [local.ctypes.data + x for x in lo], [base + x for x in ro], sizes)
-    for x, r, n in zip(lo, ro, sizes, strict=True):
-        assert peer.ask(cmd="sha", off=r, len=n)["sha"] == sha(local[x:x + n])
-    peer.ask(cmd="fill", seed=8)
-    want = pattern(8, PEER_SIZE)
-    local[:] = 0
-    b = eng.submit(seg, "read", [local.ctypes.data + x for x in lo], [base + x for x in ro],
-                   sizes)
-    b.wait()
-    for x, r, n in zip(lo, ro, sizes, strict=True):
-        assert np.array_equal(local[x:x + n], want[r:r + n])
-
-
 def test_rkeys_and_devices_published(eng, local):
     """What we publish is flat, typed and passes our own declared Field rows."""
     from mooncake.fields import check_fields
@@ -310,48 +275,6 @@ def _quiet(buf: np.ndarray, secs: float = 1.0) -> bool:
     return not buf.any()
 
 
-def test_unregister_during_inflight_read(eng, peer):
-    """unregister() while a large READ lands in the region: it returns only once no work
-    request can touch the memory; the batch has ended by then, and nothing lands afterwards."""
-    from mooncake._core import batch as _core
-
-    n = 16 * MiB
-    seg, base = peer.info["segment"], peer.info["addr"]
-    peer.ask(cmd="fill", seed=31)
-    dst = np.zeros(n, np.uint8)
-    eng.register(dst)
-    b = eng.submit(seg, "read", [dst.ctypes.data], [base], [n], timeout=120)
-    time.sleep(0.05)  # some of it posted, most of it not yet (rxe under TCG: ~50 MB/s)
-    eng.unregister(dst)
-    assert b.core.done, "unregister returned while slices of the batch were still in flight"
-    st = b.statuses()[0]
-    print(f"\nunregister during READ: task {st.status.name} {st.code_name}, "
-          f"{st.transferred_bytes} of {n} bytes")
-    assert st.status.name in ("COMPLETED", "FAILED"), st
-    if st.status.name == "FAILED":
-        assert st.code == _core.E_UNREGISTERED, st
-    assert _quiet(dst), "bytes landed after unregister returned"
-    b.close()
-    again = _reg(eng, MiB)
-    roundtrip(eng, again, peer, 4096, 0, 0, 32)
-    eng.unregister(again)
-
-
-def test_timeout_then_silence(eng, peer):
-    """A READ that times out raises TransferTimeout; from then on no byte of it lands, and the
-    endpoint still serves the next transfer."""
-    from mooncake.errors import TransferTimeout
-
-    n = 32 * MiB
-    seg, base = peer.info["segment"], peer.info["addr"]
-    dst = _reg(eng, n)
-    with pytest.raises(TransferTimeout):
-        eng.read(seg, dst.ctypes.data, base, n, timeout=0.05)
-    assert _quiet(dst), "bytes landed after the timed-out READ returned"
-    roundtrip(eng, dst, peer, 300000, 0, 0, seed=33)
-    eng.unregister(dst)
-
-
 def test_abort_resets_only_the_cancelled_batch(eng, peer):
     """Two READs share one endpoint; one is cancelled and the transport aborts the peer's
     endpoints (the path the engine takes when a cancelled batch does not drain).  The
@@ -385,21 +308,6 @@ def test_abort_resets_only_the_cancelled_batch(eng, peer):
     assert not a.any(), "the cancelled batch wrote after it ended"
     eng.unregister(a)
     eng.unregister(b)
-
-
-def test_close_during_inflight_read(peer):
-    """close() with a READ in flight: the batch ends (CLOSED), close returns only once the NIC
-    is done with the memory, and nothing lands afterwards."""
-    e = engine()
-    n = 16 * MiB
-    dst = _reg(e, n)
-    b = e.submit(peer.info["segment"], "read", [dst.ctypes.data], [peer.info["addr"]], [n],
-                 timeout=120)
-    time.sleep(0.05)
-    e.close()
-    assert b.core.wait(10), "close left slices unreported"
-    print(f"\nclose during READ: {b.statuses()[0]}")
-    assert _quiet(dst), "bytes landed after close returned"
 
 
 def test_read_only_region_refused_by_the_target_nic(eng, local, peer):
