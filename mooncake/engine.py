@@ -543,6 +543,7 @@ class TransferEngine(MooncakeAPI):
             total = int(length.sum())
         if tmo is None:
             tmo = self._timeout + total / 1e9
+        core.total_bytes = total
         return peer, t, core, slices, tmo
 
     def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
@@ -579,8 +580,7 @@ class TransferEngine(MooncakeAPI):
         peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout)
         in_time = t.transfer(peer, slices, tmo)
         if in_time and core.first_not_completed() < 0:
-            self._bytes += sum(st[1] for st in core.statuses()) if core.ntasks > 1 else \
-                core.status(0)[1]
+            self._bytes += core.total_bytes
             return
         if not in_time:
             settle(core, t, peer)

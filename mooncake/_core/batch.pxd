@@ -49,6 +49,8 @@ cdef extern from "mc_batch.h" nogil:
 cdef class Batch:
     cdef mc_batch_t *b
     cdef readonly uint32_t ntasks
+    #: bytes the batch was asked to move (set by the engine's validator)
+    cdef public uint64_t total_bytes
     cdef int _check(self, uint32_t t) except -1
 
 

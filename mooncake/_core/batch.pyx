@@ -57,6 +57,7 @@ cdef class Batch:
     """Completion counters of one batch of ``ntasks`` requests (owned by the engine)."""
 
     def __cinit__(self, uint32_t ntasks):
+        self.total_bytes = 0
         self.b = mc_batch_new(ntasks)
         if self.b == NULL:
             raise MemoryError("cannot allocate a batch of %d tasks" % ntasks)

@@ -2,9 +2,9 @@
  *
  * A record (mc_reg_t) lives as long as anyone holds a reference: the table, a task that pins it
  * (mc_task_pin in mc_batch.h), a target serving a peer's request.  Whoever touches the memory
- * holds a *pin* (inflight > 0) for as long as it may touch it.  Unregistering removes the record
+ * holds a *pin* (a pinned reference) for as long as it may touch it.  Unregistering removes the record
  * from the table and marks it revoked (workers stop touching it at their next check and fail
- * that work), then waits for inflight to reach zero without any lock held.
+ * that work), then waits for the pins to go without any lock held.
  *
  * No lock is ever held across I/O: a lookup takes the read lock for a binary search, pins the
  * record and lets go. */
@@ -28,41 +28,39 @@
 #define MC_REG_ALL 7u
 
 typedef struct mc_reg {
-    _Atomic int64_t refs;
-    _Atomic int64_t inflight;   /* pins: work that may touch the memory right now */
+    /* references (low 32 bits) and pins (high 32 bits) in one word: taking or dropping a pinned
+     * reference is one atomic operation */
+    _Atomic uint64_t rc;
     _Atomic int32_t revoked;    /* unregistered: stop touching, fail with MC_E_UNREGISTERED */
     uint32_t flags;
     uint64_t addr, len;
 } mc_reg_t;
 
+#define MC_REG_PIN ((uint64_t)1 << 32)
+
 static inline mc_reg_t *mc_reg_new(uint64_t addr, uint64_t len, uint32_t flags) {
     mc_reg_t *r = (mc_reg_t *)calloc(1, sizeof(mc_reg_t));
     if (!r) return NULL;
-    atomic_init(&r->refs, 1);
-    atomic_init(&r->inflight, 0);
+    atomic_init(&r->rc, 1);
     atomic_init(&r->revoked, 0);
     r->addr = addr; r->len = len; r->flags = flags;
     return r;
 }
 
-static inline void mc_reg_ref(mc_reg_t *r) { atomic_fetch_add(&r->refs, 1); }
+static inline void mc_reg_ref(mc_reg_t *r) { atomic_fetch_add(&r->rc, 1); }
 
 static inline void mc_reg_unref(mc_reg_t *r) {
-    if (r && atomic_fetch_sub(&r->refs, 1) == 1) free(r);
+    if (r && atomic_fetch_sub(&r->rc, 1) == 1) free(r);
 }
 
-/* Pin: caller already holds a reference (or the table lock). */
-static inline void mc_reg_pin(mc_reg_t *r) { atomic_fetch_add(&r->inflight, 1); }
-static inline void mc_reg_unpin(mc_reg_t *r) { atomic_fetch_sub(&r->inflight, 1); }
-
-/* A pinned reference (from mc_regions_acquire) is done with: unpin and drop it. */
+/* A pinned reference (from mc_regions_acquire) is done with: unpin and drop it at once. */
 static inline void mc_reg_release(mc_reg_t *r) {
-    if (!r) return;
-    mc_reg_unpin(r);
-    mc_reg_unref(r);
+    if (r && atomic_fetch_sub(&r->rc, MC_REG_PIN | 1) == (MC_REG_PIN | 1)) free(r);
 }
 
-static inline int64_t mc_reg_inflight(mc_reg_t *r) { return atomic_load(&r->inflight); }
+static inline int64_t mc_reg_inflight(mc_reg_t *r) {
+    return (int64_t)(atomic_load(&r->rc) >> 32);
+}
 
 static inline int mc_reg_revoked(const mc_reg_t *r) {
     return r && atomic_load_explicit(&((mc_reg_t *)r)->revoked, memory_order_acquire);
@@ -76,10 +74,10 @@ static inline double mc_reg_now(void) {
 
 /* Wait until nobody holds a pin; 0, or ETIMEDOUT after timeout_s. */
 static inline int mc_reg_wait_idle(mc_reg_t *r, double timeout_s) {
-    if (atomic_load(&r->inflight) <= 0) return 0;
+    if (mc_reg_inflight(r) <= 0) return 0;
     double until = mc_reg_now() + timeout_s;
     long nap = 20000; /* ns, doubling to 1 ms */
-    while (atomic_load(&r->inflight) > 0) {
+    while (mc_reg_inflight(r) > 0) {
         if (mc_reg_now() > until) return ETIMEDOUT;
         struct timespec ts = {0, nap};
         nanosleep(&ts, NULL);
@@ -190,7 +188,7 @@ static inline mc_reg_t *mc_regions_acquire(mc_regions_t *t, uint64_t addr, uint6
     if (i >= 0) {
         mc_reg_t *g = t->r[i];
         if ((g->flags & need) != need) e = MC_E_DENIED;
-        else { r = g; mc_reg_ref(r); mc_reg_pin(r); e = 0; }
+        else { r = g; atomic_fetch_add(&r->rc, MC_REG_PIN | 1); e = 0; }
     }
     pthread_rwlock_unlock(&t->lock);
     if (err) *err = e;

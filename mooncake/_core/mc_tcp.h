@@ -552,15 +552,15 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         if (err == MC_E_TIMEOUT && !idle && !draining) { err = 0; MC_START_DRAIN(); continue; }
         if (err) break;
         if (progressed && idle) deadline = mc_now() + timeout;
-        if (!progressed || (want_wait && niov == 0)) {
+        if (!progressed || (want_wait && sent == n)) {
             /* nothing to send and no response yet (or the socket is full): wait, a tick at most */
             if (mc_now() >= deadline) {
                 if (!idle && !draining) { MC_START_DRAIN(); continue; }
                 err = MC_E_TIMEOUT; break;
             }
-            mc_orphan_dead(jobs, done, sent);
             struct pollfd p = {l->fd, (short)((niov ? POLLOUT : 0) | (done < sent ? POLLIN : 0)), 0};
             int pr = poll(&p, 1, mc_poll_ms(deadline, 1));
+            if (pr == 0) mc_orphan_dead(jobs, done, sent);   /* a quiet tick: who gave up? */
             if (pr < 0 && errno == EINTR) continue;
             if (pr < 0 || (p.revents & (POLLERR | POLLNVAL))) { err = MC_E_PEER; break; }
             readable = (p.revents & (POLLIN | POLLHUP)) != 0;

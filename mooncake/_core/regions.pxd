@@ -22,8 +22,6 @@ cdef extern from "mc_regions.h" nogil:
     mc_reg_t *mc_reg_new(uint64_t addr, uint64_t len, uint32_t flags)
     void mc_reg_ref(mc_reg_t *r)
     void mc_reg_unref(mc_reg_t *r)
-    void mc_reg_pin(mc_reg_t *r)
-    void mc_reg_unpin(mc_reg_t *r)
     void mc_reg_release(mc_reg_t *r)
     int mc_reg_revoked(const mc_reg_t *r)
     int64_t mc_reg_inflight(mc_reg_t *r)
