@@ -9,9 +9,26 @@ __all__ = ["main"]
 
 
 def _config(args: argparse.Namespace) -> int:
-    from mooncake.config import show
+    import os
 
-    print(show(as_json=args.json))
+    from mooncake.config import parse_env_block, show
+    from mooncake.errors import ConfigError
+
+    env = dict(os.environ)
+    try:
+        for path in args.env_file or ():
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read(1 << 20)
+            except OSError as e:
+                raise ConfigError(f"--env-file {path}: {e.strerror or e}") from None
+            env.update(parse_env_block(text, path))
+        if args.tent:
+            env["MC_TENT_CONF"] = args.tent
+        print(show(as_json=args.json, env=env))
+    except ConfigError as e:
+        print(f"mooncake config show: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -49,8 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("config", help="configuration")
     csub = c.add_subparsers(dest="what", required=True)
-    show = csub.add_parser("show", help="every effective option value and its source")
+    show = csub.add_parser("show", help="every effective option value and its source, and "
+                                        "what each setting does")
     show.add_argument("--json", action="store_true")
+    show.add_argument("--env-file", action="append", metavar="FILE",
+                      help="read [export] NAME=value lines (a template) on top of the "
+                           "environment; repeatable")
+    show.add_argument("--tent", metavar="FILE_OR_JSON",
+                      help="a TENT JSON config (file or inline), as MC_TENT_CONF")
     show.set_defaults(fn=_config)
     t = sub.add_parser("transports", help="installed transport plugins and availability")
     t.add_argument("--json", action="store_true")

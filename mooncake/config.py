@@ -14,7 +14,9 @@ Parsing is strict where Mooncake is lax:
 
 Warnings (a likely typo of a known ``MC_*`` name, an unknown TENT key, a deprecated alias,
 cross-field advice, a clamp to a device limit) are issued as :class:`ConfigWarning`, logged on
-``mooncake.config`` and kept in :attr:`Config.notes`.  Loading never touches ``os.environ``.
+``mooncake.config`` and kept in :attr:`Config.notes`.  Setting an option the table declares
+``no_effect`` or ``pending`` warns once per process with :class:`InertOptionWarning` (also
+logged) and is listed in :attr:`Config.inert`.  Loading never touches ``os.environ``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import stat
 import sys
 import threading
@@ -34,9 +37,11 @@ from fractions import Fraction
 from typing import Any
 
 from mooncake.errors import ConfigError
-from mooncake.options import KNOWN_UNUSED, OPTIONS, Option
+from mooncake.options import KNOWN_UNUSED, LOG_ROOTS, METRIC_LOGGER, OPTIONS, Option
 
-__all__ = ["Option", "OPTIONS", "Config", "ConfigWarning", "load_config", "show", "allowed"]
+__all__ = ["Option", "OPTIONS", "Config", "ConfigWarning", "InertOptionWarning", "load_config",
+           "show", "allowed", "parse_env_block", "log_roots", "apply_log_level",
+           "metric_logger"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,16 @@ PRECEDENCE = "default < MC_TENT_CONF < environment < argument"
 
 class ConfigWarning(UserWarning):
     """A configuration value is suspicious but allowed (typo, unknown key, clamp...)."""
+
+
+class InertOptionWarning(UserWarning):
+    """An option was set that does nothing here: the table declares it ``no_effect`` (with the
+    reason) or ``pending`` (not wired yet).  Issued once per option per process."""
+
+
+#: options already warned about as inert in this process
+_INERT_WARNED: set[str] = set()
+_INERT_LOCK = threading.Lock()
 
 
 # ---- lookup ------------------------------------------------------------------------------------
@@ -393,13 +408,30 @@ def _normalise(overrides: Mapping[str, Any] | None) -> dict[str, tuple[str, Any]
     return out
 
 
-def _emit(msg: str) -> None:
+def _emit(msg: str, category: type[Warning] = ConfigWarning) -> None:
     """Log ``msg`` and warn, attributed to the first caller outside this module."""
     log.warning("%s", msg)
     level, frame = 1, sys._getframe()
     while frame is not None and frame.f_code.co_filename == __file__:
         level, frame = level + 1, frame.f_back
-    warnings.warn(msg, ConfigWarning, stacklevel=level)
+    warnings.warn(msg, category, stacklevel=level)
+
+
+def _inert(values: dict[str, Any], sources: dict[str, str]) -> dict[str, str]:
+    """``{name: message}`` for each option set (not left at its default) that does nothing
+    here; warns about each once per process."""
+    out: dict[str, str] = {}
+    for opt in OPTIONS:
+        if opt.inert and sources[opt.name] != "default":
+            shown = "***" if opt.secret else _brief(values[opt.name])
+            out[opt.name] = msg = (f"{opt.name}={shown} ({sources[opt.name]}) is accepted but has "
+                                   f"{opt.effect.replace('not in effect yet', 'no effect yet')}")
+            with _INERT_LOCK:
+                first = opt.name not in _INERT_WARNED
+                _INERT_WARNED.add(opt.name)
+            if first:
+                _emit(msg, InertOptionWarning)
+    return out
 
 
 def _build(args: dict[str, tuple[str, Any]], env: dict[str, str], seen: list[str]) -> Config:
@@ -446,9 +478,10 @@ def _build(args: dict[str, tuple[str, Any]], env: dict[str, str], seen: list[str
             tent, tent_label = _read_tent(value, warn)
 
     _cross_check(values, sources, warn)
+    inert = _inert(values, sources)
     order = [o.name for o in OPTIONS]
     return Config({n: values[n] for n in order}, {n: sources[n] for n in order}, notes,
-                  args=args, env=env)
+                  args=args, env=env, inert=inert)
 
 
 def _cross_check(v: dict[str, Any], src: dict[str, str], warn: Callable[[str], None]) -> None:
@@ -497,7 +530,9 @@ class Config(Mapping[str, Any]):
     """Effective values, keyed by option name; also answers to aliases, TENT paths, short names."""
 
     def __init__(self, values: dict[str, Any], sources: dict[str, str], notes: list[str], *,
-                 args: dict[str, tuple[str, Any]], env: dict[str, str]) -> None:
+                 args: dict[str, tuple[str, Any]], env: dict[str, str],
+                 inert: dict[str, str] | None = None) -> None:
+        self._inert = dict(inert or {})
         self._values = values
         self._sources = sources
         self._notes = notes
@@ -529,6 +564,12 @@ class Config(Mapping[str, Any]):
     def notes(self) -> list[str]:
         """Warnings recorded while loading or clamping, each with its reason."""
         return list(self._notes)
+
+    @property
+    def inert(self) -> dict[str, str]:
+        """``{option name: why}`` for each option set here that has no effect (declared
+        ``no_effect``, or ``pending`` with no reader, in the table)."""
+        return dict(self._inert)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A new Config: these arguments on top of this one's (same env snapshot, clamps kept)."""
@@ -584,9 +625,48 @@ def _shown(opt: Option, value: Any, as_json: bool) -> Any:
     return '""' if value == "" else str(value)
 
 
-def show(as_json: bool = False, overrides: Mapping[str, Any] | None = None) -> str:
-    """Every effective value with its source (``mooncake config show [--json]``)."""
-    cfg = load_config(overrides)
+def parse_env_block(text: str, where: str = "env block") -> dict[str, str]:
+    """``{NAME: value}`` from shell lines ``[export] NAME=value [# comment]`` (quotes as in sh);
+    blank and comment lines are skipped; anything else is a ConfigError naming the line."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise ConfigError(f"{where} line {n}: {e}; allowed: [export] NAME=value") from None
+        if words[:1] == ["export"]:
+            words = words[1:]
+        for w in words:
+            name, eq, value = w.partition("=")
+            if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ConfigError(f"{where} line {n}: {_brief(line.strip())} is not an "
+                                  "assignment; allowed: [export] NAME=value [# comment]")
+            out[name] = value
+    return out
+
+
+def _effect_json(o: Option) -> dict[str, Any]:
+    return {"in_effect": not o.inert, "effect": o.effect,
+            "reads": [r.split("::")[0] for r in o.reads], "no_effect": o.no_effect,
+            "pending": o.pending}
+
+
+def _key_as_set(o: Option, source: str) -> str:
+    """The name a setting was given under: its TENT path for a TENT value, its env name."""
+    if source.startswith("tent:") and o.tent:
+        return o.tent if o.tent == o.name else f"{o.tent} ({o.name})"
+    if source.startswith("env:") and source[4:] != o.name:
+        return f"{source[4:]} ({o.name})"
+    return o.name
+
+
+def show(as_json: bool = False, overrides: Mapping[str, Any] | None = None,
+         env: Mapping[str, str] | None = None) -> str:
+    """Every effective value with its source (``mooncake config show [--json]``), what each
+    option that is set does (its meaning, who applies it, or why it does nothing), and the
+    notes.  ``env`` replaces ``os.environ`` (e.g. a template read with :func:`parse_env_block`).
+    """
+    cfg = load_config(overrides, env)
     if as_json:
         options = {
             o.name: {
@@ -594,15 +674,126 @@ def show(as_json: bool = False, overrides: Mapping[str, Any] | None = None) -> s
                 "default": _shown(o, o.default, True), "allowed": allowed(o),
                 "type": o.type if isinstance(o.type, str) else o.type.__name__, "unit": o.unit,
                 "env": list(o.env), "tent": o.tent, "owner": o.owner, "doc": o.doc,
-                "hint": o.hint,
+                "hint": o.hint, **_effect_json(o),
             } for o in OPTIONS
         }
-        doc = {"precedence": PRECEDENCE, "options": options, "notes": cfg.notes}
+        doc = {"precedence": PRECEDENCE, "options": options, "notes": cfg.notes,
+               "inert": cfg.inert}
         return json.dumps(doc, indent=2)
-    rows = [("NAME", "VALUE", "SOURCE")]
-    rows += [(o.name, _shown(o, cfg[o.name], False), cfg.source(o.name)) for o in OPTIONS]
-    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    rows = [("NAME", "VALUE", "SOURCE", "")]
+    rows += [(o.name, _shown(o, cfg[o.name], False), cfg.source(o.name),
+              "" if o.reads and not o.pending else o.effect) for o in OPTIONS]
+    w0, w1, w2 = (max(len(r[i]) for r in rows) for i in (0, 1, 2))
     lines = [f"# precedence: {PRECEDENCE}"]
-    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:<{w2}}  {d}".rstrip() for a, b, c, d in rows]
+    chosen = [o for o in OPTIONS if cfg.source(o.name) != "default"]
+    if chosen:
+        lines += ["", "what each setting does:"]
+        for o in chosen:
+            src = cfg.source(o.name)
+            lines.append(f"  {_key_as_set(o, src)} = {_shown(o, cfg[o.name], False)}  [{src}]")
+            lines.append(f"      meaning: {o.doc}")
+            lines.append(f"      effect:  {o.effect}")
+            if o.hint:
+                lines.append(f"      tuning:  {o.hint}")
     lines += ["", "notes:", *(f"  - {n}" for n in cfg.notes)] if cfg.notes else []
     return "\n".join(lines) + "\n"
+
+
+# ---- logging: MC_LOG_LEVEL, MC_LOG_DIR, MC_TE_METRIC ---------------------------------------------
+
+
+def log_roots() -> tuple[str, ...]:
+    """The logger hierarchies MC_LOG_LEVEL governs: :data:`mooncake.options.LOG_ROOTS` plus the
+    top-level package of every transport/metadata plugin the ``mooncake`` distribution itself
+    declares (so first-party plugins moved to another package stay covered)."""
+    from importlib.metadata import entry_points
+
+    roots = list(LOG_ROOTS)
+    try:
+        for group in ("mooncake.transports", "mooncake.metadata"):
+            for ep in entry_points(group=group):
+                if ep.dist is not None and ep.dist.name == "mooncake":
+                    top = ep.value.split(":")[0].split(".")[0]
+                    if top and top not in roots:
+                        roots.append(top)
+    except Exception as e:  # broken metadata must not stop an engine
+        log.debug("log roots: cannot read entry points: %s", e)
+    return tuple(roots)
+
+
+def _level_number(level: str) -> int:
+    name = str(level).strip().upper()
+    if name == "TRACE":
+        return logging.DEBUG
+    n = logging.getLevelName(name)
+    if not isinstance(n, int):
+        raise ConfigError(f"MC_LOG_LEVEL={level!r} is invalid; allowed: "
+                          f"{allowed(_EXACT['MC_LOG_LEVEL'])}")
+    return n
+
+
+def apply_log_level(level: str, log_dir: str = "") -> tuple[str, ...]:
+    """Set MC_LOG_LEVEL on every project logger hierarchy (:func:`log_roots`); TRACE is DEBUG.
+    With ``log_dir`` (MC_LOG_DIR), also append those loggers' records to
+    ``<log_dir>/mooncake.log`` (one handler per directory, however often this is called).
+    Returns the roots.  The metric line's logger keeps its own level (:func:`metric_logger`)."""
+    lvl = _level_number(level)
+    roots = log_roots()
+    handler = None
+    if log_dir:
+        path = os.path.join(os.path.abspath(os.path.expanduser(log_dir)), "mooncake.log")
+        for root in roots:  # the same handler object on every root: find it on any
+            handler = next((h for h in logging.getLogger(root).handlers
+                            if getattr(h, "_mooncake_log_file", None) == path), handler)
+        if handler is None:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                handler = logging.FileHandler(path, encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"MC_LOG_DIR={log_dir!r}: cannot write {path} "
+                                  f"({e.strerror or e}); allowed: a writable directory") from None
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+            handler._mooncake_log_file = path  # type: ignore[attr-defined]
+    for root in roots:
+        lg = logging.getLogger(root)
+        lg.setLevel(lvl)
+        if handler is not None and handler not in lg.handlers:
+            lg.addHandler(handler)
+    return roots
+
+
+class _MetricFallback(logging.Handler):
+    """stderr for the metric line while no other handler would take it: what
+    :data:`logging.lastResort` does for WARNING, at any level (looked up at each record, so
+    logging configured later takes over and nothing prints twice)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lg: logging.Logger | None = logging.getLogger(record.name)
+        while lg is not None:
+            if any(h is not self for h in lg.handlers):
+                return
+            if not lg.propagate:
+                break
+            lg = lg.parent
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def metric_logger() -> logging.Logger:
+    """The logger of MC_TE_METRIC's periodic throughput line (``mooncake.metrics``).  Its
+    own level is INFO (unless someone set one), so MC_LOG_LEVEL=WARNING on ``mooncake`` does not
+    hide it, like Mooncake's; it propagates to configured handlers, and prints to stderr
+    when there are none."""
+    lg = logging.getLogger(METRIC_LOGGER)
+    if lg.level == logging.NOTSET:
+        lg.setLevel(logging.INFO)
+    if not any(isinstance(h, _MetricFallback) for h in lg.handlers):
+        h = _MetricFallback()
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        lg.addHandler(h)
+    return lg

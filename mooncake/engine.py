@@ -87,7 +87,7 @@ class TransferEngine(MooncakeAPI):
         if self._started:
             raise MooncakeError("engine already initialized")
         cfg = self.config = load_config(self._overrides)
-        _set_log_level(cfg["MC_LOG_LEVEL"])
+        _set_log_level(cfg["MC_LOG_LEVEL"], cfg["MC_LOG_DIR"])
         host, port = _split_host(local_hostname)
         bind = cfg["MC_TCP_BIND_ADDRESS"] or _resolve(host)
         self.protocol = (protocol or "auto").lower()
@@ -112,6 +112,7 @@ class TransferEngine(MooncakeAPI):
         ports = [port] if port is not None else port_candidates(cfg["MC_MIN_RPC_PORT"],
                                                                  cfg["MC_MAX_RPC_PORT"])
         self._rpc = RpcServer(bind, ports, cfg["MC_HANDSHAKE_MAX_LENGTH"],
+                              backlog=cfg["MC_HANDSHAKE_LISTEN_BACKLOG"],
                               frame_timeout=self._timeout, workers=cfg["MC_TENT_RPC_THREADS"])
         try:
             self.segment_name = f"{host}:{self._rpc.port}"
@@ -711,13 +712,23 @@ class TransferEngine(MooncakeAPI):
                 "transports": list(self.transports)}
 
     def _metric_loop(self) -> None:
+        """MC_TE_METRIC: one throughput line every MC_TE_METRIC_INTERVAL_SECONDS, on the
+        ``mooncake.metrics`` logger, which MC_LOG_LEVEL does not filter (see
+        :func:`mooncake.config.metric_logger`)."""
+        from mooncake.config import metric_logger
+
+        out = metric_logger()
         interval = float(self.config["MC_TE_METRIC_INTERVAL_SECONDS"])
-        last = self._bytes
+        last, since = self._bytes, time.monotonic()
         while not self._closed:
             time.sleep(interval)
-            now = self._bytes
-            log.info("throughput %.3f GB/s over %.0fs", (now - last) / interval / 1e9, interval)
-            last = now
+            if self._closed:
+                break
+            now, t = self._bytes, time.monotonic()
+            out.info("throughput %.3f GB/s over %gs (%s, %d bytes in total)",
+                     (now - last) / max(t - since, 1e-9) / 1e9, round(t - since, 3),
+                     self.segment_name, now)
+            last, since = now, t
 
     def _check_started(self) -> None:
         if not self._started or self._closed:
@@ -779,9 +790,14 @@ def _resolve(host: str) -> str:
         raise InvalidAddress(f"local_hostname {host!r} does not resolve: {e}") from None
 
 
-def _set_log_level(level: str) -> None:
-    lvl = {"TRACE": logging.DEBUG}.get(str(level).upper(), str(level).upper())
-    logging.getLogger("mooncake").setLevel(lvl)
+def _set_log_level(level: str, log_dir: str = "") -> None:
+    """MC_LOG_LEVEL on every logger of the project: ``mooncake.*``, the first-party transports
+    (``transports.*``) and any other package the mooncake distribution's plugins live in;
+    ``log_dir`` (MC_LOG_DIR) adds ``<log_dir>/mooncake.log``.  MC_TE_METRIC's line is not
+    filtered by it."""
+    from mooncake.config import apply_log_level
+
+    apply_log_level(level, log_dir)
 
 
 def _listdir(path: str) -> list[str]:

@@ -395,3 +395,42 @@ def test_typed_arguments_must_not_be_none(pool):
         kc.wait_busy(None, 0, 4096, 0, [], [], 0.0)
     pool.submit(s, kc.Peer(0), table)
     assert b.wait(10)
+
+
+def _thread_cpu(pid: int) -> float:
+    """CPU seconds of this process's threads other than the calling one (the pool's workers)."""
+    me = threading.get_native_id()
+    total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.3])
+def test_grace_period_workers_copy_then_sleep(grace):
+    """A pool with a grace period copies like any other, and its workers sleep once the grace
+    period after their last work has passed (the CPU it costs is bounded by it)."""
+    p = kc.CopyPool(2, grace)
+    try:
+        src = np.arange(1 << 20, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        table = kc.Table([direct(dst)])
+        for _ in range(3):
+            assert run(p, table, WRITE, [addr(src)], [addr(dst)], [src.nbytes]) == \
+                [(COMPLETED, src.nbytes, 0)]
+        assert np.array_equal(src, dst)
+        import time
+
+        time.sleep(grace + 0.2)  # past the grace period
+        before = _thread_cpu(os.getpid())
+        time.sleep(1.0)
+        assert _thread_cpu(os.getpid()) - before < 0.1  # asleep, not polling
+    finally:
+        p.close()

@@ -191,6 +191,8 @@ class CxlTransport(Transport):
         self.size = cfg["MC_CXL_DEV_SIZE"]
         self.inline_max = cfg["transports/shm/async_memcpy_threshold"]
         self.nworkers = cfg["MC_WORKERS_PER_CTX"]
+        #: TENT's grace period: idle copy workers poll this long before they sleep
+        self.grace = cfg["transports/rdma/workers/grace_period_ns"] / 1e9
         self.window: CxlWindow | None = None
         self.pool: kc.CopyPool | None = None
         self._peer = kc.Peer(0)  # no process behind the window
@@ -202,7 +204,7 @@ class CxlTransport(Transport):
         if not self.path:
             raise TransportUnavailable("cxl needs MC_CXL_DEV_PATH (a DAX device or a file)")
         self.window = window(self.path, int(self.size) if self.size else None)
-        self.pool = kc.CopyPool(self.nworkers)
+        self.pool = kc.CopyPool(self.nworkers, self.grace)
         w = self.window
         return {"cxl_name": w.name, "cxl_base_addr": w.addr, "size": w.size, "align": w.align,
                 "ident": w.ident}

@@ -16,12 +16,21 @@ polled, or its QP moved to ERR and the flush polled; at close, its QP destroyed)
 batch is cancelled by the engine (slices not yet posted end at once); if its posted work does
 not drain, :meth:`RdmaTransport.abort` resets the endpoints to that peer: their QPs go to ERR,
 the cancelled slices end on their flushes, and other callers' slices move to a rebuilt endpoint.
+
+Timeouts and pauses: TENT's ``endpoint/send_timeout`` is each QP's ACK timeout (RTR->RTS);
+``MC_RETRY_CNT`` (TENT ``workers/max_retry_count``) the workers' re-posts per slice;
+``MC_SLICE_TIMEOUT`` ends the slices of an endpoint that completes nothing for that long with
+TIMEOUT (its QPs reset, each slice reported on its flush); a NIC pair whose QPs fail to come up,
+or whose CQ fails, is skipped for ``MC_RDMA_RAIL_PAUSE_SECONDS``; a peer found gone (or whose
+handshake RPC fails) is not reconnected to for ``MC_CONN_PAUSE_TTL_MS``.  With
+``MC_ENABLE_HCA_PEER_AFFINITY`` the peer NICs come from ``MC_NIC_PEER_AFFINITY``.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -30,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from mooncake._core import batch as _batch
-from mooncake.errors import ConfigError, PeerUnreachable, TransportUnavailable
+from mooncake.errors import ConfigError, MooncakeError, PeerUnreachable, TransportUnavailable
 from mooncake.fields import Field, FieldError, check_fields
 from mooncake.transport import (
     LOCAL_WRITE,
@@ -53,7 +62,7 @@ _E_PEER = _batch.E_PEER
 _E_TIMEOUT = _batch.E_TIMEOUT
 _E_CLOSED = _batch.E_CLOSED
 
-__all__ = ["RdmaTransport", "select_gid"]
+__all__ = ["RdmaTransport", "select_gid", "parse_nic_affinity"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,26 @@ def _check_handshake(msg: Any, spec: dict[str, Field], nqp: int | None, where: s
             raise FieldError(f"{where}.{key} must hold integers in 0..2**24-1")
     if len(msg["qpns"]) != len(msg["psns"]):
         raise FieldError(f"{where}: qpns and psns differ in length")
+
+
+def parse_nic_affinity(text: str) -> dict[str, list[str]]:
+    """``MC_NIC_PEER_AFFINITY`` (``mlx5_0=mlx5_1,mlx5_2;mlx5_1=mlx5_3``) as ``{local: [peer
+    devices, in order]}``; ConfigError naming the bad entry."""
+    out: dict[str, list[str]] = {}
+    for entry in (e.strip() for e in str(text or "").split(";")):
+        if not entry:
+            continue
+        local, eq, peers = entry.partition("=")
+        local = local.strip()
+        names = [p.strip() for p in peers.split(",") if p.strip()]
+        if (not eq or not re.fullmatch(_DEV_NAME, local) or not names
+                or not all(re.fullmatch(_DEV_NAME, n) for n in names)):
+            raise ConfigError(f"MC_NIC_PEER_AFFINITY={text!r}: entry {entry!r} is invalid; "
+                              "allowed: LOCAL=PEER[,PEER...] entries separated by ';' "
+                              "(device names)")
+        have = out.setdefault(local, [])
+        have.extend(n for n in dict.fromkeys(names) if n not in have)
+    return out
 
 
 def peer_devices(info: Any) -> list[str] | None:
@@ -187,6 +216,9 @@ class RdmaTransport(Transport):
             return "no RDMA device (ibv_get_device_list found none)"
         return None
 
+    #: seconds between two probes of the GID table (MC_AUTO_GID_MAX_RETRIES)
+    GID_RETRY_DELAY_S: ClassVar[float] = 0.5
+
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         if V is None:
@@ -200,6 +232,8 @@ class RdmaTransport(Transport):
         self.max_ep = int(g("MC_MAX_EP_PER_CTX"))
         self.store_type = str(g("MC_ENDPOINT_STORE_TYPE")).upper()
         self.retry_cnt = int(g("MC_RETRY_CNT"))
+        #: TENT's grace period: workers keep polling this long after work last moved
+        self.grace = int(g("transports/rdma/workers/grace_period_ns")) / 1e9
         self.max_wr = int(g("MC_MAX_WR"))
         self.max_sge = int(g("MC_MAX_SGE"))
         self.max_inline = int(g("MC_MAX_INLINE"))
@@ -214,6 +248,19 @@ class RdmaTransport(Transport):
         self.roundrobin = bool(g("MC_PATH_ROUNDROBIN"))
         self.connect_timeout = float(g("MC_HANDSHAKE_CONNECT_TIMEOUT"))
         self.pkey_index = int(g("MC_PKEY_INDEX"))
+        self.send_timeout = int(g("transports/rdma/endpoint/send_timeout"))
+        self.slice_timeout = float(g("MC_SLICE_TIMEOUT"))  # -1: off
+        self.conn_pause_s = int(g("MC_CONN_PAUSE_TTL_MS")) / 1000.0
+        self.rail_pause_s = float(g("MC_RDMA_RAIL_PAUSE_SECONDS"))
+        self.gid_retries = int(g("MC_AUTO_GID_MAX_RETRIES"))
+        self.max_mr_size = int(g("MC_MAX_MR_SIZE"))
+        self.hca_affinity = bool(g("MC_ENABLE_HCA_PEER_AFFINITY"))
+        # the map is read (and checked) only when it is used, as in Mooncake
+        self.peer_affinity = (parse_nic_affinity(g("MC_NIC_PEER_AFFINITY"))
+                              if self.hca_affinity else {})
+        if self.hca_affinity and not self.peer_affinity:
+            log.warning("rdma: MC_ENABLE_HCA_PEER_AFFINITY is on but MC_NIC_PEER_AFFINITY is "
+                        "empty: every peer NIC is used")
         if self.mtu not in V.MTU_ENUM:
             raise ConfigError(f"MC_MTU={self.mtu} is not allowed; use one of {sorted(V.MTU_ENUM)}")
         if self.relaxed not in (0, 1, 2):
@@ -245,6 +292,15 @@ class RdmaTransport(Transport):
         self._last_watch = 0.0
         #: seconds without a completion, with work in flight, before the peer is pinged
         self.stall_s = 1.0
+        #: endpoint id -> when its live peer last answered a stall ping
+        self._pinged: dict[int, float] = {}
+        #: (local dev, peer segment, peer instance, peer dev) -> (until, why): NIC pairs
+        #: cooling down (MC_RDMA_RAIL_PAUSE_SECONDS)
+        self._paused_rails: dict[tuple, tuple[float, str]] = {}
+        #: (peer segment, instance) -> (until, why): peers not to reconnect to yet
+        #: (MC_CONN_PAUSE_TTL_MS)
+        self._paused_peers: dict[tuple, tuple[float, str]] = {}
+        self._affinity_warned: set[tuple] = set()
 
     # ------------------------------------------------------------------ config helpers
     def _cfg(self, key: str) -> Any:
@@ -295,17 +351,12 @@ class RdmaTransport(Transport):
         self.num_cq = self._clamp("MC_NUM_CQ_PER_CTX", self.num_cq, lim["max_cq"], "max_cq")
         self.max_ep = self._clamp("MC_MAX_EP_PER_CTX", self.max_ep,
                                   max(1, lim["max_qp"] // self.qp_per_ep), "max_qp/qp_per_ep")
+        if lim.get("max_mr_size"):
+            self.max_mr_size = self._clamp("MC_MAX_MR_SIZE", self.max_mr_size,
+                                           lim["max_mr_size"], "max_mr_size")
         ll_ib = port["link_layer"] != V.LINK_LAYER_ETHERNET
         if self.gid_index_cfg < 0:
-            n = min(port["gid_tbl_len"], 256)
-            rows = []
-            for i in range(n):
-                e = dev.gid_entry(self.port, i)
-                if e is not None:
-                    rows.append((i, e[0], e[1]))
-            gidx = select_gid(rows, ll_ib)
-            if gidx is None:
-                raise TransportUnavailable(f"rdma: {name} port {self.port} has no usable GID")
+            gidx = self._auto_gid(dev, name, port, ll_ib)
         else:
             gidx = self.gid_index_cfg
             if gidx >= port["gid_tbl_len"] or dev.gid_entry(self.port, gidx) is None:
@@ -325,10 +376,36 @@ class RdmaTransport(Transport):
                    for i in range(ncq)]
         for w in range(self.workers_per_ctx):
             mine = [s for i, s in enumerate(d.slots) if i % self.workers_per_ctx == w]
-            d.workers.append(K.Worker(mine, self._hub, self.retry_cnt))
+            d.workers.append(K.Worker(mine, self._hub, self.retry_cnt, grace=self.grace))
         d.store = EndpointStore(self.max_ep, self.store_type)
         d.ltab = K.KeyTable([], 1)
         return d
+
+    def _auto_gid(self, dev: Any, name: str, port: dict, ll_ib: bool) -> int:
+        """The GID index to use when MC_GID_INDEX is auto: :func:`select_gid` over the port's
+        table, probed again up to MC_AUTO_GID_MAX_RETRIES times, GID_RETRY_DELAY_S apart,
+        while it holds no usable GID (a netdev whose address is still being assigned)."""
+        probes = self.gid_retries + 1
+        for attempt in range(probes):
+            if attempt:
+                time.sleep(self.GID_RETRY_DELAY_S)
+                port = dev.query_port(self.port)
+            rows = []
+            for i in range(min(port["gid_tbl_len"], 256)):
+                e = dev.gid_entry(self.port, i)
+                if e is not None:
+                    rows.append((i, e[0], e[1]))
+            gidx = select_gid(rows, ll_ib)
+            if gidx is not None:
+                if attempt:
+                    log.info("rdma: %s port %d: GID %d usable at probe %d", name, self.port,
+                             gidx, attempt + 1)
+                return gidx
+            log.debug("rdma: %s port %d: no usable GID at probe %d of %d", name, self.port,
+                      attempt + 1, probes)
+        raise TransportUnavailable(f"rdma: {name} port {self.port} has no usable GID after "
+                                   f"{probes} probes (MC_AUTO_GID_MAX_RETRIES="
+                                   f"{self.gid_retries})")
 
     def start(self) -> dict:
         """Open the devices, start workers and the repair thread; publish the devices."""
@@ -377,6 +454,10 @@ class RdmaTransport(Transport):
     def register(self, region: Region) -> dict | None:
         """Register ``region`` on every device; publish its rkeys (one per device)."""
         flags = getattr(region, "flags", LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE)
+        if region.length > self.max_mr_size:
+            raise MooncakeError(f"rdma: cannot register 0x{region.addr:x}+{region.length}: "
+                                f"larger than MC_MAX_MR_SIZE={self.max_mr_size} (one memory "
+                                "region per buffer); register it in smaller pieces")
 
         def reg(d: _Dev) -> Any:
             return V.MR(d.dev, region.addr, region.length, self._access(d, flags))
@@ -432,7 +513,7 @@ class RdmaTransport(Transport):
         for qp, rqpn, rpsn, mpsn in zip(qps, remote["qpns"], remote["psns"], my_psns,
                                                strict=True):
             qp.to_rtr(rqpn, gid, int(remote["lid"]), rpsn, mtu, d.port, d.gid_index, self.tc)
-            qp.to_rts(mpsn)
+            qp.to_rts(mpsn, self.send_timeout)  # TENT's endpoint/send_timeout (ACK timeout)
 
     def _make_ep(self, d: _Dev, qps: list, slot: Any, worker: Any, key: tuple) -> Any:
         with self._lock:
@@ -500,6 +581,7 @@ class RdmaTransport(Transport):
         except Exception as e:
             for q in qps:
                 q.close()
+            self._pause_peer(peer_name, inst, f"its rdma.connect RPC failed: {e}")
             raise PeerUnreachable(f"rdma handshake with {peer_name} ({pdev}) failed: {e}") from e
         try:
             _check_handshake(remote, _HANDSHAKE_FIELDS, len(qps), "rdma.connect reply")
@@ -515,6 +597,12 @@ class RdmaTransport(Transport):
                                   f"expected {inst})")
         try:
             self._bring_up(d, qps, remote, psns)
+        except Exception as e:
+            for q in qps:
+                q.close()
+            why = f"its QPs did not come up: {e}"
+            self._pause_rail(d.name, peer_name, inst, pdev, why)
+            raise PeerUnreachable(f"rdma: {d.name} -> {peer_name} ({pdev}): {why}") from e
         except BaseException:
             for q in qps:
                 q.close()
@@ -538,7 +626,63 @@ class RdmaTransport(Transport):
                     return ep
                 if ep is not None:
                     self._retire([d.store.remove(key, ep)])
+            why = self._paused(d.name, peer_name, inst, pdev, time.monotonic())
+            if why:
+                raise PeerUnreachable(f"rdma: not connecting {d.name} -> {peer_name} ({pdev}): "
+                                      f"{why}")
             return self._connect(d, peer_name, inst, pdev)
+
+    # ------------------------------------------------------------------ pauses
+    def _pause_rail(self, dev: str, peer: str, inst: str, pdev: str, why: str) -> None:
+        """MC_RDMA_RAIL_PAUSE_SECONDS: leave the NIC pair ``dev -> peer/pdev`` alone a while."""
+        until = time.monotonic() + self.rail_pause_s
+        with self._lock:
+            self._paused_rails[(dev, peer, inst, pdev)] = (until, why)
+        log.warning("rdma: rail %s -> %s (%s) paused for %gs (MC_RDMA_RAIL_PAUSE_SECONDS): %s",
+                    dev, peer, pdev, self.rail_pause_s, why)
+
+    def _pause_peer(self, peer: str, inst: str, why: str) -> None:
+        """MC_CONN_PAUSE_TTL_MS: do not reconnect to a torn-down peer for a while (0: off)."""
+        if self.conn_pause_s <= 0:
+            return
+        with self._lock:
+            self._paused_peers[(peer, inst)] = (time.monotonic() + self.conn_pause_s, why)
+        log.warning("rdma: reconnects to %s paused for %gs (MC_CONN_PAUSE_TTL_MS): %s", peer,
+                    self.conn_pause_s, why)
+
+    def _paused(self, dev: str, peer: str, inst: str, pdev: str, now: float) -> str | None:
+        """Why the rail ``dev -> peer/pdev`` must not be (re)connected now, or None."""
+        if not self._paused_rails and not self._paused_peers:
+            return None
+        with self._lock:
+            for table, key, knob in ((self._paused_peers, (peer, inst), "MC_CONN_PAUSE_TTL_MS"),
+                                     (self._paused_rails, (dev, peer, inst, pdev),
+                                      "MC_RDMA_RAIL_PAUSE_SECONDS")):
+                hit = table.get(key)
+                if hit is None:
+                    continue
+                if hit[0] <= now:
+                    del table[key]
+                    continue
+                return f"paused for {hit[0] - now:.1f}s more ({knob}): {hit[1]}"
+        return None
+
+    def _cols(self, d: _Dev, pdevs: list[str], peer: str) -> list[int]:
+        """The peer devices (indices in ``pdevs``) that ``d`` sends to."""
+        if self.hca_affinity:
+            want = self.peer_affinity.get(d.name)
+            if want:
+                cols = [pdevs.index(x) for x in want if x in pdevs]
+                if cols:
+                    return cols
+                if (d.name, peer) not in self._affinity_warned:
+                    self._affinity_warned.add((d.name, peer))
+                    log.warning("rdma: MC_NIC_PEER_AFFINITY maps %s to %s but %s publishes %s: "
+                                "using every NIC", d.name, ",".join(want), peer,
+                                ",".join(pdevs))
+        elif self.dest_affinity and d.name in pdevs:
+            return [pdevs.index(d.name)]
+        return list(range(len(pdevs)))
 
     # ------------------------------------------------------------------ data path
     def _remote_table(self, peer: SegmentDesc, pdevs: list[str]) -> Any:
@@ -573,17 +717,34 @@ class RdmaTransport(Transport):
         inst = info.get("instance", "")
         with self._lock:
             self._rr += 1
-            d = self.devs[self._rr % len(self.devs)]
-        if self.dest_affinity and d.name in pdevs:
-            cols = [pdevs.index(d.name)]
-        else:
-            cols = list(range(len(pdevs)))
-        try:
-            eps = [self._endpoint(d, peer.name, inst, pdevs[c]) for c in cols]
-        except Exception as e:  # every slice must be reported, failures included
-            log.warning("rdma: no endpoint to %s: %s", peer.name, e)
+            start = self._rr
+        # the next device in turn, skipping NIC pairs that are cooling down
+        n, now = len(self.devs), time.monotonic()
+        d, cols, why = self.devs[start % n], [], None
+        for i in range(n):
+            cand = self.devs[(start + i) % n]
+            cols = []
+            for c in self._cols(cand, pdevs, peer.name):
+                w = self._paused(cand.name, peer.name, inst, pdevs[c], now)
+                if w is None:
+                    cols.append(c)
+                else:
+                    why = w
+            if cols:
+                d = cand
+                break
+        eps, used = [], []
+        for c in cols:
+            try:
+                eps.append(self._endpoint(d, peer.name, inst, pdevs[c]))
+                used.append(c)
+            except Exception as e:  # the other rails may still work
+                why = str(e)
+        if not eps:  # every slice must be reported, failures included
+            (log.warning if cols else log.debug)("rdma: no endpoint to %s: %s", peer.name, why)
             slices.fail_all(_E_PEER)
             return
+        cols = used
         try:
             rtab = self._remote_table(peer, pdevs)
         except Exception as e:
@@ -608,10 +769,11 @@ class RdmaTransport(Transport):
         Soft-RoCE may retransmit forever.)  Endpoints on a CQ that failed to poll are aborted
         the same way."""
         now = time.monotonic()
-        if now - self._last_watch < self.stall_s / 2:
+        period = self.stall_s if self.slice_timeout <= 0 else min(self.stall_s, self.slice_timeout)
+        if now - self._last_watch < period / 2:
             return
         self._last_watch = now
-        stalled, broken = [], []
+        stalled, broken, expired = [], [], []
         with self._lock:
             live = set()
             bad_slots = set()
@@ -632,23 +794,35 @@ class RdmaTransport(Transport):
                     seen = self._progress.get(ep.id)
                     if ep.users == 0 or seen is None or seen[0] != done:
                         self._progress[ep.id] = (done, now)
-                    elif now - seen[1] >= self.stall_s:
+                        self._pinged.pop(ep.id, None)
+                    elif 0 < self.slice_timeout <= now - seen[1]:
+                        expired.append((d, key, ep, now - seen[1]))
+                    elif now - max(seen[1], self._pinged.get(ep.id, 0.0)) >= self.stall_s:
                         stalled.append((d, key, ep))
             for k in [k for k in self._progress if k not in live]:
                 del self._progress[k]
+                self._pinged.pop(k, None)
             for d, key, ep in broken:
                 d.store.remove(key, ep)
+                self._pause_rail(d.name, *key, "its CQ failed to poll")
                 self._abort_ep(ep, _E_PEER, False)
+            for d, key, ep, idle in expired:  # MC_SLICE_TIMEOUT: its slices end TIMEOUT
+                d.store.remove(key, ep)
+                log.warning("rdma: endpoint %d to %s (%s): no completion for %.3gs with %d "
+                            "slices in flight (MC_SLICE_TIMEOUT=%g): they end TIMEOUT",
+                            ep.id, key[0], key[2], idle, ep.users, self.slice_timeout)
+                self._abort_ep(ep, _E_TIMEOUT, False)
         for d, (peer, inst, pdev), ep in stalled:
             try:
                 who = self.ctx.rpc_call(peer, "rdma.ping", {}, max(2.0, self.stall_s))
                 if not inst or who.get("instance") == inst:
-                    self._progress[ep.id] = (ep.completions, time.monotonic())
+                    self._pinged[ep.id] = time.monotonic()  # the slice-timeout clock runs on
                     continue  # alive, just slow
                 why = f"another process ({who.get('instance')}) answers there now"
             except Exception as e:
                 why = str(e)
             log.warning("rdma: peer %s (%s) is gone (%s): failing its endpoint", peer, pdev, why)
+            self._pause_peer(peer, inst, f"it is gone ({why})")
             with self._lock:
                 d.store.remove((peer, inst, pdev), ep)
                 self._abort_ep(ep, _E_PEER, False)

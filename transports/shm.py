@@ -350,6 +350,8 @@ class ShmTransport(Transport):
         self.enabled = cfg["transports/shm/enable"]
         self.inline_max = cfg["transports/shm/async_memcpy_threshold"]
         self.nworkers = cfg["MC_WORKERS_PER_CTX"]
+        #: TENT's grace period: idle copy workers poll this long before they sleep
+        self.grace = cfg["transports/rdma/workers/grace_period_ns"] / 1e9
         self.timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
         self.pool: kc.CopyPool | None = None
         self.ctl: ControlPage | None = None
@@ -364,7 +366,7 @@ class ShmTransport(Transport):
         if not self.enabled:
             raise TransportUnavailable("shm is disabled by transports/shm/enable=false")
         self.ctl = ControlPage()
-        self.pool = kc.CopyPool(self.nworkers)
+        self.pool = kc.CopyPool(self.nworkers, self.grace)
         if self.ctx.add_rpc_handler is not None:
             self.ctx.add_rpc_handler("shm.prove", self._on_prove)
         _allow_attach()

@@ -68,7 +68,7 @@ cdef extern from "mc_copy.h" nogil:
                       int64_t *pool_inflight, int64_t claim)
     void mc_group_run(mc_group_t *g, int64_t i, int64_t j)
     void mc_group_fail(mc_group_t *g, int64_t i, int64_t j, int32_t err)
-    int mc_pool_start(mc_pool_t *p, int nthreads)
+    int mc_pool_start(mc_pool_t *p, int nthreads, double grace_s)
     int mc_pool_push(mc_pool_t *p, mc_group_t *g)
     void mc_pool_stop(mc_pool_t *p, int32_t err)
     int64_t *mc_pool_inflight(mc_pool_t *p)

@@ -377,15 +377,19 @@ def fd_readable(int fd):
 
 
 cdef class CopyPool:
-    """``nworkers`` pthreads that run queued copy groups without the GIL."""
+    """``nworkers`` pthreads that run queued copy groups without the GIL.
 
-    def __cinit__(self, int nworkers):
+    ``grace`` (seconds, TENT's ``grace_period_ns``): a worker that just finished work polls for
+    more (yielding the CPU) for that long before it sleeps, trading idle CPU for wake-up latency.
+    """
+
+    def __cinit__(self, int nworkers, double grace=0.0):
         if nworkers < 1 or nworkers > MC_CP_MAX_THREADS:
             raise ValueError("nworkers must be in 1..%d, got %d" % (MC_CP_MAX_THREADS, nworkers))
         self.p = <mc_pool_t *>PyMem_RawMalloc(sizeof(mc_pool_t))
         if self.p == NULL:
             raise MemoryError()
-        cdef int rc = mc_pool_start(self.p, nworkers)
+        cdef int rc = mc_pool_start(self.p, nworkers, grace)
         if rc:
             PyMem_RawFree(self.p)
             self.p = NULL

@@ -29,6 +29,7 @@
 #include "mc_batch.h"
 
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -348,15 +349,41 @@ typedef struct {
     int nthreads;
     pthread_t th[MC_CP_MAX_THREADS];
     _Atomic int64_t inflight;
+    /* TENT's grace period: a worker that just finished work polls for more (without the lock,
+     * yielding the CPU) for this long before it sleeps on the condvar; 0 = sleep at once */
+    double grace_s;
+    _Atomic int pending;   /* head != NULL, or stopping: what a polling worker watches */
 } mc_pool_t;
+
+/* Poll (lock not held) until work is queued or `until` passes; yields every 64 rounds. */
+static inline void mc_pool_poll(mc_pool_t *p, double until) {
+    for (unsigned k = 1; !atomic_load_explicit(&p->pending, memory_order_acquire); k++) {
+        if ((k & 63) == 0) {
+            if (mc_now() >= until) return;
+            sched_yield();
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
 
 static void *mc_pool_worker(void *arg) {
     mc_pool_t *p = (mc_pool_t *)arg;
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);   /* signals belong to the interpreter's thread */
+    double last_work = 0;
     pthread_mutex_lock(&p->mu);
     for (;;) {
+        if (!p->head && !p->stop && p->grace_s > 0 && last_work > 0) {
+            double until = last_work + p->grace_s;   /* within the grace period: poll */
+            if (mc_now() < until) {
+                pthread_mutex_unlock(&p->mu);
+                mc_pool_poll(p, until);
+                pthread_mutex_lock(&p->mu);
+            }
+        }
         while (!p->head && !p->stop) pthread_cond_wait(&p->cv, &p->mu);
         if (!p->head) break;                  /* stopping and nothing left */
         mc_group_t *g = p->head;
@@ -364,12 +391,13 @@ static void *mc_pool_worker(void *arg) {
         if (j >= g->n) {
             j = g->n;
             p->head = g->next;
-            if (!p->head) p->tail = NULL;
+            if (!p->head) { p->tail = NULL; atomic_store(&p->pending, p->stop); }
         }
         g->cursor = j;
         if (p->head) pthread_cond_signal(&p->cv);   /* more to claim: wake a sibling */
         pthread_mutex_unlock(&p->mu);
         mc_group_run(g, i, j);
+        last_work = mc_now();
         pthread_mutex_lock(&p->mu);
     }
     pthread_mutex_unlock(&p->mu);
@@ -377,8 +405,10 @@ static void *mc_pool_worker(void *arg) {
 }
 
 /* 0 or an errno.  On failure no thread is left running. */
-static inline int mc_pool_start(mc_pool_t *p, int nthreads) {
+static inline int mc_pool_start(mc_pool_t *p, int nthreads, double grace_s) {
     memset(p, 0, sizeof(*p));
+    p->grace_s = grace_s > 0 && grace_s < 10.0 ? grace_s : (grace_s >= 10.0 ? 10.0 : 0);
+    atomic_init(&p->pending, 0);
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MC_CP_MAX_THREADS) nthreads = MC_CP_MAX_THREADS;
     pthread_mutex_init(&p->mu, NULL);
@@ -410,6 +440,7 @@ static inline int mc_pool_push(mc_pool_t *p, mc_group_t *g) {
     if (p->tail) p->tail->next = g;
     else p->head = g;
     p->tail = g;
+    atomic_store_explicit(&p->pending, 1, memory_order_release);
     if (g->n > g->claim) pthread_cond_broadcast(&p->cv);
     else pthread_cond_signal(&p->cv);
     pthread_mutex_unlock(&p->mu);
@@ -422,6 +453,7 @@ static inline void mc_pool_stop(mc_pool_t *p, int32_t err) {
     mc_group_t *g = p->head;
     p->head = p->tail = NULL;
     p->stop = 1;
+    atomic_store(&p->pending, 1);   /* wakes polling workers */
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
     while (g) {

@@ -241,6 +241,7 @@ cdef struct vworker:
     vhub *hub
     int retry_cnt
     int spin
+    double grace        # TENT's grace period (s): poll this long after the last progress
     int64_t posted
     int64_t post_calls
     int64_t completed
@@ -609,6 +610,7 @@ cdef void _loop(vworker *w) noexcept nogil:
     cdef vslice *got
     cdef int idle = 0, did, c
     cdef bint busy, armed = False
+    cdef double last = 0.0   # when work last moved (posted or completed)
     while not mcv_load(&w.stop):
         did = 0
         if mcv_load(&w.in_count) > 0:
@@ -633,10 +635,12 @@ cdef void _loop(vworker *w) noexcept nogil:
         if did:
             idle = 0
             armed = False
+            if w.grace > 0:
+                last = mc_now()
             continue
         idle += 1
-        if idle < w.spin:
-            sched_yield()
+        if idle < w.spin or (w.grace > 0 and mc_now() - last < w.grace):
+            sched_yield()   # within the grace period of the last progress: keep polling
             continue
         busy = pending != NULL
         for c in range(w.ncq):
@@ -827,7 +831,8 @@ cdef class Worker:
     cdef readonly list slots
     cdef readonly Hub hub
 
-    def __cinit__(self, list slots not None, Hub hub not None, int retry_cnt=9, int spin=64):
+    def __cinit__(self, list slots not None, Hub hub not None, int retry_cnt=9, int spin=64,
+                  double grace=0.0):
         cdef CQSlot sl
         if not slots or len(slots) > MAX_CQ:
             raise ValueError(f"a worker polls 1..{MAX_CQ} CQs, got {len(slots)}")
@@ -855,6 +860,7 @@ cdef class Worker:
             self.w.cqs[i] = &sl.c
         self.w.retry_cnt = retry_cnt
         self.w.spin = spin
+        self.w.grace = grace if grace < 10.0 else 10.0
 
     def __dealloc__(self):
         if self.w != NULL:
