@@ -107,6 +107,8 @@ class TransferEngine(MooncakeAPI):
         self._kinds: set[str] = set()  # memory kinds registered here ("cpu", "cuda", ...)
         self._bytes = 0
         self._timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
+        mt = "transports/rdma/max_timeout_ns"  # TENT's per-request deadline, when configured
+        self._default_deadline = cfg[mt] / 1e9 if cfg.source(mt) != "default" else 0.0
         self._rpc_client = RpcClient(cfg["MC_HANDSHAKE_MAX_LENGTH"],
                                      float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
         ports = [port] if port is not None else port_candidates(cfg["MC_MIN_RPC_PORT"],
@@ -473,7 +475,7 @@ class TransferEngine(MooncakeAPI):
     # -- transfers ----------------------------------------------------------------------------
 
     def _validate(self, segment: str, op: Any, local: Any, remote: Any, length: Any,
-                  timeout: float | None = None):
+                  timeout: float | None = None, deadline: float | None = None):
         """The one validator of a transfer: ``(peer, transport, core batch, slices, timeout)``.
 
         Checks the opcode, the request arrays, the timeout, that every local range lies in one
@@ -489,6 +491,11 @@ class TransferEngine(MooncakeAPI):
         except (KeyError, TypeError):
             raise InvalidAddress(f"op must be 'read' or 'write' (or 0/1), got {op!r}") from None
         tmo = _check_timeout(timeout)
+        expired = False
+        if deadline is not None:
+            left = _check_deadline(deadline) - time.monotonic()
+            expired = left <= 0
+            tmo = max(left, 1e-3) if tmo is None else min(tmo, max(left, 1e-3))
         one = (type(local) is tuple and len(local) == 1 and type(local[0]) is int and
                type(remote) is tuple and len(remote) == 1 and type(remote[0]) is int and
                type(length) is tuple and len(length) == 1 and type(length[0]) is int)
@@ -543,20 +550,28 @@ class TransferEngine(MooncakeAPI):
                 raise InvalidAddress(str(e)) from None
             total = int(length.sum())
         if tmo is None:
-            tmo = self._timeout + total / 1e9
+            tmo = self._default_deadline if self._default_deadline else \
+                self._timeout + total / 1e9
+        if expired:  # past its deadline before it started: every task ends TIMEOUT, untouched
+            core.cancel(_core.E_TIMEOUT)
         core.total_bytes = total
         return peer, t, core, slices, tmo
 
     def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
-                 length: Sequence[int], timeout: float | None = None) -> None:
+                 length: Sequence[int], timeout: float | None = None, *,
+                 deadline: float | None = None) -> None:
         """Run a batch to completion; raises :class:`TransferFailed` if any request failed.
+
+        ``timeout`` (seconds) or ``deadline`` (a ``time.monotonic()`` instant) bounds it; tasks
+        past it end TIMEOUT.  Neither: TENT's ``max_timeout_ns`` when it was configured, else
+        ``MC_TRANSFER_TIMEOUT`` plus one second per GB.
 
         When the connection to the peer is lost (it restarted, say), the descriptor is fetched
         again and the batch is retried once: READ and WRITE are idempotent.  After this raises,
         no byte of the batch lands in local memory any more.
         """
         try:
-            return self._transfer(segment, op, local, remote, length, timeout)
+            return self._transfer(segment, op, local, remote, length, timeout, deadline)
         except (TransferFailed, PeerUnreachable) as e:
             codes = {s.code for s in e.statuses} if isinstance(e, TransferFailed) else {E_PEER}
             if isinstance(e, TransferTimeout) or not codes & {E_PEER, E_REFUSED}:
@@ -574,11 +589,13 @@ class TransferEngine(MooncakeAPI):
             log.info("segment %s: %s; retrying once on a fresh descriptor", segment,
                      "connection lost" if E_PEER in codes else "range refused by a stale "
                      "descriptor")
-            return self._transfer(segment, op, local, remote, length, timeout)
+            return self._transfer(segment, op, local, remote, length, timeout, deadline)
 
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
-                  length: Sequence[int], timeout: float | None) -> None:
-        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout)
+                  length: Sequence[int], timeout: float | None,
+                  deadline: float | None = None) -> None:
+        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout,
+                                                    deadline)
         in_time = t.transfer(peer, slices, tmo)
         if in_time and core.first_not_completed() < 0:
             self._bytes += core.total_bytes
@@ -608,9 +625,13 @@ class TransferEngine(MooncakeAPI):
                         f"range); it moves {', '.join(sorted(t.memory_kinds))}")
 
     def submit(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
-               length: Sequence[int], timeout: float | None = None) -> TransferBatch:
-        """Start a batch and return at once; ``wait()`` it, ``await`` it or poll its status."""
-        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout)
+               length: Sequence[int], timeout: float | None = None, *,
+               deadline: float | None = None) -> TransferBatch:
+        """Start a batch and return at once; ``wait()`` it, ``await`` it or poll its status.
+        ``timeout``/``deadline`` as for :meth:`transfer`: past it the batch's unfinished tasks end
+        TIMEOUT, and no byte of them lands afterwards."""
+        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout,
+                                                    deadline)
         b = TransferBatch(core, peer, t, tmo, on_close=self._forget_batch)
         try:
             t.submit(peer, slices)
@@ -647,16 +668,16 @@ class TransferEngine(MooncakeAPI):
             self._forget_peer(peer.name)
 
     def write(self, segment: str, src: Any, remote_addr: int, length: int | None = None,
-              timeout: float | None = None) -> None:
+              timeout: float | None = None, *, deadline: float | None = None) -> None:
         """Copy local ``src`` (address or registered buffer) to ``remote_addr`` in ``segment``."""
         addr, n = self._local(src, length)
-        self.transfer(segment, "write", (addr,), (remote_addr,), (n,), timeout)
+        self.transfer(segment, "write", (addr,), (remote_addr,), (n,), timeout, deadline=deadline)
 
     def read(self, segment: str, dst: Any, remote_addr: int, length: int | None = None,
-             timeout: float | None = None) -> None:
+             timeout: float | None = None, *, deadline: float | None = None) -> None:
         """Copy ``length`` bytes at ``remote_addr`` in ``segment`` into local ``dst``."""
         addr, n = self._local(dst, length)
-        self.transfer(segment, "read", (addr,), (remote_addr,), (n,), timeout)
+        self.transfer(segment, "read", (addr,), (remote_addr,), (n,), timeout, deadline=deadline)
 
     @staticmethod
     def _local(obj: Any, length: int | None) -> tuple[int, int]:
@@ -873,6 +894,14 @@ def _check_timeout(timeout: Any) -> float | None:
         raise ConfigError(f"timeout={timeout!r}: allowed a number of seconds in (0, "
                           f"{MAX_TIMEOUT:.0f}]")
     return t
+
+
+def _check_deadline(deadline: Any) -> float:
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float, np.integer,
+                                                               np.floating)) or \
+            not np.isfinite(deadline):
+        raise ConfigError(f"deadline={deadline!r}: allowed a time.monotonic() instant (seconds)")
+    return float(deadline)
 
 
 def _check_ends(addrs: np.ndarray, lengths: np.ndarray, what: str) -> None:

@@ -367,9 +367,11 @@ OPTIONS: tuple[Option, ...] = (
                "cxl) and the rdma workers poll for it"),
     _O(f"{_RDMA}/max_timeout_ns", int, 10**10, tent=f"{_RDMA}/max_timeout_ns",
        range=(1, DAY * 10**9),
-       unit="ns", owner="rdma", doc="TENT: software slice timeout; the endpoint is disabled after",
+       unit="ns", owner="rdma",
+       doc="TENT: a request's deadline when the caller gives none (set: every transport's "
+           "batches default to it; unset: MC_TRANSFER_TIMEOUT plus 1 s per GB)",
        hint="5 s (5000000000) in the high-performance TENT template",
-       pending="per-batch deadlines with this as the default are issue 10 item 3"),
+       reads=("mooncake/engine.py",)),
     _O(f"{_RDMA}/endpoint/send_timeout", int, 14, tent=f"{_RDMA}/endpoint/send_timeout",
        range=(0, 31), owner="rdma",
        doc="TENT: QP local ACK timeout exponent (4.096 us * 2^v), set at RTR->RTS",
