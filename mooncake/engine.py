@@ -107,8 +107,9 @@ class TransferEngine(MooncakeAPI):
         self._kinds: set[str] = set()  # memory kinds registered here ("cpu", "cuda", ...)
         self._bytes = 0
         self._timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
-        mt = "transports/rdma/max_timeout_ns"  # TENT's per-request deadline, when configured
-        self._default_deadline = cfg[mt] / 1e9 if cfg.source(mt) != "default" else 0.0
+        # TENT's per-request deadline, when configured
+        self._default_deadline = cfg["transports/rdma/max_timeout_ns"] / 1e9 \
+            if cfg.source("transports/rdma/max_timeout_ns") != "default" else 0.0
         self._rpc_client = RpcClient(cfg["MC_HANDSHAKE_MAX_LENGTH"],
                                      float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
         ports = [port] if port is not None else port_candidates(cfg["MC_MIN_RPC_PORT"],
