@@ -92,7 +92,8 @@ def report():
     yield
     if not RESULTS:
         return
-    print(f"\n4 KiB shm WRITE through the copy pool, one every {PACE * 1e3:g} ms for {DURATION:g} s")
+    print(f"\n4 KiB shm WRITE through the copy pool, one every {PACE * 1e3:g} ms for "
+          f"{DURATION:g} s")
     print(f"{'row':28s} {'p50 us':>8s} {'p99 us':>8s} {'cpu busy %':>11s} {'cpu idle %':>11s}")
     for name, r in RESULTS.items():
         print(f"{name:28s} {r['p50 us']:8.1f} {r['p99 us']:8.1f} {r['cpu busy %']:11.1f} "

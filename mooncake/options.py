@@ -381,7 +381,14 @@ OPTIONS: tuple[Option, ...] = (
        owner="rdma", doc="TENT: POSIX shm name for cross-process bandwidth sharing",
        hint="set (e.g. mooncake_quota_shm) when several processes on a node share NICs, so they "
             "share bandwidth fairly instead of fighting",
-       pending="issue 10 item 2: the cross-process quota table is being built"),
+       reads=("mooncake/quota.py",),
+       pending="the tcp lanes share each NIC through it; the rdma workers and the shm/cxl copy "
+               "pool do not join it yet (issue 10 item 2)"),
+    _O("MC_SHARED_QUOTA_PRIORITY", str, "foreground_get", tent=f"{_RDMA}/shared_quota_priority",
+       doc="this engine's class in the shared quota (its weight): foreground_get (8), "
+           "weight_loading (4), migration or checkpoint (2), prefetch (1), or a weight 1..65535",
+       hint="give background traffic (prefetch, checkpoints) a lower class than foreground gets",
+       reads=("mooncake/quota.py",)),
     _O(f"{_RDMA}/workers/rail_topo_path", str, "", tent=f"{_RDMA}/workers/rail_topo_path",
        owner="rdma", doc="TENT: rail topology JSON (allowed and preferred NIC pairs)",
        hint="measured topology for path choice; python -m mooncake.transfer_engine_topology_dump",

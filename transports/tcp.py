@@ -15,6 +15,7 @@ import socket
 import threading
 from itertools import count
 
+from mooncake import quota as _quota
 from mooncake._core import batch as _batch
 from mooncake._core import tcp as _tcp
 from mooncake._core.batch import Slices
@@ -68,6 +69,14 @@ class TcpTransport(Transport):
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self.listener: Listener | None = None
+        # shared bandwidth quota (shared_quota_shm_path): one slot per local NIC, joined when
+        # the first route through it opens; a table that is not ours fails the start here
+        spec = _quota.engine_path(cfg)
+        self.quota: _quota.QuotaTable | None = _quota.open_table(spec) if spec else None
+        self.quota_priority = _quota.engine_weight(cfg) if spec else None
+        self._qslots: dict[str, _quota.QuotaSlot] = {}
+        self._qfull: set[str] = set()
+        self._qlock = threading.Lock()
 
     # -- target side ---------------------------------------------------------------------------
 
@@ -120,11 +129,38 @@ class TcpTransport(Transport):
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout))
+        if self.quota is not None:
+            slot = self._quota_slot(s.getsockname()[0])
+            if slot is not None:
+                lane.set_quota(slot.core, slot.sid)
         t = threading.Thread(target=lane.run_worker, args=(self.frame_timeout,),
                              name=f"mc-tcp-lane-{name}", daemon=True)
         t.start()
         p.threads.append(t)
         p.lanes.append(lane)
+
+    def _quota_slot(self, local_ip: str) -> _quota.QuotaSlot | None:
+        """This engine's slot on the NIC of ``local_ip``, joined on first use; None when the
+        table has no room for it (the route then runs unregulated, said once per NIC)."""
+        assert self.quota is not None
+        nic = _quota.nic_key_for_ip(local_ip)
+        with self._qlock:
+            slot = self._qslots.get(nic)
+            if slot is not None:
+                return slot
+            try:
+                slot = self.quota.join(nic, self.quota_priority)
+            except _quota.QuotaFull as e:
+                if nic not in self._qfull:
+                    self._qfull.add(nic)
+                    log.warning("tcp: %s; routes through %s run without the shared quota", e,
+                                nic)
+                return None
+            self._qfull.discard(nic)
+            self._qslots[nic] = slot
+            log.debug("tcp: shared quota %s: slot %d on %s at weight %d", self.quota.path,
+                      slot.sid, nic, slot.weight)
+            return slot
 
     def _retire(self, p: _Peer, err: int = E_PEER) -> None:
         """Close every lane of a peer (caller holds p.lock); in-flight slices end with ``err``."""
@@ -173,6 +209,11 @@ class TcpTransport(Transport):
         for p in peers:
             with p.lock:
                 self._retire(p, E_CLOSED)
+        with self._qlock:
+            slots = list(self._qslots.values())
+            self._qslots.clear()
+        for slot in slots:
+            slot.release()
         if self.listener is not None:
             self.listener.close()
 

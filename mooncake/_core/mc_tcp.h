@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "mc_batch.h"
+#include "mc_quota.h"
 #include "mc_regions.h"
 
 #define MC_REQ_MAGIC 0x3154434dU /* "MCT1" */
@@ -330,6 +331,8 @@ typedef struct {
     double grace;         /* seconds a timed-out drive may take to drain what it sent */
     double last_used;     /* mc_now() when a drive last ended */
     mc_rbuf_t rb;
+    const mc_quota_t *quota;  /* shared bandwidth quota of the lane's NIC, NULL = none */
+    int32_t qslot;            /* this engine's slot in it */
 } mc_lane_t;
 
 static inline mc_lane_t *mc_lane_new(int fd) {
@@ -477,12 +480,33 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         draining = 1; deadline = mc_now() + l->grace; \
     } while (0)
     int readable = 0;              /* the last poll said responses are waiting */
+    /* shared quota: each window (capped at MC_QUOTA_QUANTUM bytes under contention) is asked
+     * for and charged before it is built; a refusal waits in the poll below, draining
+     * responses meanwhile */
+    const mc_quota_t *quota = l->quota;
+    int32_t qslot = l->qslot;
+    if (quota) mc_quota_enter(quota, qslot);
     while (done < n) {
         int progressed = 0, want_wait = 0;
+        uint64_t qwait = 0;
         if (sent < n && niov == 0) {
             chunk = n - sent < MC_SEND_BATCH ? n - sent : MC_SEND_BATCH;
-            niov = mc_build_iov(jobs + sent, chunk, hdr, iov, seq0 + (uint32_t)sent);
-            cur = 0;
+            if (quota && !draining) {
+                uint64_t qbytes = 0, qmax = mc_quota_quantum(quota, qslot);
+                size_t c = 0;
+                while (c < chunk) {
+                    if (!jobs[sent + c].ghost) qbytes += jobs[sent + c].len;
+                    c++;
+                    if (qbytes >= qmax) break;
+                }
+                chunk = c;
+                qwait = qbytes ? mc_quota_wait_ns(quota, qslot, qbytes) : 0;
+                if (!qwait && qbytes) mc_quota_charge(quota, qslot, qbytes);
+            }
+            if (!qwait) {
+                niov = mc_build_iov(jobs + sent, chunk, hdr, iov, seq0 + (uint32_t)sent);
+                cur = 0;
+            }
         }
         if (niov) {   /* send what the socket takes now */
             struct msghdr m; memset(&m, 0, sizeof m);
@@ -552,14 +576,21 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         if (err == MC_E_TIMEOUT && !idle && !draining) { err = 0; MC_START_DRAIN(); continue; }
         if (err) break;
         if (progressed && idle) deadline = mc_now() + timeout;
-        if (!progressed || (want_wait && sent == n)) {
-            /* nothing to send and no response yet (or the socket is full): wait, a tick at most */
+        if (!progressed || (want_wait && sent == n) || qwait) {
+            /* nothing to send and no response yet (or the socket is full, or the quota said
+             * wait: then only as long as it said): wait, a tick at most */
             if (mc_now() >= deadline) {
                 if (!idle && !draining) { MC_START_DRAIN(); continue; }
                 err = MC_E_TIMEOUT; break;
             }
             struct pollfd p = {l->fd, (short)((niov ? POLLOUT : 0) | (done < sent ? POLLIN : 0)), 0};
-            int pr = poll(&p, 1, mc_poll_ms(deadline, 1));
+            int pr;
+            if (qwait) {
+                uint64_t cap = (uint64_t)mc_poll_ms(deadline, 1) * 1000000ULL;
+                pr = mc_quota_poll(&p, qwait < cap ? qwait : cap);
+            } else {
+                pr = poll(&p, 1, mc_poll_ms(deadline, 1));
+            }
             if (pr == 0) mc_orphan_dead(jobs, done, sent);   /* a quiet tick: who gave up? */
             if (pr < 0 && errno == EINTR) continue;
             if (pr < 0 || (p.revents & (POLLERR | POLLNVAL))) { err = MC_E_PEER; break; }
@@ -567,6 +598,7 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         }
     }
 #undef MC_START_DRAIN
+    if (quota) mc_quota_leave(quota, qslot);
     if (err) {
         pthread_mutex_lock(&l->mu);
         if (l->dead) err = l->dead_err;      /* aborted from outside: report why */

@@ -3,9 +3,10 @@
 
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.errno cimport EBUSY
-from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from mooncake._core.batch cimport Batch, Slices, mc_batch_t
+from mooncake._core.quota cimport Table, mc_quota_t
 from mooncake._core.regions cimport RegionTable, mc_regions_t
 
 
@@ -23,6 +24,8 @@ cdef extern from "mc_tcp.h" nogil:
         int32_t dead_err
         double spin
         double grace
+        const mc_quota_t *quota
+        int32_t qslot
     mc_lane_t *mc_lane_new(int fd)
     void mc_lane_free(mc_lane_t *l)
     void mc_lane_worker(mc_lane_t *l, double idle_timeout)
@@ -44,6 +47,7 @@ cdef class Lane:
 
     cdef mc_lane_t *l
     cdef readonly object sock
+    cdef list _quotas   # every quota table this lane was given stays mapped while it lives
 
     def __cinit__(self, sock, double spin=0.0, double grace=2.0):
         self.sock = sock
@@ -57,6 +61,26 @@ cdef class Lane:
         if self.l != NULL:
             mc_lane_free(self.l)
             self.l = NULL
+
+    def set_quota(self, Table table, int32_t sid=-1):
+        """Ask and charge slot ``sid`` of the shared quota ``table`` for every window this lane
+        sends (None: no quota).  Set it before the lane's first transfer; a drive in progress
+        keeps what it started with."""
+        if table is None:
+            self.l.quota = NULL
+            return
+        if sid < 0 or sid >= <int64_t>table.q.max_nics * table.q.max_slots:
+            raise IndexError(f"quota slot id {sid} out of range")
+        if self._quotas is None:
+            self._quotas = []
+        self._quotas.append(table)
+        self.l.qslot = sid
+        self.l.quota = &table.q
+
+    @property
+    def quota_slot(self):
+        """The quota slot id this lane charges, or None."""
+        return None if self.l.quota == NULL else self.l.qslot
 
     def run_worker(self, double idle_timeout):
         """Drive queued jobs until closed; a peer silent for ``idle_timeout`` s fails them."""
