@@ -359,12 +359,12 @@ OPTIONS: tuple[Option, ...] = (
                "(set num_workers, num_cq_list and qp_mul_factor instead)"),
     _O(f"{_RDMA}/workers/grace_period_ns", int, 5_000_000, tent=f"{_RDMA}/workers/grace_period_ns",
        range=(0, 10**11), unit="ns", owner="rdma",
-       reads=("transports/shm.py", "transports/cxl.py", "transports/rdma.py"),
-       doc="TENT: how long an idle worker keeps polling before it sleeps",
+       reads=("transports/shm.py", "transports/cxl.py", "transports/rdma.py",
+              "transports/tcp.py"),
+       doc="TENT: how long a worker keeps polling after work last moved before it sleeps "
+           "(tcp lane workers, the shm/cxl copy pool, rdma workers)",
        hint="1-5 us for latency-sensitive inference, 5 ms default, 10-50 ms where CPU is scarce; "
-            "start at 5 ms and lower it; raise it when CPU usage is high",
-       pending="the tcp lane workers' grace period (issue 10 item 1); the copy pool (shm, "
-               "cxl) and the rdma workers poll for it"),
+            "start at 5 ms and lower it; raise it when CPU usage is high"),
     _O(f"{_RDMA}/max_timeout_ns", int, 10**10, tent=f"{_RDMA}/max_timeout_ns",
        range=(1, DAY * 10**9),
        unit="ns", owner="rdma",

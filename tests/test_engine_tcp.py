@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from peer import Peer, sha
 
+from mooncake.engine import TransferEngine
+
 MiB = 1 << 20
 
 
@@ -106,3 +108,43 @@ def test_threads_share_one_engine(engine, peer, remote, local):
         t.join()
     assert not errs
     assert peer.sha(raddr, 200 * 8192) == sha(local[: 200 * 8192])
+
+
+@pytest.mark.parametrize("grace_ns", [0, 300_000_000])
+def test_lane_workers_poll_for_the_grace_period_then_sleep(peer, grace_ns):
+    """TENT's grace period on the tcp lane workers: batches complete as ever, and once the
+    period after the last work has passed the workers sleep (no CPU while idle)."""
+    import os
+    import threading
+    import time
+
+    def others_cpu() -> float:
+        me, total = threading.get_native_id(), 0.0
+        for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+            if int(tid) == me:
+                continue
+            try:
+                with open(f"/proc/{os.getpid()}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    e = TransferEngine("127.0.0.1", protocol="tcp",
+                       **{"transports/rdma/workers/grace_period_ns": grace_ns})
+    try:
+        raddr = peer.alloc(MiB, seed=41)
+        buf = np.zeros(MiB, np.uint8)
+        e.register(buf)
+        for _ in range(3):
+            b = e.submit(peer.segment, "read", [buf.ctypes.data + i * 65536 for i in range(16)],
+                         [raddr + i * 65536 for i in range(16)], [65536] * 16)
+            b.wait()
+        assert sha(buf) == peer.sha(raddr, MiB)
+        time.sleep(grace_ns / 1e9 + 0.2)
+        before = others_cpu()
+        time.sleep(1.0)
+        assert others_cpu() - before < 0.1
+    finally:
+        e.close()

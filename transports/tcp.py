@@ -66,6 +66,8 @@ class TcpTransport(Transport):
         self.frame_timeout: float = float(cfg["MC_TRANSFER_TIMEOUT"])
         # spinning only pays when the peer can run meanwhile on another CPU
         self.spin: float = cfg["MC_TCP_SPIN_US"] / 1e6 if _cpus() > 1 else 0.0
+        #: TENT's grace period: a lane's worker polls its queue this long after a drive
+        self.poll_grace: float = cfg["transports/rdma/workers/grace_period_ns"] / 1e9
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self.listener: Listener | None = None
@@ -128,7 +130,7 @@ class TcpTransport(Transport):
                 f"tcp: cannot connect to {name} data port {host}:{port}: {e}") from None
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout))
+        lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout), self.poll_grace)
         if self.quota is not None:
             slot = self._quota_slot(s.getsockname()[0])
             if slot is not None:

@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -330,6 +331,7 @@ typedef struct {
     double spin;          /* seconds a synchronous caller polls before sleeping */
     double grace;         /* seconds a timed-out drive may take to drain what it sent */
     double last_used;     /* mc_now() when a drive last ended */
+    double poll_grace;    /* TENT's grace period: the worker polls this long after a drive */
     mc_rbuf_t rb;
     const mc_quota_t *quota;  /* shared bandwidth quota of the lane's NIC, NULL = none */
     int32_t qslot;            /* this engine's slot in it */
@@ -642,8 +644,22 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
 static inline void mc_lane_worker(mc_lane_t *l, double idle_timeout) {
     mc_job_t *jobs = (mc_job_t *)malloc(MC_WORKER_BATCH * sizeof(mc_job_t));
     if (!jobs) { mc_lane_fail(l, MC_E_LOCAL); return; }
+    double last_work = 0;
     for (;;) {
         uint32_t seq0;
+        if (l->poll_grace > 0 && last_work > 0) {   /* within the grace period: poll, yielding */
+            double until = last_work + l->poll_grace;
+            for (unsigned k = 1; !__atomic_load_n(&l->q.len, __ATOMIC_ACQUIRE) &&
+                                 !__atomic_load_n(&l->closing, __ATOMIC_ACQUIRE); k++) {
+                if ((k & 63) == 0) {
+                    if (mc_now() >= until) break;
+                    sched_yield();
+                }
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#endif
+            }
+        }
         pthread_mutex_lock(&l->mu);
         while (!l->closing && !l->dead && (l->q.len == 0 || l->owned))
             pthread_cond_wait(&l->cv, &l->mu);
@@ -665,6 +681,7 @@ static inline void mc_lane_worker(mc_lane_t *l, double idle_timeout) {
         }
         if (!n) continue;
         mc_lane_drive(l, jobs, n, seq0, idle_timeout, 1);
+        last_work = mc_now();
         for (size_t i = 0; i < n; i++) mc_batch_unref(jobs[i].b);
         pthread_mutex_lock(&l->mu);
         l->owned = 0;

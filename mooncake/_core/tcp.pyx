@@ -24,6 +24,7 @@ cdef extern from "mc_tcp.h" nogil:
         int32_t dead_err
         double spin
         double grace
+        double poll_grace
         const mc_quota_t *quota
         int32_t qslot
     mc_lane_t *mc_lane_new(int fd)
@@ -49,13 +50,14 @@ cdef class Lane:
     cdef readonly object sock
     cdef list _quotas   # every quota table this lane was given stays mapped while it lives
 
-    def __cinit__(self, sock, double spin=0.0, double grace=2.0):
+    def __cinit__(self, sock, double spin=0.0, double grace=2.0, double poll_grace=0.0):
         self.sock = sock
         self.l = mc_lane_new(sock.fileno())
         if self.l == NULL:
             raise MemoryError()
         self.l.spin = spin
         self.l.grace = grace
+        self.l.poll_grace = poll_grace if poll_grace < 10.0 else 10.0
 
     def __dealloc__(self):
         if self.l != NULL:
