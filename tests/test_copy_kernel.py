@@ -397,22 +397,6 @@ def test_typed_arguments_must_not_be_none(pool):
     assert b.wait(10)
 
 
-def _thread_cpu(pid: int) -> float:
-    """CPU seconds of this process's threads other than the calling one (the pool's workers)."""
-    me = threading.get_native_id()
-    total = 0.0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        if int(tid) == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 @pytest.mark.parametrize("grace", [0.0, 0.3])
 def test_grace_period_workers_copy_then_sleep(grace):
     """A pool with a grace period copies like any other, and its workers sleep once the grace
@@ -428,9 +412,11 @@ def test_grace_period_workers_copy_then_sleep(grace):
         assert np.array_equal(src, dst)
         import time
 
+        from cpu import other_threads_cpu
+
         time.sleep(grace + 0.2)  # past the grace period
-        before = _thread_cpu(os.getpid())
+        before = other_threads_cpu()
         time.sleep(1.0)
-        assert _thread_cpu(os.getpid()) - before < 0.1  # asleep, not polling
+        assert other_threads_cpu() - before < 0.1  # asleep, not polling
     finally:
         p.close()

@@ -114,22 +114,9 @@ def test_threads_share_one_engine(engine, peer, remote, local):
 def test_lane_workers_poll_for_the_grace_period_then_sleep(peer, grace_ns):
     """TENT's grace period on the tcp lane workers: batches complete as ever, and once the
     period after the last work has passed the workers sleep (no CPU while idle)."""
-    import os
-    import threading
     import time
 
-    def others_cpu() -> float:
-        me, total = threading.get_native_id(), 0.0
-        for tid in os.listdir(f"/proc/{os.getpid()}/task"):
-            if int(tid) == me:
-                continue
-            try:
-                with open(f"/proc/{os.getpid()}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+    from cpu import other_threads_cpu as others_cpu
 
     e = TransferEngine("127.0.0.1", protocol="tcp",
                        **{"transports/rdma/workers/grace_period_ns": grace_ns})
