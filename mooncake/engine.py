@@ -923,8 +923,8 @@ def _check_remote(entry, segment: str, op: int, remote, length) -> None:
             f"request {bad}: remote range {int(remote[bad]):#x}+{int(length[bad])} is outside "
             f"the {len(entry.desc.buffers)} buffers segment {segment!r} registered")
     if op == OPS["write"] and entry.read_only:
-        for i in range(len(remote)):
-            if not entry.table.flags(int(remote[i]), int(length[i])) & _regions.REMOTE_WRITE:
-                raise InvalidAddress(
-                    f"request {i}: remote range {int(remote[i]):#x}+{int(length[i])} of "
-                    f"segment {segment!r} is registered read-only: it cannot be written")
+        bad = first_outside(entry.table, remote, length, _regions.REMOTE_WRITE)
+        if bad >= 0:
+            raise InvalidAddress(
+                f"request {bad}: remote range {int(remote[bad]):#x}+{int(length[bad])} of "
+                f"segment {segment!r} is registered read-only: it cannot be written")

@@ -176,27 +176,15 @@ cdef inline int64_t _count(uint64_t length, uint64_t slice_size, uint64_t frag) 
     return n
 
 
-cdef int _pin_all(Batch batch, RegionTable regions, const uint64_t[:] lv,
-                  const uint64_t[:] nv, op, uint32_t first_task) except -1:
-    """Pin each request's local region on its task; SliceError (nothing pinned) if one fails."""
-    cdef Py_ssize_t i, k, nreq = lv.shape[0]
-    cdef const uint8_t[:] opv
-    cdef bint many = not isinstance(op, int)
-    cdef uint8_t one = 0 if many else op
-    if many:
-        opv = _u8(op)
-    cdef mc_reg_t *r
+cdef inline int32_t _pin(Batch batch, RegionTable regions, uint32_t task, uint8_t op,
+                         uint64_t local, uint64_t length) noexcept nogil:
+    """Pin task ``task``'s local region (writable for a READ); 0 or why not."""
     cdef int32_t err = 0
-    cdef uint32_t need
-    for i in range(nreq):
-        need = MC_REG_LOCAL_WRITE if (opv[i] if many else one) == OP_READ else 0
-        r = mc_regions_acquire(regions.t, lv[i], nv[i], need, &err)
-        if r == NULL:
-            for k in range(i):
-                mc_task_pin(batch.b, <uint32_t>(first_task + k), NULL)
-            raise SliceError(i, err, lv[i], nv[i])
-        mc_task_pin(batch.b, <uint32_t>(first_task + i), r)
-    return 0
+    cdef mc_reg_t *r = mc_regions_acquire(regions.t, local, length,
+                                          MC_REG_LOCAL_WRITE if op == 0 else 0, &err)  # 0: READ
+    if r != NULL:
+        mc_task_pin(batch.b, task, r)
+    return err
 
 
 def slice_requests(Batch batch not None, op, local, remote, length, uint64_t slice_size,
@@ -218,8 +206,6 @@ def slice_requests(Batch batch not None, op, local, remote, length, uint64_t sli
         raise ValueError("batch has %d tasks, got %d requests" % (batch.ntasks, nreq))
     if slice_size == 0:
         raise ValueError("slice_size must be > 0")
-    if regions is not None:
-        _pin_all(batch, regions, lv, nv, op, first_task)
     cdef uint64_t frag = slice_size // fragment_ratio if fragment_ratio else 0
     cdef const uint8_t[:] opv
     cdef uint8_t op_one = 0
@@ -230,6 +216,18 @@ def slice_requests(Batch batch not None, op, local, remote, length, uint64_t sli
             raise ValueError("op must be one opcode or one per request")
     else:
         op_one = op
+    cdef int32_t err = 0
+    if regions is not None:  # every task pins its local region, or none does
+        with nogil:
+            for i in range(nreq):
+                err = _pin(batch, regions, <uint32_t>(first_task + i),
+                           opv[i] if many_ops else op_one, lv[i], nv[i])
+                if err:
+                    for j in range(i):
+                        mc_task_pin(batch.b, <uint32_t>(first_task + j), NULL)
+                    break
+        if err:
+            raise SliceError(i, err, lv[i], nv[i])
     for i in range(nreq):
         total += _count(nv[i], slice_size, frag)
     cdef Slices s = Slices.__new__(Slices)
@@ -271,14 +269,11 @@ def slice_one(Batch batch not None, uint8_t op, uint64_t local, uint64_t remote,
     """:func:`slice_requests` for a single request (task 0), without array conversions."""
     if slice_size == 0:
         raise ValueError("slice_size must be > 0")
-    cdef mc_reg_t *r
     cdef int32_t err = 0
     if regions is not None:
-        r = mc_regions_acquire(regions.t, local, length,
-                               MC_REG_LOCAL_WRITE if op == OP_READ else 0, &err)
-        if r == NULL:
+        err = _pin(batch, regions, 0, op, local, length)
+        if err:
             raise SliceError(0, err, local, length)
-        mc_task_pin(batch.b, 0, r)
     cdef uint64_t frag = slice_size // fragment_ratio if fragment_ratio else 0
     cdef int64_t cnt = _count(length, slice_size, frag), j
     cdef Slices s = Slices.__new__(Slices)

@@ -230,15 +230,18 @@ cdef _check_add(int rc, uint64_t addr, uint64_t length):
         raise MemoryError()
 
 
-def first_outside(RegionTable table not None, addrs, lengths):
-    """Index of the first ``[addrs[i], addrs[i]+lengths[i])`` not inside one region, else -1."""
+def first_outside(RegionTable table not None, addrs, lengths, uint32_t need=0):
+    """Index of the first ``[addrs[i], addrs[i]+lengths[i])`` not inside one region that grants
+    ``need`` (``MC_REG_*`` bits; 0: any region), else -1."""
     import numpy as np
     cdef const uint64_t[:] a = np.ascontiguousarray(addrs, dtype=np.uint64)
     cdef const uint64_t[:] n = np.ascontiguousarray(lengths, dtype=np.uint64)
     cdef Py_ssize_t i, bad = -1
+    cdef int f
     with nogil:
         for i in range(a.shape[0]):
-            if not mc_regions_contains(table.t, a[i], n[i]):
+            f = mc_regions_flags(table.t, a[i], n[i])
+            if f < 0 or (<uint32_t>f & need) != need:
                 bad = i
                 break
     return bad
