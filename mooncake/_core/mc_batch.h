@@ -153,6 +153,19 @@ static inline double mc_now(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Round k (from 1) of a grace-period poll (TENT's grace_period_ns): a pause, and every 64th
+ * round a sched_yield; 1 once `until` has passed (stop polling, go to sleep). */
+static inline int mc_grace_round(unsigned k, double until) {
+    if ((k & 63) == 0) {
+        if (mc_now() >= until) return 1;
+        sched_yield();
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    return 0;
+}
+
 /* Wait until every task finished, spinning `spin_s` seconds first.  0 = done, ETIMEDOUT. */
 static inline int mc_batch_wait(mc_batch_t *b, double timeout_s, double spin_s) {
     if (atomic_load(&b->open_tasks) == 0) return 0;

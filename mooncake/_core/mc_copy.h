@@ -355,17 +355,10 @@ typedef struct {
     _Atomic int pending;   /* head != NULL, or stopping: what a polling worker watches */
 } mc_pool_t;
 
-/* Poll (lock not held) until work is queued or `until` passes; yields every 64 rounds. */
+/* Poll (lock not held) until work is queued or `until` passes. */
 static inline void mc_pool_poll(mc_pool_t *p, double until) {
-    for (unsigned k = 1; !atomic_load_explicit(&p->pending, memory_order_acquire); k++) {
-        if ((k & 63) == 0) {
-            if (mc_now() >= until) return;
-            sched_yield();
-        }
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-    }
+    for (unsigned k = 1; !atomic_load_explicit(&p->pending, memory_order_acquire); k++)
+        if (mc_grace_round(k, until)) return;
 }
 
 static void *mc_pool_worker(void *arg) {

@@ -650,15 +650,8 @@ static inline void mc_lane_worker(mc_lane_t *l, double idle_timeout) {
         if (l->poll_grace > 0 && last_work > 0) {   /* within the grace period: poll, yielding */
             double until = last_work + l->poll_grace;
             for (unsigned k = 1; !__atomic_load_n(&l->q.len, __ATOMIC_ACQUIRE) &&
-                                 !__atomic_load_n(&l->closing, __ATOMIC_ACQUIRE); k++) {
-                if ((k & 63) == 0) {
-                    if (mc_now() >= until) break;
-                    sched_yield();
-                }
-#if defined(__x86_64__) || defined(__i386__)
-                __builtin_ia32_pause();
-#endif
-            }
+                                 !__atomic_load_n(&l->closing, __ATOMIC_ACQUIRE); k++)
+                if (mc_grace_round(k, until)) break;
         }
         pthread_mutex_lock(&l->mu);
         while (!l->closing && !l->dead && (l->q.len == 0 || l->owned))
