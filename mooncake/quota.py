@@ -449,14 +449,13 @@ def nic_key_for_rdma(device: str, port: int = 1) -> str:
     """The NIC key of RDMA device ``device``: ``net:<netdev>`` of its port (RoCE/IPoIB: the
     same entry the TCP transport uses on that interface), else ``rdma:<device>``."""
     base = f"/sys/class/infiniband/{device}"
-    for p in (f"{base}/ports/{port}/gid_attrs/ndevs/0", ):
-        try:
-            with open(p) as f:
-                nd = f.read().strip()
-            if nd:
-                return f"net:{nd}"[: _q.NAME_MAX]
-        except OSError:
-            pass
+    try:
+        with open(f"{base}/ports/{port}/gid_attrs/ndevs/0") as f:
+            nd = f.read().strip()
+        if nd:
+            return f"net:{nd}"[: _q.NAME_MAX]
+    except OSError:
+        pass
     try:
         nets = sorted(os.listdir(f"{base}/device/net"))
         if nets:
