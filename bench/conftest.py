@@ -53,7 +53,7 @@ class Row:
     unit: str
     baseline: float | None
     baseline_what: str
-    target: tuple | None          # ("ratio>=", x) | ("ratio<=", x) | ("value>=", x)
+    target: tuple | None          # ("ratio>=" | "ratio<=" | "value>=" | "value<=", x)
     info: dict = field(default_factory=dict)
 
     @property
@@ -67,6 +67,8 @@ class Row:
         kind, x = self.target
         if kind == "value>=":
             return "ok" if self.value >= x else "MISS"
+        if kind == "value<=":
+            return "ok" if self.value <= x else "MISS"
         r = self.ratio
         if r is None:
             return "?"
@@ -77,8 +79,8 @@ class Row:
         if not self.target:
             return ""
         kind, x = self.target
-        if kind == "value>=":
-            return f">= {_fmt(x, self.unit)}"
+        if kind in ("value>=", "value<="):
+            return f"{kind[-2:]} {_fmt(x, self.unit)}"
         return f"ratio {'>=' if kind == 'ratio>=' else '<='} {x:g}"
 
 

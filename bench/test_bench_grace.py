@@ -1,9 +1,9 @@
 """TENT's grace period (``workers/grace_period_ns``): CPU spent against 4 KiB latency.
 
 The seed's three rows (1-5 us for latency-sensitive inference, the 5 ms default, 10-50 ms where
-CPU is scarce), on the shm copy pool: a same-host peer, 4 KiB synchronous WRITEs handed to the
-pool (``async_memcpy_threshold=0``: never the caller's thread), paced at one every PACE seconds
-for DURATION seconds.  Reported per
+CPU is scarce), on the shm copy pool: a same-host peer, 4 KiB WRITEs submitted asynchronously
+and waited for (``async_memcpy_threshold=0``: always copied by a pool worker, never by the
+caller's thread), paced at one every PACE seconds for DURATION seconds.  Reported per
 row: p50/p99 submit-to-completion latency (us) and the initiator's CPU use (percent of one CPU)
 during the paced run and while idle afterwards; the baseline row is the same paced loop doing a
 4 KiB memcpy (no pool).  Run: ``pytest bench/test_bench_grace.py --benchmark-only -s``.
@@ -76,8 +76,11 @@ def test_grace_row(benchmark, target, row):
         buf = np.ones(4096, np.uint8)
         eng.register(buf)
 
-        def one():  # synchronous, but through the pool (async_memcpy_threshold=0)
-            eng.write(target.segment, buf, raddr)
+        req = ((buf.ctypes.data,), (raddr,), (4096,))
+
+        def one():  # through a worker: asynchronous (async_memcpy_threshold=0), then waited for
+            with eng.submit(target.segment, "write", *req) as b:
+                b.wait()
 
         one()
         out = benchmark.pedantic(lambda: _paced(one), rounds=1, iterations=1)

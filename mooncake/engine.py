@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mooncake import quota as _quota
 from mooncake._core import batch as _core
 from mooncake._core import regions as _regions
 from mooncake._core.regions import RegionTable, first_outside
@@ -476,14 +477,15 @@ class TransferEngine(MooncakeAPI):
     # -- transfers ----------------------------------------------------------------------------
 
     def _validate(self, segment: str, op: Any, local: Any, remote: Any, length: Any,
-                  timeout: float | None = None, deadline: float | None = None):
+                  timeout: float | None = None, deadline: float | None = None,
+                  priority: str | int | None = None):
         """The one validator of a transfer: ``(peer, transport, core batch, slices, timeout)``.
 
         Checks the opcode, the request arrays, the timeout, that every local range lies in one
         registered region (writable for a READ: the task pins it), that every remote range lies
         in a buffer the peer published (writable for a WRITE), and that the chosen transport can
         move both kinds of memory.  Raises :class:`InvalidAddress` (or ``ConfigError`` for the
-        timeout) naming the first bad request.
+        timeout or the priority) naming the first bad request.
         """
         if not self._started or self._closed:
             self._check_started()
@@ -492,6 +494,7 @@ class TransferEngine(MooncakeAPI):
         except (KeyError, TypeError):
             raise InvalidAddress(f"op must be 'read' or 'write' (or 0/1), got {op!r}") from None
         tmo = _check_timeout(timeout)
+        weight = 0 if priority is None else _priority_weight(priority)
         expired = False
         if deadline is not None:
             left = _check_deadline(deadline) - time.monotonic()
@@ -556,23 +559,31 @@ class TransferEngine(MooncakeAPI):
         if expired:  # past its deadline before it started: every task ends TIMEOUT, untouched
             core.cancel(_core.E_TIMEOUT)
         core.total_bytes = total
+        core.priority = weight
         return peer, t, core, slices, tmo
 
     def transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                  length: Sequence[int], timeout: float | None = None, *,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, priority: str | int | None = None) -> None:
         """Run a batch to completion; raises :class:`TransferFailed` if any request failed.
 
         ``timeout`` (seconds) or ``deadline`` (a ``time.monotonic()`` instant) bounds it; tasks
         past it end TIMEOUT.  Neither: TENT's ``max_timeout_ns`` when it was configured, else
         ``MC_TRANSFER_TIMEOUT`` plus one second per GB.
 
+        ``priority``: the batch's class in the shared bandwidth quota (TENT's intents:
+        ``foreground_get``, ``weight_loading``, ``migration``, ``checkpoint``, ``prefetch``, or
+        a weight 1..65535); default the engine's ``MC_SHARED_QUOTA_PRIORITY``.  Under contention
+        for a NIC, classes get bytes in proportion to their weights; alone, any class gets the
+        whole link.  Without ``shared_quota_shm_path`` it changes nothing.
+
         When the connection to the peer is lost (it restarted, say), the descriptor is fetched
         again and the batch is retried once: READ and WRITE are idempotent.  After this raises,
         no byte of the batch lands in local memory any more.
         """
         try:
-            return self._transfer(segment, op, local, remote, length, timeout, deadline)
+            return self._transfer(segment, op, local, remote, length, timeout, deadline,
+                                  priority)
         except (TransferFailed, PeerUnreachable) as e:
             codes = {s.code for s in e.statuses} if isinstance(e, TransferFailed) else {E_PEER}
             if isinstance(e, TransferTimeout) or not codes & {E_PEER, E_REFUSED}:
@@ -590,13 +601,14 @@ class TransferEngine(MooncakeAPI):
             log.info("segment %s: %s; retrying once on a fresh descriptor", segment,
                      "connection lost" if E_PEER in codes else "range refused by a stale "
                      "descriptor")
-            return self._transfer(segment, op, local, remote, length, timeout, deadline)
+            return self._transfer(segment, op, local, remote, length, timeout, deadline,
+                                  priority)
 
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                   length: Sequence[int], timeout: float | None,
-                  deadline: float | None = None) -> None:
+                  deadline: float | None = None, priority: str | int | None = None) -> None:
         peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout,
-                                                    deadline)
+                                                    deadline, priority)
         in_time = t.transfer(peer, slices, tmo)
         if in_time and core.first_not_completed() < 0:
             self._bytes += core.total_bytes
@@ -627,12 +639,13 @@ class TransferEngine(MooncakeAPI):
 
     def submit(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                length: Sequence[int], timeout: float | None = None, *,
-               deadline: float | None = None) -> TransferBatch:
+               deadline: float | None = None,
+               priority: str | int | None = None) -> TransferBatch:
         """Start a batch and return at once; ``wait()`` it, ``await`` it or poll its status.
-        ``timeout``/``deadline`` as for :meth:`transfer`: past it the batch's unfinished tasks end
-        TIMEOUT, and no byte of them lands afterwards."""
+        ``timeout``/``deadline``/``priority`` as for :meth:`transfer`: past the deadline the
+        batch's unfinished tasks end TIMEOUT, and no byte of them lands afterwards."""
         peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout,
-                                                    deadline)
+                                                    deadline, priority)
         b = TransferBatch(core, peer, t, tmo, on_close=self._forget_batch)
         try:
             t.submit(peer, slices)
@@ -669,16 +682,20 @@ class TransferEngine(MooncakeAPI):
             self._forget_peer(peer.name)
 
     def write(self, segment: str, src: Any, remote_addr: int, length: int | None = None,
-              timeout: float | None = None, *, deadline: float | None = None) -> None:
+              timeout: float | None = None, *, deadline: float | None = None,
+              priority: str | int | None = None) -> None:
         """Copy local ``src`` (address or registered buffer) to ``remote_addr`` in ``segment``."""
         addr, n = self._local(src, length)
-        self.transfer(segment, "write", (addr,), (remote_addr,), (n,), timeout, deadline=deadline)
+        self.transfer(segment, "write", (addr,), (remote_addr,), (n,), timeout, deadline=deadline,
+                      priority=priority)
 
     def read(self, segment: str, dst: Any, remote_addr: int, length: int | None = None,
-             timeout: float | None = None, *, deadline: float | None = None) -> None:
+             timeout: float | None = None, *, deadline: float | None = None,
+             priority: str | int | None = None) -> None:
         """Copy ``length`` bytes at ``remote_addr`` in ``segment`` into local ``dst``."""
         addr, n = self._local(dst, length)
-        self.transfer(segment, "read", (addr,), (remote_addr,), (n,), timeout, deadline=deadline)
+        self.transfer(segment, "read", (addr,), (remote_addr,), (n,), timeout, deadline=deadline,
+                      priority=priority)
 
     @staticmethod
     def _local(obj: Any, length: int | None) -> tuple[int, int]:
@@ -895,6 +912,13 @@ def _check_timeout(timeout: Any) -> float | None:
         raise ConfigError(f"timeout={timeout!r}: allowed a number of seconds in (0, "
                           f"{MAX_TIMEOUT:.0f}]")
     return t
+
+
+def _priority_weight(priority: Any) -> int:
+    try:
+        return _quota.weight_of(priority)
+    except _quota.QuotaError as e:
+        raise ConfigError(f"priority={priority!r}: {e}") from None
 
 
 def _check_deadline(deadline: Any) -> float:

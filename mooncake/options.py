@@ -403,10 +403,14 @@ OPTIONS: tuple[Option, ...] = (
        doc="TENT: enable the same-host shared-memory transport",
        hint="enable for same-node transfers",
        reads=("transports/shm.py",)),
-    _O("transports/shm/async_memcpy_threshold", "size", 64 * KiB,
-       tent="transports/shm/async_memcpy_threshold", range=(0, GiB), unit="bytes", owner="shm",
-       doc="copies of at least this many bytes run on worker threads; smaller ones inline",
-       hint="larger values send more transfers down the synchronous path",
+    _O("transports/shm/async_memcpy_threshold", int, 64,
+       tent="transports/shm/async_memcpy_threshold", range=(0, 1 << 20), unit="KiB",
+       owner="shm",
+       doc="KiB, TENT's unit (its copy transports read value x 1024): a call of at most this "
+           "many bytes is copied by the calling thread; a larger synchronous call is split "
+           "between the caller and the workers, a larger asynchronous one queued for them",
+       hint="larger values keep more transfers on the calling thread (lowest latency, one "
+            "core); 0 always involves the workers",
        reads=("transports/shm.py", "transports/cxl.py")),
     # ---- CXL ----------------------------------------------------------------------------------
     _O("MC_CXL_DEV_PATH", str, "", owner="cxl", doc="DAX device (or file) of the CXL window",

@@ -77,7 +77,7 @@ def test_defaults():
     assert cfg["MC_METADATA_CLUSTER_ID"] == "" and cfg["MC_CXL_DEV_SIZE"] is None
     assert cfg["MC_STORE_HUGEPAGE_SIZE"] == 2 * MiB
     assert cfg["transports/shm/enable"] is True
-    assert cfg["transports/shm/async_memcpy_threshold"] == 65536
+    assert cfg["transports/shm/async_memcpy_threshold"] == 64  # KiB, TENT's unit
     for t in ("tcp", "shm", "rdma", "cxl"):
         assert cfg[f"transports/{t}/enable"] is True
     assert cfg.notes == []
@@ -115,7 +115,7 @@ TENT = {
     "transports": {
         "rdma": {"workers": {"block_size": 262144, "grace_period_ns": 1000},
                  "endpoint": {"max_qp_wr": 512}},
-        "shm": {"enable": False, "async_memcpy_threshold": 4096},
+        "shm": {"enable": False, "async_memcpy_threshold": 4},  # KiB
     },
     "topology/cluster_topology_path": "/opt/cluster-topology.json",  # flat keys work too
 }
@@ -128,7 +128,7 @@ def _check_tent(cfg: Config, source: str) -> None:
     assert cfg["MC_LOG_LEVEL"] == "WARNING"
     assert cfg["transports/rdma/workers/grace_period_ns"] == 1000
     assert cfg["transports/shm/enable"] is False
-    assert cfg["transports/shm/async_memcpy_threshold"] == 4096
+    assert cfg["transports/shm/async_memcpy_threshold"] == 4
     assert cfg["topology/cluster_topology_path"] == "/opt/cluster-topology.json"
     assert cfg.source("MC_MTU") == "default"
 

@@ -135,3 +135,26 @@ def test_lane_workers_poll_for_the_grace_period_then_sleep(peer, grace_ns):
         assert others_cpu() - before < 0.1
     finally:
         e.close()
+
+
+def test_sync_call_of_several_slices_is_spread_over_the_lanes(peer):
+    """A synchronous call larger than a slice runs on several idle lanes at once (the caller
+    drives one part, the lanes' workers the others); the bytes are exact either way."""
+    e = TransferEngine("127.0.0.1", protocol="tcp", MC_TCP_SLICE_SIZE=64 * 1024,
+                       MC_TCP_LANES_PER_PEER=4)
+    try:
+        n = 2 * MiB
+        raddr = peer.alloc(n, seed=42)
+        buf = np.random.default_rng(42).integers(0, 255, n, dtype=np.uint8)
+        e.register(buf)
+        e.write(peer.segment, buf, raddr)
+        lanes = e.transports["tcp"]._peers[(peer.segment, 0)].lanes
+        assert sum(1 for lane in lanes if lane.requests > 0) >= 2, [x.requests for x in lanes]
+        assert sum(lane.requests for lane in lanes) == n // (64 * 1024)
+        assert peer.sha(raddr, n) == sha(buf)
+        back = np.zeros_like(buf)
+        e.register(back)
+        e.read(peer.segment, back, raddr)
+        assert np.array_equal(back, buf)
+    finally:
+        e.close()

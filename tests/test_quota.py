@@ -572,3 +572,68 @@ def test_long_idle_slot_resyncs_even_past_a_wrap(qpath):
     assert b.wait_ns(MiB) == 0            # b is back at the clock - credit, not "ahead"
     lag = ((a.snapshot()["vt"] - b.snapshot()["vt"]) % (1 << 64)) / _q.SCALE
     assert lag == pytest.approx(Q.DEFAULT_CREDIT, rel=0.01)
+
+
+def test_batch_priorities_share_one_engines_link_by_weight(qpath, peer):
+    """Per-batch classes: two threads of one engine write (batches in flight) with
+    ``priority=`` prefetch (1) and weight_loading (4); under contention they move bytes within
+    ±15 % of 1 : 4, each class on a slot of its own, while the engine's own class (not used)
+    holds nobody back."""
+    import threading
+
+    from mooncake.engine import TransferEngine
+
+    prios = ["prefetch", "weight_loading"]
+    moved = [0, 0]
+    stop = threading.Event()
+    with TransferEngine("127.0.0.1", protocol="tcp", shared_quota_shm_path=qpath) as e:
+        bufs = [np.zeros(BLOCK, np.uint8) for _ in prios]
+        addrs = [peer.alloc(BLOCK) for _ in prios]
+        for b in bufs:
+            e.register(b)
+
+        def run(i: int) -> None:  # two batches in flight per class: each always has work
+            req = ((bufs[i].ctypes.data,), (addrs[i],), (BLOCK,))
+            pending = []
+            while not stop.is_set() or pending:
+                if not stop.is_set():
+                    pending.append(e.submit(peer.segment, "write", *req, priority=prios[i]))
+                if len(pending) >= 2 or stop.is_set():
+                    with pending.pop(0) as b:
+                        b.wait()
+                    moved[i] += BLOCK
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in ts:
+            t.start()
+        try:
+            time.sleep(0.5)
+            b0 = list(moved)
+            time.sleep(3.0)
+            got = [y - x for x, y in zip(b0, moved, strict=True)]
+        finally:
+            stop.set()
+            for t in ts:
+                t.join(30)
+        share = got[0] / sum(got)
+        print("bytes", got, "low share", round(share, 3), "want 0.2")
+        assert share == pytest.approx(0.2, rel=0.15)
+        weights = sorted(s["weight"] for s in Q.open_table(qpath).slots("net:lo")
+                         if s["pid"] == os.getpid())
+        assert weights == [1, 4]
+        with pytest.raises(Exception, match="priority='bulk'.*allowed"):
+            e.write(peer.segment, bufs[0], addrs[0], priority="bulk")
+
+
+def test_batch_priority_without_a_quota_is_accepted_and_inert(peer):
+    from mooncake.engine import TransferEngine
+
+    with TransferEngine("127.0.0.1", protocol="tcp") as e:
+        buf = np.arange(4096, dtype=np.uint8)
+        e.register(buf)
+        raddr = peer.alloc(4096)
+        e.write(peer.segment, buf, raddr, priority="checkpoint")
+        assert peer.sha(raddr, 4096) == sha(buf)
+        back = np.zeros_like(buf)
+        e.register(back)
+        e.read(peer.segment, back, raddr, priority=2)
+        assert np.array_equal(back, buf)

@@ -189,7 +189,7 @@ class CxlTransport(Transport):
         self.enabled = cfg["transports/cxl/enable"]
         self.path = cfg["MC_CXL_DEV_PATH"]
         self.size = cfg["MC_CXL_DEV_SIZE"]
-        self.inline_max = cfg["transports/shm/async_memcpy_threshold"]
+        self.inline_max = cfg["transports/shm/async_memcpy_threshold"] * 1024  # KiB, as TENT
         self.nworkers = cfg["MC_WORKERS_PER_CTX"]
         #: TENT's grace period: idle copy workers poll this long before they sleep
         self.grace = cfg["transports/rdma/workers/grace_period_ns"] / 1e9
@@ -291,5 +291,9 @@ class CxlTransport(Transport):
         self.pool.submit(slices, self._peer, self._table(peer), self.inline_max)
 
     def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
-        self.submit(peer, slices)
-        return slices.batch.wait(timeout, 50e-6)
+        """Synchronous: the calling thread copies its share (all of a small call)."""
+        if self.pool is None or self.window is None:
+            slices.fail_all(E_PEER)
+            return True
+        return self.pool.transfer(slices, self._peer, self._table(peer), self.inline_max,
+                                  timeout)

@@ -36,8 +36,10 @@ Honest limit: processes of the same user can attach to each other anyway (ptrace
 silent and make stale or forged descriptors fail, they do not sandbox a hostile process of the
 same user.  Peers that another user runs cannot open our pages or attach at all.
 
-Knobs: ``transports/shm/enable``; ``transports/shm/async_memcpy_threshold`` (bytes: a submit of
-fewer bytes is copied inline, larger ones by the workers); ``MC_WORKERS_PER_CTX`` worker threads;
+Knobs: ``transports/shm/enable``; ``transports/shm/async_memcpy_threshold`` (KiB, TENT's unit:
+a call of at most that many bytes is copied by the calling thread alone; a larger synchronous
+call is split between the caller and the workers, a larger asynchronous one is queued for the
+workers); ``MC_WORKERS_PER_CTX`` worker threads;
 ``MC_TRANSFER_TIMEOUT`` bounds the unregister wait and the proof RPC.
 """
 
@@ -348,7 +350,7 @@ class ShmTransport(Transport):
         super().__init__(ctx)
         cfg = ctx.config
         self.enabled = cfg["transports/shm/enable"]
-        self.inline_max = cfg["transports/shm/async_memcpy_threshold"]
+        self.inline_max = cfg["transports/shm/async_memcpy_threshold"] * 1024  # KiB, as TENT
         self.nworkers = cfg["MC_WORKERS_PER_CTX"]
         #: TENT's grace period: idle copy workers poll this long before they sleep
         self.grace = cfg["transports/rdma/workers/grace_period_ns"] / 1e9
@@ -357,6 +359,9 @@ class ShmTransport(Transport):
         self.ctl: ControlPage | None = None
         self._slots: dict[int, int] = {}  # region addr -> slot
         self._links: dict[str, _Link] = {}
+        #: peer name -> (the descriptor object, its link, its table) of the last transfer: a
+        #: repeated call with the same descriptor skips the checks and the lock
+        self._last: dict[str, tuple[SegmentDesc, _Link, kc.Table]] = {}
         self._connecting: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -379,6 +384,7 @@ class ShmTransport(Transport):
         with self._lock:
             links = list(self._links.values())
             self._links.clear()
+            self._last.clear()
         for link in links:
             link.close()
         ctl = self.ctl
@@ -605,19 +611,36 @@ class ShmTransport(Transport):
         link.key = key
         return link.table
 
-    def submit(self, peer: SegmentDesc, slices: Slices) -> None:
-        pool = self.pool
-        link = self._link(peer) if pool is not None else None
-        if link is None or link.reason or link.handle is None:
-            slices.fail_all(E_PEER)
-            return
+    def _target(self, peer: SegmentDesc) -> tuple[_Link, kc.Table] | None:
+        """The link and buffer table for ``peer``, or None when it cannot be reached."""
+        last = self._last.get(peer.name)
+        if last is not None and last[0] is peer and self._links.get(peer.name) is last[1]:
+            return last[1], last[2]
+        link = self._link(peer)
+        if link.reason or link.handle is None:
+            return None
         with self._lock:
             table = self._table(link, peer)
-        pool.submit(slices, link.handle, table, self.inline_max)
+            self._last[peer.name] = (peer, link, table)
+        return link, table
+
+    def submit(self, peer: SegmentDesc, slices: Slices) -> None:
+        pool = self.pool
+        hit = self._target(peer) if pool is not None else None
+        if hit is None:
+            slices.fail_all(E_PEER)
+            return
+        pool.submit(slices, hit[0].handle, hit[1], self.inline_max)
 
     def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
-        self.submit(peer, slices)
-        return slices.batch.wait(timeout, 50e-6)
+        """Synchronous: at most ``async_memcpy_threshold`` copied by the calling thread alone,
+        more split between it and the workers."""
+        pool = self.pool
+        hit = self._target(peer) if pool is not None else None
+        if hit is None:
+            slices.fail_all(E_PEER)
+            return True
+        return pool.transfer(slices, hit[0].handle, hit[1], self.inline_max, timeout)
 
     def abort(self, peer: SegmentDesc) -> None:
         """Fallback after a timeout: fail every copy queued for ``peer`` so far and wait for the

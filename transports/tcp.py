@@ -2,9 +2,11 @@
 
 Each peer gets ``MC_TCP_LANES_PER_PEER`` connections to its data port.  A synchronous transfer
 takes an idle lane and drives it from the calling thread (no thread hand-offs: the latency of a
-raw socket ping-pong); asynchronous batches are spread over the lanes, each driven by its own
-worker thread with the same pipelined loop.  The target checks every range against its registered
-memory and refuses the rest; a connection that sends garbage is closed, nothing else is affected.
+raw socket ping-pong); one of several slices is spread over the idle lanes, the caller driving
+the first part and the lanes' workers the others.  Asynchronous batches are spread over the
+lanes, each driven by its own worker thread with the same pipelined loop.  The target checks
+every range against its registered memory and refuses the rest; a connection that sends garbage
+is closed, nothing else is affected.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from itertools import count
 
 from mooncake import quota as _quota
@@ -68,7 +71,10 @@ class TcpTransport(Transport):
         self.spin: float = cfg["MC_TCP_SPIN_US"] / 1e6 if _cpus() > 1 else 0.0
         #: TENT's grace period: a lane's worker polls its queue this long after a drive
         self.poll_grace: float = cfg["transports/rdma/workers/grace_period_ns"] / 1e9
-        self._peers: dict[str, _Peer] = {}
+        #: lanes per (peer, quota weight): a batch of another priority class than the engine's
+        #: (with the shared quota on) gets lanes of its own, so a class the quota holds back
+        #: never blocks another class's jobs queued behind it; 0 = the engine's class
+        self._peers: dict[tuple[str, int], _Peer] = {}
         self._lock = threading.Lock()
         self.listener: Listener | None = None
         # shared bandwidth quota (shared_quota_shm_path): one slot per local NIC, joined when
@@ -76,7 +82,8 @@ class TcpTransport(Transport):
         spec = _quota.engine_path(cfg)
         self.quota: _quota.QuotaTable | None = _quota.open_table(spec) if spec else None
         self.quota_priority = _quota.engine_weight(cfg) if spec else None
-        self._qslots: dict[str, _quota.QuotaSlot] = {}
+        self.quota_weight = _quota.weight_of(self.quota_priority) if spec else 0
+        self._qslots: dict[tuple[str, int], _quota.QuotaSlot] = {}
         self._qfull: set[str] = set()
         self._qlock = threading.Lock()
 
@@ -107,22 +114,29 @@ class TcpTransport(Transport):
             return f"segment {peer.name!r} publishes no tcp data port"
         return None
 
-    def _lanes(self, peer: SegmentDesc) -> list[_tcp.Lane]:
-        p = self._peers.get(peer.name)
+    def _weight(self, slices: Slices) -> int:
+        """The quota weight whose lanes carry ``slices``: 0 (the engine's) unless the batch
+        names another class and the shared quota is on."""
+        w = slices.batch.priority
+        return w if w and self.quota is not None and w != self.quota_weight else 0
+
+    def _lanes(self, peer: SegmentDesc, weight: int = 0) -> tuple[_Peer, list[_tcp.Lane]]:
+        key = (peer.name, weight)
+        p = self._peers.get(key)
         if p is not None and p.lanes and _tcp.all_alive(p.lanes):
-            return p.lanes
+            return p, p.lanes
         with self._lock:
-            p = self._peers.setdefault(peer.name, _Peer())
+            p = self._peers.setdefault(key, _Peer())
         with p.lock:
             if not _tcp.all_alive(p.lanes):
                 self._retire(p)
             if not p.lanes:
                 info = peer.transports["tcp"]
                 for _ in range(self.nlanes):
-                    self._open_lane(p, info["host"], info["data_port"], peer.name)
-            return list(p.lanes)
+                    self._open_lane(p, info["host"], info["data_port"], peer.name, weight)
+            return p, list(p.lanes)
 
-    def _open_lane(self, p: _Peer, host: str, port: int, name: str) -> None:
+    def _open_lane(self, p: _Peer, host: str, port: int, name: str, weight: int = 0) -> None:
         try:
             s = socket.create_connection((host, port), timeout=self.connect_timeout)
         except OSError as e:
@@ -132,7 +146,7 @@ class TcpTransport(Transport):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout), self.poll_grace)
         if self.quota is not None:
-            slot = self._quota_slot(s.getsockname()[0])
+            slot = self._quota_slot(s.getsockname()[0], weight or self.quota_priority)
             if slot is not None:
                 lane.set_quota(slot.core, slot.sid)
         t = threading.Thread(target=lane.run_worker, args=(self.frame_timeout,),
@@ -141,17 +155,18 @@ class TcpTransport(Transport):
         p.threads.append(t)
         p.lanes.append(lane)
 
-    def _quota_slot(self, local_ip: str) -> _quota.QuotaSlot | None:
-        """This engine's slot on the NIC of ``local_ip``, joined on first use; None when the
-        table has no room for it (the route then runs unregulated, said once per NIC)."""
+    def _quota_slot(self, local_ip: str, weight: str | int) -> _quota.QuotaSlot | None:
+        """This engine's slot at ``weight`` on the NIC of ``local_ip``, joined on first use;
+        None when the table has no room for it (the route then runs unregulated, said once per
+        NIC)."""
         assert self.quota is not None
         nic = _quota.nic_key_for_ip(local_ip)
         with self._qlock:
-            slot = self._qslots.get(nic)
+            slot = self._qslots.get((nic, weight))
             if slot is not None:
                 return slot
             try:
-                slot = self.quota.join(nic, self.quota_priority)
+                slot = self.quota.join(nic, weight)
             except _quota.QuotaFull as e:
                 if nic not in self._qfull:
                     self._qfull.add(nic)
@@ -159,7 +174,7 @@ class TcpTransport(Transport):
                                 nic)
                 return None
             self._qfull.discard(nic)
-            self._qslots[nic] = slot
+            self._qslots[(nic, weight)] = slot
             log.debug("tcp: shared quota %s: slot %d on %s at weight %d", self.quota.path,
                       slot.sid, nic, slot.weight)
             return slot
@@ -177,30 +192,36 @@ class TcpTransport(Transport):
 
     def submit(self, peer: SegmentDesc, slices: Slices) -> None:
         try:
-            lanes = self._lanes(peer)
+            p, lanes = self._lanes(peer, self._weight(slices))
         except PeerUnreachable:
             slices.fail_all(E_PEER)
             raise
-        p = self._peers[peer.name]
         _tcp.submit(lanes, slices, next(p.rr))
 
     def transfer(self, peer: SegmentDesc, slices: Slices, timeout: float) -> bool:
         try:
-            lanes = self._lanes(peer)
+            p, lanes = self._lanes(peer, self._weight(slices))
         except PeerUnreachable:
             slices.fail_all(E_PEER)
             raise
-        for lane in lanes:
-            if _tcp.run(lane, slices, timeout):
-                return True  # completed (or failed) on an idle lane, all slices reported
-        start = next(self._peers[peer.name].rr)
-        _tcp.submit(lanes, slices, start)
+        if len(slices) > 1:  # more than a slice: spread over the idle lanes
+            t0 = time.monotonic()
+            done = _tcp.run_spread(lanes, slices, timeout)
+            if done == 1:
+                return True
+            if done == 2:
+                return slices.batch.wait(max(0.0, timeout - (time.monotonic() - t0)))
+        else:
+            for lane in lanes:
+                if _tcp.run(lane, slices, timeout):
+                    return True  # completed (or failed) on an idle lane, all slices reported
+        _tcp.submit(lanes, slices, next(p.rr))
         return slices.batch.wait(timeout)
 
     def abort(self, peer: SegmentDesc) -> None:
         with self._lock:
-            p = self._peers.get(peer.name)
-        if p is not None:
+            mine = [p for (name, _), p in self._peers.items() if name == peer.name]
+        for p in mine:
             with p.lock:
                 self._retire(p, E_TIMEOUT)
 

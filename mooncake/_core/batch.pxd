@@ -51,6 +51,8 @@ cdef class Batch:
     cdef readonly uint32_t ntasks
     #: bytes the batch was asked to move (set by the engine's validator)
     cdef public uint64_t total_bytes
+    #: its priority class as a shared-quota weight (0: the engine's own class)
+    cdef public uint32_t priority
     cdef int _check(self, uint32_t t) except -1
 
 

@@ -58,6 +58,7 @@ cdef class Batch:
 
     def __cinit__(self, uint32_t ntasks):
         self.total_bytes = 0
+        self.priority = 0
         self.b = mc_batch_new(ntasks)
         if self.b == NULL:
             raise MemoryError("cannot allocate a batch of %d tasks" % ntasks)

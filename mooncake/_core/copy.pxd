@@ -3,7 +3,7 @@
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
-from mooncake._core.batch cimport mc_batch_t
+from mooncake._core.batch cimport Slices, mc_batch_t
 
 cdef extern from "mc_copy.h" nogil:
     enum:
@@ -62,16 +62,20 @@ cdef extern from "mc_copy.h" nogil:
     mc_entry_t *mc_table_entry(mc_table_t *t, int i)
     const mc_entry_t *mc_table_find(const mc_table_t *t, uint64_t addr, uint64_t len)
     mc_group_t *mc_group_new(int64_t n)
-    mc_op_t *mc_group_op(mc_group_t *g, int64_t i)
-    void mc_group_set_n(mc_group_t *g, int64_t n)
-    void mc_group_arm(mc_group_t *g, mc_batch_t *b, mc_peer_t *p, mc_table_t *t,
-                      int64_t *pool_inflight, int64_t claim)
-    void mc_group_run(mc_group_t *g, int64_t i, int64_t j)
-    void mc_group_fail(mc_group_t *g, int64_t i, int64_t j, int32_t err)
+    void mc_group_fill(mc_group_t *g, mc_batch_t *b, const mc_table_t *t, int64_t n,
+                       const uint32_t *task, const uint8_t *op, const uint64_t *local,
+                       const uint64_t *remote, const uint64_t *len, uint64_t *total)
     int mc_pool_start(mc_pool_t *p, int nthreads, double grace_s)
-    int mc_pool_push(mc_pool_t *p, mc_group_t *g)
+    int mc_pool_copy(mc_pool_t *p, mc_group_t *g, mc_batch_t *b, mc_peer_t *peer, mc_table_t *t,
+                     uint64_t total, uint64_t inline_max, uint64_t chunk, int sync,
+                     double timeout_s)
     void mc_pool_stop(mc_pool_t *p, int32_t err)
     int64_t *mc_pool_inflight(mc_pool_t *p)
+    int64_t mc_pool_by_workers(mc_pool_t *p)
+    void mc_pool_enter(mc_pool_t *p)
+    void mc_pool_exit(mc_pool_t *p)
+    void mc_pool_wait_users(mc_pool_t *p)
+    int64_t mc_pool_by_callers(mc_pool_t *p)
     int mc_wait_zero(int64_t *counter, double timeout_s)
     int mc_busy_wait(char *area, uint64_t lane_size, uint64_t slot_off, int *lanes,
                      const int *pidfds, int n, double timeout_s)
@@ -104,3 +108,6 @@ cdef class Table:
 cdef class CopyPool:
     cdef mc_pool_t *p
     cdef readonly int nworkers
+    cdef int _copy(self, Slices s, Peer peer, Table table, uint64_t inline_max, uint64_t chunk,
+                   int sync, double timeout) except -1
+    cdef void _stop(self) noexcept

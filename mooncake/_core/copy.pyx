@@ -17,14 +17,7 @@ from libc.errno cimport errno
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy as c_memcpy
 
-from mooncake._core.batch cimport (
-    MC_E_DENIED,
-    MC_E_REFUSED,
-    Batch,
-    Slices,
-    mc_batch_t,
-    mc_slice_done,
-)
+from mooncake._core.batch cimport Batch, Slices, mc_batch_t
 
 import os
 
@@ -397,102 +390,83 @@ cdef class CopyPool:
         self.nworkers = nworkers
 
     def __dealloc__(self):
-        if self.p != NULL:
-            with nogil:
-                mc_pool_stop(self.p, ECANCELED)
-            PyMem_RawFree(self.p)
-            self.p = NULL
+        self._stop()
+
+    cdef void _stop(self) noexcept:
+        """Stop the workers, fail what is queued, free the pool once no caller is inside."""
+        cdef mc_pool_t *p = self.p
+        if p == NULL:
+            return
+        self.p = NULL   # under the GIL: no new caller enters
+        with nogil:
+            mc_pool_stop(p, ECANCELED)
+            mc_pool_wait_users(p)
+        PyMem_RawFree(p)
 
     @property
     def inflight(self):
         return mc_load64(mc_pool_inflight(self.p)) if self.p != NULL else 0
 
+    @property
+    def copied_by(self):
+        """Slices copied so far by the ``workers`` and by the ``callers``' own threads."""
+        if self.p == NULL:
+            return {"workers": 0, "callers": 0}
+        return {"workers": mc_pool_by_workers(self.p), "callers": mc_pool_by_callers(self.p)}
+
     def submit(self, Slices s not None, Peer peer not None, Table table not None,
                uint64_t inline_max=0, uint64_t chunk=1 << 20):
-        """Resolve every slice against ``table`` and copy it.
+        """Resolve every slice against ``table`` and start copying it; returns at once.
 
         A slice whose remote range is not inside one entry is reported at once as
         ``MC_E_REFUSED``, a WRITE into a read-only entry as ``MC_E_DENIED`` (untouched).  When
         the resolved bytes are at most ``inline_max`` the copies run here (GIL released) before
-        returning; otherwise they are queued, about ``chunk`` bytes per claim.  Returns the
-        number of slices accepted.
+        returning; otherwise they are queued, about ``chunk`` bytes per claim.
         """
+        self._copy(s, peer, table, inline_max, chunk, 0, 0.0)
+
+    def transfer(self, Slices s not None, Peer peer not None, Table table not None,
+                 uint64_t inline_max=0, double timeout=10.0, uint64_t chunk=1 << 20):
+        """:meth:`submit` for a synchronous caller, which copies its share itself: all of it at
+        most ``inline_max`` bytes, else it claims chunks alongside the workers.  Returns when
+        every slice was reported (True) or ``timeout`` seconds passed (False)."""
+        return self._copy(s, peer, table, inline_max, chunk, 1, timeout) == 0
+
+    cdef int _copy(self, Slices s, Peer peer, Table table, uint64_t inline_max, uint64_t chunk,
+                   int sync, double timeout) except -1:
         if self.p == NULL:
             raise RuntimeError("copy pool is closed")
-        cdef Py_ssize_t n = len(s), i
-        if n == 0:
+        if s.n == 0:
             return 0
         if s.batch is None:
             raise ValueError("slices have no batch")
         cdef mc_batch_t *b = (<Batch>s.batch).b
-        cdef mc_group_t *g = mc_group_new(n)
+        cdef mc_group_t *g = mc_group_new(s.n)
         if g == NULL:
             raise MemoryError()
-        cdef const mc_entry_t *e
-        cdef mc_op_t *o
-        cdef int64_t k = 0, claim
-        cdef uint64_t total = 0, rem, target
-        cdef mc_table_t *t = table.t
-        cdef int pushed = 0
+        cdef uint64_t total = 0
+        cdef int rc
+        cdef mc_pool_t *p = self.p
+        mc_pool_enter(p)
         with nogil:
-            for i in range(n):
-                rem = s.remote[i]
-                e = mc_table_find(t, rem, s.length[i])
-                if e == NULL:
-                    mc_slice_done(b, s.task[i], 0, MC_E_REFUSED)
-                    continue
-                if s.op[i] == MC_CP_WRITE and not e.writable:
-                    mc_slice_done(b, s.task[i], 0, MC_E_DENIED)
-                    continue
-                o = mc_group_op(g, k)
-                o.local = s.local[i]
-                o.len = s.length[i]
-                o.task = s.task[i]
-                o.op = s.op[i]
-                o.kind = <uint8_t>e.kind
-                o.e = e
-                if e.kind == MC_CP_MEM and e.map != NULL:
-                    o.remote = <uint64_t><size_t>e.map.base + e.map_off + (rem - e.start)
-                else:
-                    o.remote = rem
-                total += o.len
-                k += 1
-            mc_group_set_n(g, k)
-            if k > 0:
-                target = total // <uint64_t>(2 * self.nworkers)
-                if target > chunk:
-                    target = chunk
-                claim = <int64_t>(target // (total // <uint64_t>k + 1))
-                mc_group_arm(g, b, peer.p, t, mc_pool_inflight(self.p), claim)
-                if total <= inline_max:
-                    mc_group_run(g, 0, k)
-                elif mc_pool_push(self.p, g) != 0:
-                    mc_group_fail(g, 0, k, ECANCELED)
-        if k == 0:
-            _free_group(g)
-        return k
+            mc_group_fill(g, b, table.t, s.n, s.task, s.op, s.local, s.remote, s.length, &total)
+            rc = mc_pool_copy(p, g, b, peer.p, table.t, total, inline_max, chunk, sync, timeout)
+            mc_pool_exit(p)
+        return rc
 
     def drain(self, double timeout):
         """Wait until nothing queued or running is left; False on timeout."""
-        if self.p == NULL:
+        cdef mc_pool_t *p = self.p
+        if p == NULL:
             return True
         cdef int rc
+        mc_pool_enter(p)
         with nogil:
-            rc = mc_wait_zero(mc_pool_inflight(self.p), timeout)
+            rc = mc_wait_zero(mc_pool_inflight(p), timeout)
+            mc_pool_exit(p)
         return rc == 0
 
     def close(self):
         """Stop the workers; ops not started yet end FAILED (ECANCELED)."""
-        if self.p != NULL:
-            with nogil:
-                mc_pool_stop(self.p, ECANCELED)
-            PyMem_RawFree(self.p)
-            self.p = NULL
+        self._stop()
 
-
-cdef extern from "<stdlib.h>" nogil:
-    void free(void *p)
-
-
-cdef inline void _free_group(mc_group_t *g) noexcept nogil:
-    free(g)

@@ -44,6 +44,7 @@ enum { MC_CP_READ = 0, MC_CP_WRITE = 1 };          /* slice opcodes (batch.OP_RE
 enum { MC_CP_MEM = 0, MC_CP_PV = 1 };              /* how an entry is reached */
 #define MC_CP_MAX_THREADS 64
 #define MC_CP_CHUNK ((uint64_t)1 << 20)            /* bytes copied between two checks */
+#define MC_CP_POLL_NS 1000000                      /* a peer's exit is polled for every 1 ms */
 
 /* ------------------------------------------------------------------ mappings */
 
@@ -84,6 +85,7 @@ typedef struct {
     _Atomic int32_t dead;
     _Atomic int32_t cancel_gen;       /* bumped by abort: older groups fail */
     _Atomic int64_t inflight;         /* ops queued or running */
+    _Atomic int64_t next_poll_ns;     /* the pidfd is polled at most once per MC_CP_POLL_NS */
     const _Atomic uint64_t *alive;    /* the peer's control-page alive word, or NULL */
     mc_map_t *ctl;                    /* keeps `alive` mapped */
 } mc_peer_t;
@@ -131,10 +133,15 @@ static inline int32_t mc_peer_quick(mc_peer_t *p, int32_t gen) {
     return 0;
 }
 
-/* 0 while the peer is usable; MC_E_TIMEOUT after an abort, MC_E_PEER once it exited/closed. */
+/* 0 while the peer is usable; MC_E_TIMEOUT after an abort, MC_E_PEER once it exited/closed (a
+ * close is seen at once through the alive word, an exit within MC_CP_POLL_NS: the pidfd poll is
+ * a system call, which a 4 KiB copy should not pay every time). */
 static inline int32_t mc_peer_check(mc_peer_t *p, int32_t gen) {
     int32_t err = mc_peer_quick(p, gen);
-    if (err || !p) return err;
+    if (err || !p || p->pidfd < 0) return err;
+    int64_t now = (int64_t)(mc_now() * 1e9);
+    if (now < atomic_load_explicit(&p->next_poll_ns, memory_order_relaxed)) return 0;
+    atomic_store_explicit(&p->next_poll_ns, now + MC_CP_POLL_NS, memory_order_relaxed);
     if (mc_fd_readable(p->pidfd)) {
         atomic_store(&p->dead, 1);
         return MC_E_PEER;
@@ -215,7 +222,9 @@ typedef struct mc_group {
     _Atomic int64_t *pool_inflight;
     int32_t cancel_gen;
     int64_t n, claim, cursor;         /* cursor: guarded by the pool mutex */
-    _Atomic int64_t left;             /* ops not reported yet; the last reporter frees */
+    int64_t stop_from;                /* mc_pool_stop: the first op it fails */
+    _Atomic int64_t left;             /* ops not reported yet (+1 while a synchronous caller
+                                       * works on the group); the last one to go frees it */
     mc_op_t ops[];
 } mc_group_t;
 
@@ -224,9 +233,10 @@ static inline mc_group_t *mc_group_new(int64_t n) {
     return g;
 }
 
-/* Take the references a queued group needs; n ops become in flight. */
+/* Take the references a queued group needs; n ops become in flight.  `caller`: a synchronous
+ * caller keeps a reference too (mc_group_unref) while it claims ops itself. */
 static inline void mc_group_arm(mc_group_t *g, mc_batch_t *b, mc_peer_t *p, mc_table_t *t,
-                                int64_t *pool_inflight_, int64_t claim) {
+                                int64_t *pool_inflight_, int64_t claim, int caller) {
     _Atomic int64_t *pool_inflight = (_Atomic int64_t *)pool_inflight_;
     g->batch = b;
     mc_batch_ref(b);
@@ -238,7 +248,7 @@ static inline void mc_group_arm(mc_group_t *g, mc_batch_t *b, mc_peer_t *p, mc_t
     g->cancel_gen = p ? atomic_load(&p->cancel_gen) : 0;
     g->claim = claim < 1 ? 1 : claim;
     g->cursor = 0;
-    atomic_init(&g->left, g->n);
+    atomic_init(&g->left, g->n + (caller ? 1 : 0));
     if (p) atomic_fetch_add(&p->inflight, g->n);
     if (pool_inflight) atomic_fetch_add(pool_inflight, g->n);
 }
@@ -255,6 +265,42 @@ static inline void mc_group_release(mc_group_t *g, int64_t n) {
     if (g->peer) atomic_fetch_sub(&g->peer->inflight, n);
     if (g->pool_inflight) atomic_fetch_sub(g->pool_inflight, n);
     if (atomic_fetch_sub(&g->left, n) == n) mc_group_free(g);
+}
+
+/* The synchronous caller lets go of g. */
+static inline void mc_group_unref(mc_group_t *g) {
+    if (atomic_fetch_sub(&g->left, 1) == 1) mc_group_free(g);
+}
+
+/* Resolve n slices into g's ops (then g->n = ops kept): a slice whose remote range is not inside
+ * one entry of t is reported MC_E_REFUSED, a WRITE into a read-only entry MC_E_DENIED, both
+ * untouched.  *total = the bytes of the ops kept. */
+static inline void mc_group_fill(mc_group_t *g, mc_batch_t *b, const mc_table_t *t, int64_t n,
+                                 const uint32_t *task, const uint8_t *op, const uint64_t *local,
+                                 const uint64_t *remote, const uint64_t *len, uint64_t *total) {
+    int64_t k = 0;
+    uint64_t sum = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const mc_entry_t *e = mc_table_find(t, remote[i], len[i]);
+        if (!e) { mc_slice_done(b, task[i], 0, MC_E_REFUSED); continue; }
+        if (op[i] == MC_CP_WRITE && !e->writable) {
+            mc_slice_done(b, task[i], 0, MC_E_DENIED);
+            continue;
+        }
+        mc_op_t *o = &g->ops[k++];
+        o->local = local[i];
+        o->len = len[i];
+        o->task = task[i];
+        o->op = op[i];
+        o->kind = (uint8_t)e->kind;
+        o->e = e;
+        o->remote = e->kind == MC_CP_MEM && e->map
+            ? (uint64_t)(uintptr_t)e->map->base + e->map_off + (remote[i] - e->start)
+            : remote[i];
+        sum += len[i];
+    }
+    g->n = k;
+    *total = sum;
 }
 
 /* One cross-memory-attach copy of `len` bytes.  0 or an errno: a peer range that is not mapped
@@ -353,6 +399,8 @@ typedef struct {
      * yielding the CPU) for this long before it sleeps on the condvar; 0 = sleep at once */
     double grace_s;
     _Atomic int pending;   /* head != NULL, or stopping: what a polling worker watches */
+    _Atomic int64_t by_workers, by_callers;   /* ops copied by the workers / callers' threads */
+    _Atomic int64_t users;   /* callers inside mc_pool_copy or a drain: the pool outlives them */
 } mc_pool_t;
 
 /* Poll (lock not held) until work is queued or `until` passes. */
@@ -390,6 +438,7 @@ static void *mc_pool_worker(void *arg) {
         if (p->head) pthread_cond_signal(&p->cv);   /* more to claim: wake a sibling */
         pthread_mutex_unlock(&p->mu);
         mc_group_run(g, i, j);
+        atomic_fetch_add_explicit(&p->by_workers, j - i, memory_order_relaxed);
         last_work = mc_now();
         pthread_mutex_lock(&p->mu);
     }
@@ -440,10 +489,47 @@ static inline int mc_pool_push(mc_pool_t *p, mc_group_t *g) {
     return 0;
 }
 
+/* Take g off the queue (caller holds mu): its last ops were claimed outside a worker. */
+static inline void mc_pool_unlink(mc_pool_t *p, mc_group_t *g) {
+    mc_group_t *prev = NULL, *q = p->head;
+    while (q && q != g) { prev = q; q = q->next; }
+    if (!q) return;
+    if (prev) prev->next = g->next;
+    else p->head = g->next;
+    if (p->tail == g) p->tail = prev;
+    if (!p->head) atomic_store(&p->pending, p->stop);
+}
+
+/* A synchronous caller works on its own queued group: it claims ranges like a worker until none
+ * is left or `deadline` passed (the rest is the workers'; the engine cancels a late batch). */
+static inline void mc_pool_help(mc_pool_t *p, mc_group_t *g, double deadline) {
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        int64_t i = g->cursor, j = i + g->claim;
+        if (i >= g->n) {
+            pthread_mutex_unlock(&p->mu);
+            return;
+        }
+        if (j >= g->n) {
+            j = g->n;
+            mc_pool_unlink(p, g);
+        }
+        g->cursor = j;
+        pthread_mutex_unlock(&p->mu);
+        mc_group_run(g, i, j);   /* cannot free g: the caller's reference */
+        atomic_fetch_add_explicit(&p->by_callers, j - i, memory_order_relaxed);
+        if (mc_now() > deadline) return;
+    }
+}
+
 /* Stop the workers; every op not claimed yet is reported with err. */
 static inline void mc_pool_stop(mc_pool_t *p, int32_t err) {
     pthread_mutex_lock(&p->mu);
     mc_group_t *g = p->head;
+    for (mc_group_t *q = g; q; q = q->next) {   /* claimed by nobody else from now on */
+        q->stop_from = q->cursor;
+        q->cursor = q->n;
+    }
     p->head = p->tail = NULL;
     p->stop = 1;
     atomic_store(&p->pending, 1);   /* wakes polling workers */
@@ -451,7 +537,7 @@ static inline void mc_pool_stop(mc_pool_t *p, int32_t err) {
     pthread_mutex_unlock(&p->mu);
     while (g) {
         mc_group_t *next = g->next;
-        mc_group_fail(g, g->cursor, g->n, err);
+        mc_group_fail(g, g->stop_from, g->n, err);
         g = next;
     }
     for (int i = 0; i < p->nthreads; i++) pthread_join(p->th[i], NULL);
@@ -502,6 +588,43 @@ static inline int mc_pidfd_open(int pid) { return (int)syscall(SYS_pidfd_open, p
 
 /* ------------------------------------------------------------------ accessors for Cython */
 
+/* Copy group g (filled by mc_group_fill: total bytes) of batch b.  A group of at most
+ * `inline_max` bytes is copied here, by the caller; a larger one is queued for the workers in
+ * claims of about `chunk` bytes, and with `sync` the caller claims its share too and then waits
+ * for the rest until `timeout_s`.  0 when every op was reported, else ETIMEDOUT (sync only). */
+static inline int mc_pool_copy(mc_pool_t *p, mc_group_t *g, mc_batch_t *b, mc_peer_t *peer,
+                               mc_table_t *t, uint64_t total, uint64_t inline_max,
+                               uint64_t chunk, int sync, double timeout_s) {
+    int64_t k = g->n;
+    if (k == 0) {
+        free(g);
+        return 0;
+    }
+    int inl = total <= inline_max;
+    uint64_t hands = (uint64_t)p->nthreads + (sync ? 1 : 0);
+    uint64_t target = total / (2 * hands);
+    if (target > chunk) target = chunk;
+    mc_group_arm(g, b, peer, t, (int64_t *)&p->inflight,
+                 (int64_t)(target / (total / (uint64_t)k + 1)), sync && !inl);
+    if (inl) {
+        mc_group_run(g, 0, k);
+        atomic_fetch_add_explicit(&p->by_callers, k, memory_order_relaxed);
+        return 0;
+    }
+    double deadline = mc_now() + timeout_s;
+    if (mc_pool_push(p, g) != 0) {
+        mc_group_fail(g, 0, k, ECANCELED);
+        if (sync) mc_group_unref(g);
+        return 0;
+    }
+    if (!sync) return 0;
+    mc_pool_help(p, g, deadline);
+    double left = deadline - mc_now();
+    int rc = mc_batch_wait(b, left > 0 ? left : 0, 20e-6);
+    mc_group_unref(g);
+    return rc;
+}
+
 static inline int32_t mc_peer_gen(mc_peer_t *p) { return atomic_load(&p->cancel_gen); }
 static inline void mc_peer_cancel(mc_peer_t *p) { atomic_fetch_add(&p->cancel_gen, 1); }
 static inline int64_t mc_peer_inflight(mc_peer_t *p) { return atomic_load(&p->inflight); }
@@ -510,6 +633,16 @@ static inline mc_entry_t *mc_table_entry(mc_table_t *t, int i) { return &t->e[i]
 static inline mc_op_t *mc_group_op(mc_group_t *g, int64_t i) { return &g->ops[i]; }
 static inline void mc_group_set_n(mc_group_t *g, int64_t n) { g->n = n; }
 static inline int64_t *mc_pool_inflight(mc_pool_t *p) { return (int64_t *)&p->inflight; }
+static inline void mc_pool_enter(mc_pool_t *p) { atomic_fetch_add(&p->users, 1); }
+static inline void mc_pool_exit(mc_pool_t *p) { atomic_fetch_sub(&p->users, 1); }
+/* After mc_pool_stop: wait until no caller is inside (they leave promptly: nothing is left to
+ * claim and every queued op was reported), so the pool can be freed. */
+static inline void mc_pool_wait_users(mc_pool_t *p) {
+    struct timespec nap = {0, 100000L};
+    while (atomic_load(&p->users) > 0) nanosleep(&nap, NULL);
+}
+static inline int64_t mc_pool_by_workers(mc_pool_t *p) { return atomic_load(&p->by_workers); }
+static inline int64_t mc_pool_by_callers(mc_pool_t *p) { return atomic_load(&p->by_callers); }
 static inline int64_t mc_load64(const int64_t *c) { return atomic_load((const _Atomic int64_t *)c); }
 static inline uint64_t mc_load_u64(const void *a) {
     return atomic_load_explicit((const _Atomic uint64_t *)a, memory_order_acquire);

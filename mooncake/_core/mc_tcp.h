@@ -351,6 +351,15 @@ static inline mc_lane_t *mc_lane_new(int fd) {
     return l;
 }
 
+/* Cut a lane's connection: wake whoever waits on it, and make the close that follows a reset
+ * (SO_LINGER 0) that discards what is still queued to send, so no byte of failed work reaches
+ * the peer after its failure was reported (a graceful close would keep sending it). */
+static inline void mc_lane_cut(int fd) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    shutdown(fd, SHUT_RDWR);
+}
+
 /* Mark the lane dead (first error wins), fail every queued job, shut the socket down: an owner
  * in the middle of a drive sees the error and fails its own jobs with `dead_err`. */
 static inline void mc_lane_fail(mc_lane_t *l, int32_t err) {
@@ -361,7 +370,7 @@ static inline void mc_lane_fail(mc_lane_t *l, int32_t err) {
     memset(&l->q, 0, sizeof l->q);
     pthread_cond_broadcast(&l->cv);
     pthread_mutex_unlock(&l->mu);
-    shutdown(l->fd, SHUT_RDWR);
+    mc_lane_cut(l->fd);
     for (size_t i = 0; i < q.len; i++) {
         mc_job_t *j = mc_ring_at(&q, i);
         mc_slice_done(j->b, j->task, 0, err);
@@ -606,7 +615,7 @@ static inline void mc_lane_drive(mc_lane_t *l, mc_job_t *jobs, size_t n, uint32_
         if (l->dead) err = l->dead_err;      /* aborted from outside: report why */
         else { l->dead = 1; l->dead_err = err; }
         pthread_mutex_unlock(&l->mu);
-        shutdown(l->fd, SHUT_RDWR);
+        mc_lane_cut(l->fd);
         for (size_t i = done; i < n; i++)
             if (!jobs[i].ghost) mc_slice_done(jobs[i].b, jobs[i].task, 0, err);
     }
@@ -636,6 +645,34 @@ static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double tim
     if (l->q.len) pthread_cond_broadcast(&l->cv);  /* jobs queued meanwhile: wake the worker */
     pthread_mutex_unlock(&l->mu);
     return 0;
+}
+
+/* A synchronous call of several slices spreads them over the idle lanes: contiguous parts of
+ * about equal size, parts 1.. queued to their lanes' workers first (they start while the caller
+ * drives part 0 on the first idle lane itself).  1: all of it ran here (every job reported);
+ * 2: parts run on other lanes too (wait for the batch); -EBUSY: no lane was idle. */
+#define MC_SPREAD_MAX 16
+static inline int mc_lanes_run(mc_lane_t **lanes, size_t nl, mc_job_t *jobs, size_t n,
+                               double timeout) {
+    size_t idle[MC_SPREAD_MAX], k = 0;
+    for (size_t i = 0; i < nl && k < MC_SPREAD_MAX && k < n; i++) {
+        mc_lane_t *l = lanes[i];
+        pthread_mutex_lock(&l->mu);
+        int free_ = !l->owned && !l->dead && !l->closing && !l->q.len;
+        pthread_mutex_unlock(&l->mu);
+        if (free_) idle[k++] = i;
+    }
+    if (k == 0) return -EBUSY;
+    if (k == 1) return mc_lane_run(lanes[idle[0]], jobs, n, timeout) == -EBUSY ? -EBUSY : 1;
+    size_t per = n / k, extra = n % k, first = per + (extra ? 1 : 0), off = first;
+    for (size_t p = 1; p < k; p++) {
+        size_t len = per + (p < extra ? 1 : 0);
+        mc_lane_submit(lanes[idle[p]], jobs + off, len);
+        off += len;
+    }
+    if (mc_lane_run(lanes[idle[0]], jobs, first, timeout) == -EBUSY)
+        mc_lane_submit(lanes[idle[0]], jobs, first);   /* taken meanwhile: its worker runs it */
+    return 2;
 }
 
 /* Worker thread body: drive queued jobs, up to MC_WORKER_BATCH at a time, until closed.
@@ -691,7 +728,7 @@ static inline void mc_lane_close(mc_lane_t *l, int32_t err) {
     if (!l->dead) { l->dead = 1; l->dead_err = err; }
     pthread_cond_broadcast(&l->cv);
     pthread_mutex_unlock(&l->mu);
-    shutdown(l->fd, SHUT_RDWR);
+    mc_lane_cut(l->fd);
 }
 
 static inline void mc_lane_free(mc_lane_t *l) {

@@ -27,11 +27,13 @@ cdef extern from "mc_tcp.h" nogil:
         double poll_grace
         const mc_quota_t *quota
         int32_t qslot
+        uint32_t seq
     mc_lane_t *mc_lane_new(int fd)
     void mc_lane_free(mc_lane_t *l)
     void mc_lane_worker(mc_lane_t *l, double idle_timeout)
     void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n)
     int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout)
+    int mc_lanes_run(mc_lane_t **lanes, size_t nl, mc_job_t *jobs, size_t n, double timeout)
     void mc_lane_fail(mc_lane_t *l, int32_t err)
     void mc_lane_close(mc_lane_t *l, int32_t err)
     int mc_lane_usable(mc_lane_t *l)
@@ -92,6 +94,11 @@ cdef class Lane:
     @property
     def dead(self):
         return bool(self.l.dead)
+
+    @property
+    def requests(self):
+        """Requests sent on this lane so far (modulo 2**32)."""
+        return self.l.seq
 
     def abort(self, int32_t err):
         """Fail everything queued or in flight with ``err`` and shut the socket down."""
@@ -162,6 +169,30 @@ def run(Lane lane not None, Slices s not None, double timeout):
     finally:
         PyMem_RawFree(jobs)
     return rc != -EBUSY
+
+
+def run_spread(list lanes not None, Slices s not None, double timeout):
+    """A synchronous call: its slices spread over the idle lanes, this thread driving the first
+    part (see :func:`run`).  1: done here, every slice reported; 2: other lanes' workers run
+    parts too (wait for the batch); 0: no lane was idle."""
+    cdef Py_ssize_t nl = len(lanes), i
+    if nl == 0:
+        raise ValueError("no lanes")
+    if nl > 64:
+        raise ValueError("at most 64 lanes")
+    cdef mc_lane_t *ls[64]
+    cdef Lane lane
+    for i in range(nl):
+        lane = lanes[i]
+        ls[i] = lane.l
+    cdef mc_job_t *jobs = _jobs(s)
+    cdef int rc
+    try:
+        with nogil:
+            rc = mc_lanes_run(ls, nl, jobs, s.n, timeout)
+    finally:
+        PyMem_RawFree(jobs)
+    return 0 if rc == -EBUSY else rc
 
 
 def serve(int fd, RegionTable regions not None, uint64_t max_frame, double frame_timeout,
