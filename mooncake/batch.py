@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mooncake._core import batch as _core
-from mooncake.errors import TransferFailed, TransferTimeout
+from mooncake.errors import AuthError, TransferFailed, TransferTimeout
 
 if TYPE_CHECKING:
     from mooncake.transport import SegmentDesc, Transport
@@ -134,6 +134,8 @@ class TransferBatch:
         sts = self.statuses()
         bad = [(i, s) for i, s in enumerate(sts) if s.status != Status.COMPLETED]
         i, s = bad[0]
+        if s.code == _core.E_AUTH:
+            raise AuthError(f"{self.peer.name}: {s.error}")
         cls = TransferTimeout if s.status == Status.TIMEOUT else TransferFailed
         raise cls(f"{len(bad)} of {len(sts)} tasks to {self.peer.name} failed; "
                   f"task {i}: {s.status.name}: {s.error}", sts)

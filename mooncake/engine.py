@@ -25,6 +25,7 @@ from mooncake import quota as _quota
 from mooncake._core import batch as _core
 from mooncake._core import regions as _regions
 from mooncake._core.regions import RegionTable, first_outside
+from mooncake.auth import open_auth
 from mooncake.batch import Status, TaskStatus, TransferBatch, settle
 from mooncake.compat import MooncakeAPI, TransferNotify, TransferOpcode
 from mooncake.config import Config, load_config
@@ -111,13 +112,17 @@ class TransferEngine(MooncakeAPI):
         # TENT's per-request deadline, when configured
         self._default_deadline = cfg["transports/rdma/max_timeout_ns"] / 1e9 \
             if cfg.source("transports/rdma/max_timeout_ns") != "default" else 0.0
+        #: the cluster token (MC_CLUSTER_TOKEN): every connection proves it, descriptors carry it
+        self.auth = open_auth(cfg)
         self._rpc_client = RpcClient(cfg["MC_HANDSHAKE_MAX_LENGTH"],
-                                     float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
+                                     float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]), self.auth)
         ports = [port] if port is not None else port_candidates(cfg["MC_MIN_RPC_PORT"],
                                                                  cfg["MC_MAX_RPC_PORT"])
         self._rpc = RpcServer(bind, ports, cfg["MC_HANDSHAKE_MAX_LENGTH"],
                               backlog=cfg["MC_HANDSHAKE_LISTEN_BACKLOG"],
-                              frame_timeout=self._timeout, workers=cfg["MC_TENT_RPC_THREADS"])
+                              frame_timeout=self._timeout, workers=cfg["MC_TENT_RPC_THREADS"],
+                              auth=self.auth,
+                              handshake_timeout=float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
         try:
             self.segment_name = f"{host}:{self._rpc.port}"
             self._rpc.add_handler("segment.describe", lambda args: self.describe())
@@ -128,9 +133,11 @@ class TransferEngine(MooncakeAPI):
             self.metadata = store_cls(addr, MetadataContext(cfg, self._rpc_call))
             self._segments = SegmentCache(
                 self.metadata.fetch, enabled=not cfg["MC_DISABLE_METACACHE"],
-                refresh_interval=float(cfg["MC_TE_METADATA_REFRESH_INTERVAL_SECONDS"]))
+                refresh_interval=float(cfg["MC_TE_METADATA_REFRESH_INTERVAL_SECONDS"]),
+                verify=self.auth.verify)
             ctx = TransportContext(cfg, self.segment_name, bind, self.host_id, self.regions,
-                                   self._rpc.add_handler, self._rpc_call, self.device_name)
+                                   self._rpc.add_handler, self._rpc_call, self.device_name,
+                                   self.auth)
             self.transports = self._start_transports(ctx)
             self._segments.schemas = {n: (t.segment_fields, t.buffer_fields)
                                       for n, t in self.transports.items()}
@@ -240,7 +247,7 @@ class TransferEngine(MooncakeAPI):
         """Our segment descriptor (what peers fetch)."""
         with self._lock:
             bufs = [r.describe() for r in sorted(self._regions.values(), key=lambda r: r.addr)]
-        return {
+        return self.auth.sign({
             "name": self.segment_name,
             "protocol": self.protocol,
             "host_id": self.host_id,
@@ -248,7 +255,7 @@ class TransferEngine(MooncakeAPI):
             "timestamp": time.time(),
             "transports": {n: t.transport_fields for n, t in self.transports.items()},
             "buffers": bufs,
-        }
+        })
 
     def _publish(self) -> None:
         if self._started:

@@ -54,6 +54,10 @@ class ProtocolError(MooncakeError):
     """A peer sent a malformed frame."""
 
 
+class AuthError(MooncakeError):
+    """A peer did not prove the cluster token (``MC_CLUSTER_TOKEN``), or refused ours."""
+
+
 class TransferFailed(MooncakeError):
     """One or more tasks of a transfer ended FAILED.
 

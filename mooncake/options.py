@@ -378,12 +378,12 @@ OPTIONS: tuple[Option, ...] = (
        hint="TENT default 14 (fixed in the classic TE)",
        reads=("transports/rdma.py",)),
     _O(f"{_RDMA}/shared_quota_shm_path", str, "", tent=f"{_RDMA}/shared_quota_shm_path",
-       owner="rdma", doc="TENT: POSIX shm name for cross-process bandwidth sharing",
+       owner="rdma", doc="TENT: POSIX shm name for cross-process bandwidth sharing: the tcp "
+                         "lanes and the rdma workers share each NIC through it (the shm/cxl "
+                         "copy pool does not join: same-host memory copies use no NIC)",
        hint="set (e.g. mooncake_quota_shm) when several processes on a node share NICs, so they "
             "share bandwidth fairly instead of fighting",
-       reads=("mooncake/quota.py",),
-       pending="the tcp lanes share each NIC through it; the rdma workers and the shm/cxl copy "
-               "pool do not join it yet (issue 10 item 2)"),
+       reads=("mooncake/quota.py", "transports/rdma.py")),
     _O("MC_SHARED_QUOTA_PRIORITY", str, "foreground_get", tent=f"{_RDMA}/shared_quota_priority",
        doc="this engine's class in the shared quota (its weight): foreground_get (8), "
            "weight_loading (4), migration or checkpoint (2), prefetch (1), or a weight 1..65535",
@@ -398,6 +398,17 @@ OPTIONS: tuple[Option, ...] = (
        hint="partition_matchings gives the best device pair per NUMA pair ('0-1': src_dev, "
             "dst_dev, bandwidth, latency)",
        pending="partition_matchings is issue 9 items 2-3 (topology generate, choice per buffer)"),
+    # ---- security --------------------------------------------------------------------------------
+    _O("MC_CLUSTER_TOKEN", str, "", secret=True,
+       doc="cluster token: every RPC and tcp data connection proves it (mutual HMAC handshake) "
+           "and descriptors are signed with it; engines without it (or with another) are refused",
+       hint="set one secret per cluster on every engine whenever the ports are reachable from "
+            "untrusted hosts; off (empty) means any process that reaches the ports may read "
+            "and write registered memory",
+       reads=("mooncake/auth.py",)),
+    _O("MC_CLUSTER_TOKEN_FILE", str, "", doc="file holding the cluster token (mode 0600; at "
+       "most 4 KiB; surrounding whitespace ignored), instead of MC_CLUSTER_TOKEN",
+       reads=("mooncake/auth.py",)),
     # ---- SHM -------------------------------------------------------------------------------------
     _O("transports/shm/enable", bool, True, tent="transports/shm/enable", owner="shm",
        doc="TENT: enable the same-host shared-memory transport",

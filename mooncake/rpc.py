@@ -19,6 +19,8 @@ Distrust of the peer, in numbers:
   to make room.  No worker ever blocks on a peer.
 * :meth:`RpcClient.call` has a whole-call deadline: ``timeout`` bounds connect + send + the
   whole reply, however slowly the peer drips it.
+* Every connection starts with the cluster-token handshake (:mod:`mooncake.auth`, channel
+  ``rpc``): the server sends its hello on accept and reads nothing else before a valid answer.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mooncake.errors import MooncakeError, PeerUnreachable, ProtocolError
+from mooncake.auth import ANSWER, REFUSED, ClusterAuth
+from mooncake.errors import AuthError, MooncakeError, PeerUnreachable, ProtocolError
 
 __all__ = ["Listener", "RpcServer", "RpcClient", "RemoteError", "DeadlineReader", "bind_first",
            "port_candidates"]
@@ -352,7 +355,7 @@ class _Conn:
     """One RPC connection's state, owned by the selector thread."""
 
     __slots__ = ("sock", "addr", "inbuf", "out", "frame_start", "write_deadline", "last_active",
-                 "busy", "events", "closed")
+                 "busy", "events", "closed", "nonce")
 
     def __init__(self, sock: socket.socket, addr: tuple, now: float) -> None:
         self.sock = sock
@@ -365,6 +368,7 @@ class _Conn:
         self.busy = False  # a request of this connection is on the pool
         self.events = 0  # what the selector watches now (0: not registered)
         self.closed = False
+        self.nonce: bytes | None = None  # our handshake nonce until the client answered
 
     @property
     def idle(self) -> bool:
@@ -377,9 +381,11 @@ class RpcServer:
     One selector thread reads and writes every connection (non-blocking); complete requests run
     on a pool of ``workers`` threads, one request in flight per connection.  Limits:
     ``frame_timeout`` for a started frame to complete and for a reply to be drained,
-    ``idle_timeout`` for a connection with nothing started, ``max_connections`` open at once
-    (the longest-idle one is evicted for a newcomer).  Counters: ``accepted``, ``refused``,
-    ``accept_errors`` (the listener's), ``evicted``, ``reaped``, ``dropped``; :meth:`stats`.
+    ``idle_timeout`` for a connection with nothing started, ``handshake_timeout`` for the
+    cluster-token handshake (``auth``) to complete, ``max_connections`` open at once (a
+    connection still in its handshake, else the longest-idle one, is evicted for a newcomer).
+    Counters: ``accepted``, ``refused``, ``accept_errors`` (the listener's), ``evicted``,
+    ``reaped``, ``dropped``, ``auth.refused``; :meth:`stats`.
     """
 
     #: the selector wakes at least this often (sweeps deadlines)
@@ -387,14 +393,17 @@ class RpcServer:
 
     def __init__(self, host: str, ports: list[int], max_length: int, backlog: int = 128,
                  frame_timeout: float = 30.0, idle_timeout: float = 300.0, workers: int = 4,
-                 max_connections: int = 512) -> None:
+                 max_connections: int = 512, auth: ClusterAuth | None = None,
+                 handshake_timeout: float = 5.0) -> None:
         for what, v in (("frame_timeout", frame_timeout), ("idle_timeout", idle_timeout)):
             if not (isinstance(v, (int, float)) and v > 0 and not math.isnan(v)):
                 raise ValueError(f"RpcServer {what} must be > 0 seconds, got {v!r}")
         if workers < 1 or max_connections < 1:
             raise ValueError("RpcServer needs workers >= 1 and max_connections >= 1")
         self.max_length = max_length
+        self.auth = auth or ClusterAuth(None)
         self.frame_timeout = float(frame_timeout)
+        self.handshake_timeout = min(float(handshake_timeout), self.frame_timeout)
         self.idle_timeout = float(idle_timeout)
         self.max_connections = max_connections
         self.evicted = 0
@@ -449,7 +458,8 @@ class RpcServer:
     def stats(self) -> dict[str, int]:
         return {"accepted": self.accepted, "refused": self.refused,
                 "accept_errors": self.accept_errors, "evicted": self.evicted,
-                "reaped": self.reaped, "dropped": self.dropped, "open": self.open_connections}
+                "reaped": self.reaped, "dropped": self.dropped, "open": self.open_connections,
+                "auth_refused": self.auth.refused}
 
     def close(self) -> None:
         if self._closed:
@@ -560,14 +570,24 @@ class RpcServer:
             sock.close()
             return
         c = _Conn(sock, addr, time.monotonic())
+        hello, c.nonce = self.auth.hello()
+        try:  # a few bytes into an empty socket: all of them go, or the peer is gone
+            if sock.send(hello) != len(hello):
+                raise OSError("short send")
+        except OSError:
+            sock.close()
+            return
+        c.frame_start = c.last_active  # the handshake must complete like a frame
         self._conns[id(c)] = c
         self._watch(c, selectors.EVENT_READ)
-        self._next_sweep = min(self._next_sweep, c.last_active + self.idle_timeout)
+        self._next_sweep = min(self._next_sweep, c.last_active + self.handshake_timeout)
         self._on_read(c)  # a request already waiting makes it busy, not the next one evicted
 
     def _evict_one(self) -> bool:
-        """Close the longest-idle connection (nothing started, nothing in flight)."""
-        idle = [c for c in self._conns.values() if c.idle]
+        """Close the oldest connection still in its handshake, else the longest-idle one
+        (nothing started, nothing in flight)."""
+        idle = [c for c in self._conns.values() if c.nonce is not None] or \
+            [c for c in self._conns.values() if c.idle]
         if not idle:
             return False
         victim = min(idle, key=lambda c: c.last_active)
@@ -623,11 +643,32 @@ class RpcServer:
             self._close_conn(c)
             return
         now = time.monotonic()
-        if not c.inbuf:
+        if not c.inbuf and c.nonce is None:
             c.frame_start = now
             self._next_sweep = min(self._next_sweep, now + self.frame_timeout)
         c.inbuf += data
+        if c.nonce is not None and not self._handshake(c, now):
+            return
         self._parse(c, now)
+
+    def _handshake(self, c: _Conn, now: float) -> bool:
+        """The client's answer to our hello, once all of it is here: True when accepted."""
+        if len(c.inbuf) < ANSWER.size:
+            return False
+        verdict = self.auth.check_answer("rpc", c.nonce, bytes(c.inbuf[:ANSWER.size]),
+                                         _where(c.addr))
+        try:
+            c.sock.send(verdict or REFUSED)
+        except OSError:
+            verdict = None
+        if verdict is None:
+            self._close_conn(c)
+            return False
+        del c.inbuf[:ANSWER.size]
+        c.nonce = None
+        c.frame_start = now if c.inbuf else None
+        c.last_active = now
+        return True
 
     def _parse(self, c: _Conn, now: float) -> None:
         """Hand a complete request to the pool (at most one in flight per connection)."""
@@ -695,7 +736,8 @@ class RpcServer:
             elif c.busy:
                 continue
             elif c.frame_start is not None:
-                limit = c.frame_start + self.frame_timeout
+                limit = c.frame_start + (self.handshake_timeout if c.nonce is not None else
+                                         self.frame_timeout)
                 if now >= limit:
                     self._warn.warn("RPC: dropping connection from %s: frame not "
                                          "completed in %ss", _where(c.addr), self.frame_timeout)
@@ -785,9 +827,11 @@ class RpcClient:
     #: idle connections kept per peer
     MAX_IDLE = 8
 
-    def __init__(self, max_length: int, connect_timeout: float) -> None:
+    def __init__(self, max_length: int, connect_timeout: float,
+                 auth: ClusterAuth | None = None) -> None:
         self.max_length = max_length
         self.connect_timeout = connect_timeout
+        self.auth = auth or ClusterAuth(None)
         self._lock = threading.Lock()
         self._idle: dict[str, list[socket.socket]] = {}
 
@@ -857,6 +901,22 @@ class RpcClient:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        limit = self.connect_timeout if deadline is None else \
+            min(self.connect_timeout, _remaining(deadline))
+        try:
+            self.auth.client(s, "rpc", f"segment {segment!r}", max(limit, 1e-3))
+        except AuthError:
+            s.close()
+            raise
+        except TimeoutError:
+            s.close()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _Deadline from None
+            raise PeerUnreachable(f"segment {segment!r}: no handshake within {limit:g}s") \
+                from None
+        except OSError as e:
+            s.close()
+            raise PeerUnreachable(f"cannot reach segment {segment!r}: {e}") from None
         return s, False
 
     def _checkin(self, segment: str, sock: socket.socket) -> None:

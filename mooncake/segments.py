@@ -61,8 +61,10 @@ class SegmentCache:
     """Peers' descriptors with a region table each for fast remote-range checks."""
 
     def __init__(self, fetch, enabled: bool = True, refresh_interval: float = 0.0,
-                 schemas: dict | None = None) -> None:
+                 schemas: dict | None = None, verify=None) -> None:
         self._fetch = fetch
+        #: ``verify(name, raw)`` raises for a descriptor that must not be trusted (its signature)
+        self._verify = verify
         self.schemas = schemas or {}
         self.enabled = enabled
         self.refresh_interval = refresh_interval
@@ -74,7 +76,10 @@ class SegmentCache:
         stale = e is not None and self.refresh_interval > 0 and (
             time.monotonic() - e.fetched > self.refresh_interval)
         if e is None or refresh or stale or not self.enabled:
-            e = _Entry(decode(name, self._fetch(name), self.schemas))
+            raw = self._fetch(name)
+            if self._verify is not None:
+                self._verify(name, raw)
+            e = _Entry(decode(name, raw, self.schemas))
             with self._lock:
                 self._entries[name] = e
         return e

@@ -133,6 +133,9 @@ class TransportContext:
     rpc_call: Callable[..., Any]
     #: the ``device_name`` argument of ``initialize``: a comma-separated device whitelist
     device_name: str = ""
+    #: the cluster token (:class:`mooncake.auth.ClusterAuth`): a transport with connections of
+    #: its own runs ``auth.client``/``auth.serve`` on each before anything else
+    auth: Any = None
 
 
 class Transport:

@@ -6,6 +6,6 @@ keeps ``from peer import Peer, sha`` working for the tests here.
 
 from __future__ import annotations
 
-from mooncake.testing.peer import Peer, _ctx, _fixed, _serve, sha
+from mooncake.testing.peer import Peer, _ctx, _fixed, _serve, raw_connect, sha
 
-__all__ = ["Peer", "sha", "_ctx", "_fixed", "_serve"]
+__all__ = ["Peer", "sha", "raw_connect", "_ctx", "_fixed", "_serve"]

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from peer import sha
+from peer import raw_connect, sha
 
 from mooncake.engine import TransferEngine
 from mooncake.errors import (
@@ -180,7 +180,7 @@ def test_target_refuses_raw_request_outside_registered_memory(peer, remote):
     with TransferEngine("127.0.0.1", protocol="tcp") as e:
         info = e.segment(peer.segment).transports["tcp"]
     before = peer.sha(remote, 64 * KiB)
-    s = socket.create_connection((info["host"], info["data_port"]), timeout=10)
+    s = raw_connect((info["host"], info["data_port"]))
     for addr, n in ((remote + 64 * KiB - 8, 16), (remote - 16, 16), (8, 16)):
         hdr = struct.pack("<IBBHIIQQ", 0x3154434D, 1, 0, 0, 7, 0, addr, n)
         s.sendall(hdr + b"\xee" * n)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 
 import numpy as np
 import pytest
-from peer import Peer, sha
+from peer import Peer, raw_connect, sha
 
 from mooncake.batch import CANCEL_GRACE
 from mooncake.engine import TransferEngine
@@ -104,7 +103,7 @@ def test_garbage_drops_only_that_connection(engine, peer, kind, payload):
     buf = np.random.default_rng(1).integers(0, 256, MiB, dtype=np.uint8)
     engine.register(buf)
     engine.write(peer.segment, buf, raddr)  # an established lane, kept across the garbage
-    s = socket.create_connection(_addr(engine, peer.segment, kind), timeout=10)
+    s = raw_connect(_addr(engine, peer.segment, kind), "tcp-data" if kind == "data" else "rpc")
     s.sendall(GARBAGE[payload])  # and keep the socket open: the server must still drop it
     s.settimeout(10)
     try:

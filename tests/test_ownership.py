@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from peer import sha
+from peer import raw_connect, sha
 
 from mooncake._core import batch as _core
 from mooncake.engine import TransferEngine
@@ -106,7 +106,7 @@ def test_remote_write_into_read_only_region_is_refused_by_the_target(eng, peer):
         eng.write(peer.segment, src, raddr)
     assert eng.transfer_sync_write(peer.segment, src.ctypes.data, raddr, 4096) == -1
     # a raw client that skips the initiator's check: the target answers DENIED, and lives
-    s = socket.create_connection(_data_port(eng, peer.segment), timeout=10)
+    s = raw_connect(_data_port(eng, peer.segment))
     s.sendall(REQ.pack(MAGIC, 1, 0, 0, 7, 0, raddr, 4096) + b"\xee" * 4096)
     magic, status, seq, _ = RSP.unpack(s.recv(16, socket.MSG_WAITALL))
     assert (status, seq) == (2, 7)
@@ -120,7 +120,7 @@ def test_remote_write_into_read_only_region_is_refused_by_the_target(eng, peer):
 
 def test_stalled_write_header_freezes_nothing(eng, peer):
     raddr = peer.alloc(4 * MiB, seed=11)
-    s = socket.create_connection(_data_port(eng, peer.segment), timeout=10)
+    s = raw_connect(_data_port(eng, peer.segment))
     s.sendall(REQ.pack(MAGIC, 1, 0, 0, 1, 0, raddr, MiB) + b"\x00" * 10)  # then nothing
     try:
         time.sleep(0.2)
@@ -136,7 +136,7 @@ def test_stalled_write_header_freezes_nothing(eng, peer):
 
 def test_undrained_read_reply_freezes_nothing(eng, peer):
     raddr = peer.alloc(64 * MiB, seed=12)
-    s = socket.create_connection(_data_port(eng, peer.segment), timeout=10)
+    s = raw_connect(_data_port(eng, peer.segment))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     for i in range(8):  # 512 MiB of replies that we never read
         s.sendall(REQ.pack(MAGIC, 0, 0, 0, i, 0, raddr, 64 * MiB))

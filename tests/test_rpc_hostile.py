@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from mooncake.auth import ANSWER, HELLO, VERDICT, ClusterAuth
+from mooncake.auth import MAGIC as AUTH_MAGIC
 from mooncake.errors import PeerUnreachable
 from mooncake.rpc import HEADER, MAGIC, REPLY, REQUEST, RpcClient
 
@@ -32,6 +34,7 @@ if opts.get("nofile"):
     want = opts["nofile"] if hard == resource.RLIM_INFINITY else min(opts["nofile"], hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
+from mooncake.auth import ClusterAuth
 from mooncake.rpc import HEADER, MAGIC, REPLY, Listener, RpcServer
 
 hog = []
@@ -63,6 +66,8 @@ elif mode in ("drip", "nested"):  # a hostile RPC *server*
 
     def peer(conn):
         try:
+            if "reply" not in opts and not ClusterAuth(None).serve(conn, "rpc", "client", 5):
+                return  # an RPC server speaks first: its handshake, then the dripped reply
             conn.recv(65536)  # the request
             if mode == "nested":
                 body = b"[" * 200000 + b"]" * 200000
@@ -240,6 +245,30 @@ def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=HANG)
 
 
+def rpc_connect(port: int) -> socket.socket:
+    """A raw connection to an RPC port, past the (open-mode) handshake."""
+    s = connect(port)
+    ClusterAuth(None).client(s, "rpc", "test server", HANG)
+    s.settimeout(HANG)
+    return s
+
+
+#: an open-mode answer to any hello (it does not depend on the server's nonce): sent ahead by a
+#: client that cannot wait for the hello
+OPEN_ANSWER = ANSWER.pack(AUTH_MAGIC, 0, os.urandom(16), bytes(32))
+
+
+def skip_handshake(s: socket.socket) -> None:
+    """Read the hello and the verdict that precede the replies of a pre-sent answer."""
+    s.settimeout(HANG)
+    got = b""
+    while len(got) < HELLO.size + VERDICT.size:
+        chunk = s.recv(HELLO.size + VERDICT.size - len(got))
+        assert chunk, "closed during the handshake"
+        got += chunk
+    assert got[:4] == AUTH_MAGIC and got[HELLO.size] == 1
+
+
 # ---- accept survives EMFILE ----------------------------------------------------------------
 
 
@@ -252,11 +281,12 @@ def test_rpc_accept_survives_emfile(children, client):
     assert hog["errno"] == 24 and hog["hogged"] > 0  # EMFILE
     waiting = [connect(srv.port) for _ in range(3)]  # completed by the kernel, not accepted
     for i, s in enumerate(waiting):
-        s.sendall(request("echo", {"i": i}))
+        s.sendall(OPEN_ANSWER + request("echo", {"i": i}))
     wait_for(lambda: srv.stats()["accept_errors"] > 0, what="accept hitting EMFILE")
     assert srv.p.poll() is None
     srv.cmd("unhog")
     for i, s in enumerate(waiting):  # the accept loop is still there: they are served now
+        skip_handshake(s)
         assert read_reply(s) == {"ok": True, "result": {"i": i}}
         s.close()
     assert client.call(srv.segment, "echo", {"v": 2}) == {"v": 2}
@@ -332,10 +362,10 @@ def test_1100_idle_connections_do_not_lock_out_a_peer(children, client, cap):
 
 def test_stalled_half_frame_is_dropped_others_served(children, client):
     srv = children("rpc", frame_timeout=1.0)
-    half_header = connect(srv.port)
+    half_header = rpc_connect(srv.port)
     half_header.sendall(b"MCRP\x01")
     frame = request("echo", {"x": "y" * 100})
-    half_body = connect(srv.port)
+    half_body = rpc_connect(srv.port)
     half_body.sendall(frame[: len(frame) // 2])
     for i in range(20):  # meanwhile everybody else is served
         assert client.call(srv.segment, "echo", {"i": i}) == {"i": i}
@@ -354,6 +384,7 @@ def test_reply_never_drained_blocks_nobody(children, client):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(("127.0.0.1", srv.port))
+        ClusterAuth(None).client(s, "rpc", "test server", HANG)
         s.sendall(request("big", {"n": 16 << 20}))  # a 16 MiB reply nobody reads
         hogs.append(s)
     for i in range(20):
@@ -366,7 +397,7 @@ def test_reply_never_drained_blocks_nobody(children, client):
 
 def test_slow_handler_does_not_stall_other_connections(children, client):
     srv = children("rpc", workers=2)
-    slow = connect(srv.port)
+    slow = rpc_connect(srv.port)
     slow.sendall(request("sleep", {"s": 3}))
     for i in range(10):  # the other worker and the selector thread go on
         assert client.call(srv.segment, "echo", {"i": i}) == {"i": i}
@@ -376,7 +407,7 @@ def test_slow_handler_does_not_stall_other_connections(children, client):
 
 def test_pipelined_requests_are_answered_in_order(children):
     srv = children("rpc")
-    s = connect(srv.port)
+    s = rpc_connect(srv.port)
     s.sendall(b"".join(request("echo", {"i": i}) for i in range(50)))
     for i in range(50):
         assert read_reply(s) == {"ok": True, "result": {"i": i}}
@@ -392,10 +423,10 @@ def test_pipelined_requests_are_answered_in_order(children):
 ], ids=["deep-json", "oversized", "reply-kind", "not-object", "http"])
 def test_malformed_frame_closes_only_that_connection(children, client, payload):
     srv = children("rpc")
-    bystander = connect(srv.port)
+    bystander = rpc_connect(srv.port)
     bystander.sendall(request("echo", {"before": 1}))
     assert read_reply(bystander)["result"] == {"before": 1}
-    bad = connect(srv.port)
+    bad = rpc_connect(srv.port)
     bad.sendall(payload)
     assert closed_by_peer(bad)
     bad.close()
@@ -410,7 +441,7 @@ def test_malformed_frame_closes_only_that_connection(children, client, payload):
 
 def test_idle_connections_are_reaped(children, client):
     srv = children("rpc", idle_timeout=1.0)
-    idle = connect(srv.port)
+    idle = rpc_connect(srv.port)
     assert closed_by_peer(idle)
     idle.close()
     assert srv.stats()["reaped"] >= 1

@@ -24,6 +24,13 @@ TIMEOUT (its QPs reset, each slice reported on its flush); a NIC pair whose QPs 
 or whose CQ fails, is skipped for ``MC_RDMA_RAIL_PAUSE_SECONDS``; a peer found gone (or whose
 handshake RPC fails) is not reconnected to for ``MC_CONN_PAUSE_TTL_MS``.  With
 ``MC_ENABLE_HCA_PEER_AFFINITY`` the peer NICs come from ``MC_NIC_PEER_AFFINITY``.
+
+Shared bandwidth quota (TENT's ``shared_quota_shm_path``, :mod:`mooncake.quota`): the first
+transfer through a local device joins this engine's slot on the device's NIC
+(:func:`~mooncake.quota.nic_key_for_rdma`: a RoCE port shares the entry of its netdev with the
+tcp transport) at ``MC_SHARED_QUOTA_PRIORITY``; the device's workers ask for every window of
+work requests and charge what they post (``verbs_kernel.Worker.set_quota``).  A table with no
+slot left: the device runs unregulated (a warning, once per NIC).  Slots go back at close.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mooncake import quota as _quota
 from mooncake._core import batch as _batch
 from mooncake.errors import ConfigError, MooncakeError, PeerUnreachable, TransportUnavailable
 from mooncake.fields import Field, FieldError, check_fields
@@ -76,6 +84,8 @@ _HEX32 = r"[0-9a-f]{32}"
 _MTUS = (256, 512, 1024, 2048, 4096)
 _U32 = (1 << 32) - 1
 _U24 = (1 << 24) - 1
+#: seconds between two tries to join a quota table that had no slot left for a device's NIC
+QUOTA_RETRY_S = 5.0
 
 
 def _dev_fields(i: int) -> dict[str, Field]:
@@ -193,6 +203,10 @@ class _Dev:
     store: EndpointStore | None = None
     ltab: Any = None
     ep_seq: int = 0
+    #: this engine's shared-quota slot on the device's NIC (None: not joined, or no room)
+    qslot: Any = None
+    #: no quota slot before this time.monotonic() (the table was full)
+    qretry: float = 0.0
 
     @property
     def name(self) -> str:
@@ -301,6 +315,14 @@ class RdmaTransport(Transport):
         #: (MC_CONN_PAUSE_TTL_MS)
         self._paused_peers: dict[tuple, tuple[float, str]] = {}
         self._affinity_warned: set[tuple] = set()
+        # shared bandwidth quota: one slot per local NIC, joined on the first transfer through
+        # it; a table that is not ours fails the start here
+        spec = str(g("transports/rdma/shared_quota_shm_path") or "")
+        self.quota: _quota.QuotaTable | None = _quota.open_table(spec) if spec else None
+        self.quota_priority = _quota.engine_weight(ctx.config) if spec else None
+        self._qslots: dict[str, _quota.QuotaSlot] = {}
+        self._qfull: set[str] = set()
+        self._qlock = threading.Lock()
 
     # ------------------------------------------------------------------ config helpers
     def _cfg(self, key: str) -> Any:
@@ -745,6 +767,8 @@ class RdmaTransport(Transport):
             slices.fail_all(_E_PEER)
             return
         cols = used
+        if self.quota is not None and d.qslot is None:
+            self._join_quota(d)
         try:
             rtab = self._remote_table(peer, pdevs)
         except Exception as e:
@@ -752,6 +776,34 @@ class RdmaTransport(Transport):
             slices.fail_all(_E_PEER)
             return
         K.submit(slices, d.ltab, 0, rtab, cols, eps, self.roundrobin)
+
+    def _join_quota(self, d: _Dev) -> None:
+        """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;
+        when the table has no room the device runs unregulated (said once per NIC; joining is
+        tried again QUOTA_RETRY_S later)."""
+        assert self.quota is not None
+        with self._qlock:
+            now = time.monotonic()
+            if d.qslot is not None or now < d.qretry:
+                return
+            nic = _quota.nic_key_for_rdma(d.name, d.port)
+            slot = self._qslots.get(nic)
+            if slot is None:
+                try:
+                    slot = self.quota.join(nic, self.quota_priority)
+                except _quota.QuotaFull as e:
+                    d.qretry = now + QUOTA_RETRY_S
+                    if nic not in self._qfull:
+                        self._qfull.add(nic)
+                        log.warning("rdma: %s; %s runs without the shared quota", e, d.name)
+                    return
+                self._qfull.discard(nic)
+                self._qslots[nic] = slot
+                log.debug("rdma: shared quota %s: slot %d on %s (%s) at weight %d",
+                          self.quota.path, slot.sid, nic, d.name, slot.weight)
+            for w in d.workers:
+                w.set_quota(slot.core, slot.sid)
+            d.qslot = slot
 
     def _repair_loop(self) -> None:
         while not self._closing:
@@ -907,6 +959,14 @@ class RdmaTransport(Transport):
                 w.stop()
             for t in d.threads:
                 t.join(5)
+        with self._qlock:   # the workers left their slots; give them back
+            qslots = list(self._qslots.values())
+            self._qslots.clear()
+            for d in self.devs:
+                d.qslot = None
+                d.qretry = float("inf")   # a late submit must not join again
+        for slot in qslots:
+            slot.release()
         with self._lock:
             for ep in self._retired:
                 if ep.users == 0:

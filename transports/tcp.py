@@ -22,7 +22,8 @@ from mooncake import quota as _quota
 from mooncake._core import batch as _batch
 from mooncake._core import tcp as _tcp
 from mooncake._core.batch import Slices
-from mooncake.errors import PeerUnreachable
+from mooncake.auth import ClusterAuth
+from mooncake.errors import AuthError, PeerUnreachable
 from mooncake.fields import Field
 from mooncake.rpc import Listener, port_candidates
 from mooncake.transport import SegmentDesc, Transport, TransportContext
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 E_PEER = _batch.E_PEER
 E_CLOSED = _batch.E_CLOSED
 E_TIMEOUT = _batch.E_TIMEOUT
+E_AUTH = _batch.E_AUTH
+#: seconds a refused cluster-token handshake is reported again before reconnecting
+AUTH_RETRY = 5.0
 MAX_FRAME = 1 << 30  # a request above this is a protocol violation, not a transfer
 #: a data connection that carries no request for this long is closed (the initiator reconnects)
 IDLE_TIMEOUT = 300.0
@@ -47,6 +51,8 @@ class _Peer:
         self.threads: list[threading.Thread] = []
         self.rr = count()
         self.lock = threading.Lock()
+        #: (when, AuthError) of the last handshake the peer refused
+        self.refused: tuple[float, AuthError] | None = None
 
 
 class TcpTransport(Transport):
@@ -67,6 +73,7 @@ class TcpTransport(Transport):
         self.nlanes: int = cfg["MC_TCP_LANES_PER_PEER"]
         self.connect_timeout: float = float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"])
         self.frame_timeout: float = float(cfg["MC_TRANSFER_TIMEOUT"])
+        self.auth: ClusterAuth = ctx.auth or ClusterAuth(None)
         # spinning only pays when the peer can run meanwhile on another CPU
         self.spin: float = cfg["MC_TCP_SPIN_US"] / 1e6 if _cpus() > 1 else 0.0
         #: TENT's grace period: a lane's worker polls its queue this long after a drive
@@ -97,6 +104,9 @@ class TcpTransport(Transport):
         return {"host": host, "data_port": self.listener.port, "version": 1}
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
+        # the cluster-token handshake before any frame is read
+        if not self.auth.serve(conn, "tcp-data", f"{addr[0]}:{addr[1]}", self.connect_timeout):
+            return
         rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME, self.frame_timeout,
                         IDLE_TIMEOUT)
         if rc == 1:
@@ -127,6 +137,11 @@ class TcpTransport(Transport):
             return p, p.lanes
         with self._lock:
             p = self._peers.setdefault(key, _Peer())
+        if p.refused is not None:
+            when, err = p.refused
+            if time.monotonic() - when < AUTH_RETRY:
+                raise err  # the peer refused our token moments ago: say so, do not hammer it
+            p.refused = None
         with p.lock:
             if not _tcp.all_alive(p.lanes):
                 self._retire(p)
@@ -142,18 +157,36 @@ class TcpTransport(Transport):
         except OSError as e:
             raise PeerUnreachable(
                 f"tcp: cannot connect to {name} data port {host}:{port}: {e}") from None
-        s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout), self.poll_grace)
+        # held until its worker thread has done the cluster-token handshake: callers queue
+        # work meanwhile (bounded by their own deadlines), nobody blocks on a silent peer here
+        lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout), self.poll_grace, True)
         if self.quota is not None:
             slot = self._quota_slot(s.getsockname()[0], weight or self.quota_priority)
             if slot is not None:
                 lane.set_quota(slot.core, slot.sid)
-        t = threading.Thread(target=lane.run_worker, args=(self.frame_timeout,),
-                             name=f"mc-tcp-lane-{name}", daemon=True)
+        t = threading.Thread(target=self._lane_main, args=(p, lane, f"{name} data port "
+                             f"{host}:{port}"), name=f"mc-tcp-lane-{name}", daemon=True)
         t.start()
         p.threads.append(t)
         p.lanes.append(lane)
+
+    def _lane_main(self, p: _Peer, lane: _tcp.Lane, where: str) -> None:
+        """A lane's thread: the handshake, then the worker loop until the lane closes."""
+        try:
+            self.auth.client(lane.sock, "tcp-data", where, self.connect_timeout)
+        except AuthError as e:
+            p.refused = (time.monotonic(), e)
+            log.warning("tcp: %s", e)
+            lane.abort(E_AUTH)
+            return
+        except OSError as e:
+            log.info("tcp: %s: handshake failed: %s", where, e)
+            lane.abort(E_PEER)
+            return
+        lane.sock.settimeout(None)
+        lane.release()
+        lane.run_worker(self.frame_timeout)
 
     def _quota_slot(self, local_ip: str, weight: str | int) -> _quota.QuotaSlot | None:
         """This engine's slot at ``weight`` on the NIC of ``local_ip``, joined on first use;

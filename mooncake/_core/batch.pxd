@@ -16,6 +16,7 @@ cdef extern from "mc_errors.h" nogil:
         MC_E_UNREGISTERED
         MC_E_DENIED
         MC_E_CANCELED
+        MC_E_AUTH
 
 cdef extern from "mc_batch.h" nogil:
     enum:

@@ -17,12 +17,14 @@ E_CLOSED = MC_E_CLOSED
 E_UNREGISTERED = MC_E_UNREGISTERED
 E_DENIED = MC_E_DENIED
 E_CANCELED = MC_E_CANCELED
+E_AUTH = MC_E_AUTH
 
 #: short names of the codes (``TaskStatus.code_name``)
 CODE_NAMES = {
     MC_E_REFUSED: "REFUSED", MC_E_PEER: "PEER_LOST", MC_E_TIMEOUT: "TIMEOUT",
     MC_E_PROTO: "PROTOCOL", MC_E_LOCAL: "LOCAL", MC_E_CLOSED: "CLOSED",
     MC_E_UNREGISTERED: "UNREGISTERED", MC_E_DENIED: "DENIED", MC_E_CANCELED: "CANCELED",
+    MC_E_AUTH: "AUTH",
 }
 
 ERROR_NAMES = {
@@ -35,6 +37,7 @@ ERROR_NAMES = {
     MC_E_UNREGISTERED: "the local memory was unregistered while in flight",
     MC_E_DENIED: "the target's region does not allow this access (read-only)",
     MC_E_CANCELED: "the batch was cancelled",
+    MC_E_AUTH: "the peer refused our cluster token, or could not prove it (MC_CLUSTER_TOKEN)",
 }
 
 

@@ -11,6 +11,7 @@ enum { MC_E_REFUSED = 1000,      /* target refused the range (outside its regist
        MC_E_CLOSED = 1005,       /* the engine (or its transport) was closed meanwhile */
        MC_E_UNREGISTERED = 1006, /* the local memory was unregistered while in flight */
        MC_E_DENIED = 1007,       /* the target's region does not allow this access (read-only) */
-       MC_E_CANCELED = 1008 };   /* the caller cancelled the batch */
+       MC_E_CANCELED = 1008,     /* the caller cancelled the batch */
+       MC_E_AUTH = 1009 };       /* the peer refused our cluster token, or could not prove it */
 
 #endif

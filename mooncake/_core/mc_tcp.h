@@ -629,6 +629,14 @@ static inline void mc_lane_take(mc_lane_t *l, size_t n, uint32_t *seq0) {
     l->seq += (uint32_t)n;
 }
 
+/* Hand a lane held since its creation (its connection handshake) to its worker and callers. */
+static inline void mc_lane_release(mc_lane_t *l) {
+    pthread_mutex_lock(&l->mu);
+    l->owned = 0;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
 /* A synchronous caller drives its jobs itself; -EBUSY when the lane is not idle. */
 static inline int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout) {
     uint32_t seq0;

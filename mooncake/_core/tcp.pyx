@@ -28,12 +28,14 @@ cdef extern from "mc_tcp.h" nogil:
         const mc_quota_t *quota
         int32_t qslot
         uint32_t seq
+        int owned
     mc_lane_t *mc_lane_new(int fd)
     void mc_lane_free(mc_lane_t *l)
     void mc_lane_worker(mc_lane_t *l, double idle_timeout)
     void mc_lane_submit(mc_lane_t *l, mc_job_t *jobs, size_t n)
     int mc_lane_run(mc_lane_t *l, mc_job_t *jobs, size_t n, double timeout)
     int mc_lanes_run(mc_lane_t **lanes, size_t nl, mc_job_t *jobs, size_t n, double timeout)
+    void mc_lane_release(mc_lane_t *l)
     void mc_lane_fail(mc_lane_t *l, int32_t err)
     void mc_lane_close(mc_lane_t *l, int32_t err)
     int mc_lane_usable(mc_lane_t *l)
@@ -52,11 +54,13 @@ cdef class Lane:
     cdef readonly object sock
     cdef list _quotas   # every quota table this lane was given stays mapped while it lives
 
-    def __cinit__(self, sock, double spin=0.0, double grace=2.0, double poll_grace=0.0):
+    def __cinit__(self, sock, double spin=0.0, double grace=2.0, double poll_grace=0.0,
+                  bint held=False):
         self.sock = sock
         self.l = mc_lane_new(sock.fileno())
         if self.l == NULL:
             raise MemoryError()
+        self.l.owned = 1 if held else 0   # held: jobs queue up until release()
         self.l.spin = spin
         self.l.grace = grace
         self.l.poll_grace = poll_grace if poll_grace < 10.0 else 10.0
@@ -85,6 +89,11 @@ cdef class Lane:
     def quota_slot(self):
         """The quota slot id this lane charges, or None."""
         return None if self.l.quota == NULL else self.l.qslot
+
+    def release(self):
+        """Start serving a lane created ``held`` (its connection handshake is done)."""
+        with nogil:
+            mc_lane_release(self.l)
 
     def run_worker(self, double idle_timeout):
         """Drive queued jobs until closed; a peer silent for ``idle_timeout`` s fails them."""

@@ -10,7 +10,10 @@ Pieces (C structs owned by small cdef classes):
   completions at a time, reports each slice to the batch table, and sleeps on completion
   channels + an eventfd when idle.  Before posting a slice it asks the batch table whether the
   slice may still touch memory (``mc_slice_live``: the batch was cancelled, or its region
-  unregistered); if not, the slice ends with that code without being posted.
+  unregistered); if not, the slice ends with that code without being posted.  With a shared
+  bandwidth quota (``set_quota``: the engine's slot on the worker's NIC, mc_quota.h) every
+  window of work requests is asked for first (at most ``mc_quota_quantum`` bytes); a refusal
+  holds posting back for the wait it names while the CQs are still polled.
 * ``Endpoint``: ``n`` RC QPs to one peer device, polled and posted by one worker.  A slice that
   fails with a retryable status is reposted on another healthy QP of its endpoint; when none is
   left it goes to the ``Hub``, where the transport's repair thread rebuilds the endpoint (a
@@ -35,7 +38,7 @@ completes whatever reaches its inbox afterwards with MC_E_CLOSED, so no slice is
 
 cimport cython
 from libc.errno cimport errno
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport UINT64_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
@@ -81,7 +84,19 @@ from mooncake._core.libibverbs cimport (
     ibv_wc,
     ibv_wr_opcode,
 )
+from mooncake._core.quota cimport (
+    Table,
+    mc_quota_charge,
+    mc_quota_enter,
+    mc_quota_leave,
+    mc_quota_t,
+    mc_quota_wait_ns,
+)
 from mooncake._core.verbs cimport CQ, QP
+
+cdef extern from "mc_quota.h" nogil:
+    uint64_t MC_QUOTA_QUANTUM
+    uint64_t mc_quota_quantum(const mc_quota_t *q, int32_t sid)
 
 cdef extern from *:
     """
@@ -93,11 +108,27 @@ cdef extern from *:
     #include <time.h>
     #include <unistd.h>
     #include <errno.h>
+    #include "mc_quota.h"
     #define mcv_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_ACQ_REL)
     #define mcv_load(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
     #define mcv_store(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
     static inline void mcv_kick(int fd) { uint64_t one = 1; ssize_t r = write(fd, &one, 8); (void)r; }
     static inline void mcv_drain(int fd) { uint64_t v; ssize_t r = read(fd, &v, 8); (void)r; }
+    /* the quota a worker is handed while it runs: published once, read by its thread */
+    static inline const mc_quota_t *mcv_loadq(const mc_quota_t **p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void mcv_storeq(const mc_quota_t **p, const mc_quota_t *v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    /* poll with a timeout in ns (the quota's waits are tens of microseconds) */
+    static inline int mcv_poll_ns(struct pollfd *fds, int n, int64_t ns) {
+        struct timespec ts;
+        if (ns < 0) ns = 0;
+        ts.tv_sec = (time_t)(ns / 1000000000LL);
+        ts.tv_nsec = (long)(ns % 1000000000LL);
+        return ppoll(fds, (nfds_t)n, &ts, NULL);
+    }
 
     /* Per-thread xorshift64*: no state shared between threads that pick paths at once. */
     static __thread uint64_t mcv_rng_state;
@@ -167,6 +198,9 @@ cdef extern from *:
     void mcv_drain(int fd) nogil
     uint32_t mcv_rand() nogil
     void mcv_cond_init_mono(pthread_cond_t *c) nogil
+    const mc_quota_t *mcv_loadq(const mc_quota_t **p) nogil
+    void mcv_storeq(const mc_quota_t **p, const mc_quota_t *v) nogil
+    int mcv_poll_ns(pollfd *fds, int n, int64_t ns) nogil
     int mcv_cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, double deadline) nogil
 
 cdef enum:
@@ -176,6 +210,11 @@ cdef enum:
     MAX_CQ = 64      # CQs one worker polls
     MAX_QP = 255     # QPs per endpoint
     MAX_PATHS = 64   # endpoints one submit spreads over
+    #: under quota contention a worker keeps at most this many quanta posted and not completed:
+    #: the next window is asked for as the NIC drains the last (as a socket buffer paces TCP), so
+    #: the shares the quota grants are the shares the link carries.  Alone: no limit.
+    QUOTA_INFLIGHT = 2
+    QUOTA_WINDOW_SCAN = 64   # pending slices summed for a window's size
 
 cdef enum:
     EP_OK = 0
@@ -218,6 +257,7 @@ cdef struct vslice:
     uint32_t task
     uint8_t op
     uint8_t retries
+    uint8_t charged     # posted under the quota: its bytes count in the worker's qinfl
     int qp
 
 cdef struct vhub:
@@ -250,6 +290,17 @@ cdef struct vworker:
     int64_t canceled
     int64_t poll_errors
     int64_t sleeps
+    # shared bandwidth quota (mc_quota.h); all NULL/0 without one
+    const mc_quota_t *qpub   # published by Worker.set_quota (atomic), possibly while running
+    const mc_quota_t *q      # the loop's copy (refreshed from qpub until set)
+    int32_t qslot
+    int qin             # entered: the worker has slices waiting to be posted
+    double qresume      # refused: no new window before this (mc_now()), 0 = none
+    int64_t qinfl       # bytes posted under the quota whose completion was not polled yet
+    double qlast        # the last ask (mc_now())
+    int64_t qdone       # charged slices completed since the last ask
+    int64_t qwaits      # windows refused
+    int64_t qheld       # passes held back by the in-flight limit (QUOTA_INFLIGHT)
 
 cdef struct vep:
     int64_t id
@@ -431,6 +482,41 @@ cdef inline void _on_error(vworker *w, vslice *s, int status) noexcept nogil:
             _push(ep.worker, s, s, 1)   # its worker reposts it on another QP, or hands it on
 
 
+cdef inline void _charge(vworker *w, ibv_send_wr *wrs, int n) noexcept nogil:
+    """Charge the quota for the first ``n`` work requests of a posted chain."""
+    cdef uint64_t b = 0
+    cdef int i
+    cdef vslice *s
+    for i in range(n):
+        s = <vslice *><uintptr_t>wrs[i].wr_id
+        s.charged = 1
+        b += s.length
+    mc_quota_charge(w.q, w.qslot, b)
+    w.qinfl += <int64_t>b
+
+
+cdef inline void _append(vslice *s, vslice **head, vslice **tail) noexcept nogil:
+    if tail[0] == NULL:
+        head[0] = s
+    else:
+        tail[0].next = s
+    tail[0] = s
+
+
+cdef inline uint64_t _window(vslice *s, vslice *rest, uint64_t qmax) noexcept nogil:
+    """The bytes of the window that starts with ``s`` (then ``rest``): at most ``qmax``, at
+    least ``s``."""
+    cdef uint64_t b = s.length
+    cdef int k = 0
+    while rest != NULL and b < qmax and k < QUOTA_WINDOW_SCAN:
+        b += rest.length
+        rest = rest.next
+        k += 1
+    if b > qmax:
+        b = qmax if qmax > s.length else s.length
+    return b
+
+
 cdef int _flush(vworker *w, vep *ep, int q, ibv_send_wr *wrs, int n,
                 vslice **keep_head, vslice **keep_tail) noexcept nogil:
     """Post ``wrs[0..n)`` as one chain on ``ep``'s QP ``q``; unposted slices go back to keep."""
@@ -446,8 +532,12 @@ cdef int _flush(vworker *w, vep *ep, int q, ibv_send_wr *wrs, int n,
     w.post_calls += 1
     if rc == 0:
         w.posted += n
+        if w.q != NULL:
+            _charge(w, wrs, n)
         return n
     first_bad = <int>(bad - wrs) if bad != NULL else 0
+    if w.q != NULL and first_bad > 0:
+        _charge(w, wrs, first_bad)
     if rc != ENOMEM:
         mcv_store(&ep.qp_bad[q], 1)
         mcv_store(&ep.last_status, -rc)
@@ -467,7 +557,15 @@ cdef int _flush(vworker *w, vep *ep, int q, ibv_send_wr *wrs, int n,
 
 
 cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
-    """Post what can be posted from the pending list; the rest stays in it."""
+    """Post what can be posted from the pending list; the rest stays in it.
+
+    With a quota, each window (at most ``mc_quota_quantum`` bytes) is asked for before its
+    first work request is built; what is posted is charged (``_flush``).  A refusal (or, under
+    contention, QUOTA_INFLIGHT quanta still in flight) keeps the rest of the list for a later
+    pass; slices that must end without being posted still end now.  A worker held back by
+    anything but a refusal (its in-flight limit, full QPs) while its bytes keep completing
+    still asks every quarter of the table's stale time: it uses the link, so it keeps
+    competing (one that completes nothing stops competing, as the table intends)."""
     cdef ibv_send_wr wrs[CHAIN]
     cdef ibv_sge sges[CHAIN]
     cdef int nwr = 0, q, cur_q = -1, posted = 0, err
@@ -478,6 +576,16 @@ cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
     cdef vslice *keep_head = NULL
     cdef vslice *keep_tail = NULL
     cdef ibv_send_wr *wr
+    cdef const mc_quota_t *quota = w.q
+    cdef uint64_t used = 0, budget = 0, qmax, ns
+    cdef bint held = False   # the quota holds the rest of this pass back
+    cdef bint asked = False
+    cdef double now
+    if quota != NULL and w.qresume > 0:
+        if mc_now() < w.qresume:
+            held = True
+        else:
+            w.qresume = 0
     while s != NULL:
         nxt = s.next
         s.next = NULL
@@ -492,19 +600,44 @@ cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
             _requeue(w, s)
             s = nxt
             continue
+        if held:
+            _append(s, &keep_head, &keep_tail)
+            s = nxt
+            continue
         q = _pick_qp(ep) if mcv_load(&ep.cq.out) < ep.cq.cap else -1
         if q == -2:
             _to_hub(w.hub, s)
             s = nxt
             continue
         if q == -1:
-            if keep_tail == NULL:
-                keep_head = s
-            else:
-                keep_tail.next = s
-            keep_tail = s
+            _append(s, &keep_head, &keep_tail)
             s = nxt
             continue
+        if quota != NULL and used >= budget:
+            # a new window: what is built is posted (and charged) first, then ask
+            if nwr:
+                posted += _flush(w, cur_ep, cur_q, wrs, nwr, &keep_head, &keep_tail)
+                nwr = 0
+            qmax = mc_quota_quantum(quota, w.qslot)
+            if qmax != UINT64_MAX and w.qinfl >= <int64_t>(QUOTA_INFLIGHT * MC_QUOTA_QUANTUM):
+                w.qheld += 1     # contended, and enough in flight: ask once some of it is done
+                held = True
+            else:
+                ns = mc_quota_wait_ns(quota, w.qslot, _window(s, nxt, qmax))
+                asked = True
+                now = mc_now()
+                w.qlast = now
+                w.qdone = 0
+                if ns:
+                    w.qwaits += 1
+                    w.qresume = now + <double>ns * 1e-9
+                    held = True
+                else:
+                    budget = UINT64_MAX if qmax > UINT64_MAX - used else used + qmax
+            if held:
+                _append(s, &keep_head, &keep_tail)
+                s = nxt
+                continue
         if nwr and (ep != cur_ep or q != cur_q or nwr == CHAIN):
             posted += _flush(w, cur_ep, cur_q, wrs, nwr, &keep_head, &keep_tail)
             nwr = 0
@@ -528,9 +661,19 @@ cdef int _post_pending(vworker *w, vslice **phead) noexcept nogil:
         wr.wr.rdma.remote_addr = s.remote
         wr.wr.rdma.rkey = s.rkey
         nwr += 1
+        used += s.length
         s = nxt
     if nwr:
         posted += _flush(w, cur_ep, cur_q, wrs, nwr, &keep_head, &keep_tail)
+    if quota != NULL and keep_head != NULL and not asked and w.qresume == 0 and w.qdone > 0:
+        now = mc_now()
+        if now - w.qlast >= <double>quota.stale_ns * 0.25e-9:   # keep competing
+            ns = mc_quota_wait_ns(quota, w.qslot, keep_head.length)
+            w.qlast = now
+            w.qdone = 0
+            if ns:
+                w.qwaits += 1
+                w.qresume = now + <double>ns * 1e-9
     phead[0] = keep_head
     return posted
 
@@ -550,6 +693,10 @@ cdef int _poll_cqs(vworker *w) noexcept nogil:
             continue
         for i in range(n):
             s = <vslice *><uintptr_t>wcs[i].wr_id
+            if s.charged:   # posted under the quota: no longer in flight
+                s.charged = 0
+                w.qinfl -= <int64_t>s.length
+                w.qdone += 1
             _infl_del(s.ep, s)
             mcv_add(&s.ep.done, 1)
             mcv_add(&s.ep.qp_out[s.qp], -1)
@@ -571,11 +718,13 @@ cdef void _arm(vworker *w) noexcept nogil:
             ibv_req_notify_cq(w.cqs[c].cq, 0)
 
 
-cdef void _sleep(vworker *w, bint busy) noexcept nogil:
+cdef void _sleep(vworker *w, bint busy, double until) noexcept nogil:
     """Block until new work or a completion event; ``busy``: completions are outstanding (the
-    CQs were armed and polled empty since)."""
+    CQs were armed and polled empty since); ``until`` > 0: the quota asked to wait until then
+    (mc_now()), so never sleep past it."""
     cdef pollfd fds[MAX_CQ + 1]
     cdef int n = 1, c, k
+    cdef int64_t ns
     cdef ibv_cq *ev_cq
     cdef void *ev_ctx
     fds[0].fd = w.evfd
@@ -592,7 +741,11 @@ cdef void _sleep(vworker *w, bint busy) noexcept nogil:
                 fds[n].events = POLLIN
                 n += 1
         # another worker sharing a channel may take our event: never sleep long
-        poll(fds, n, 10 if n > 1 else 1)
+        ns = (10 if n > 1 else 1) * 1000000
+        if until > 0:
+            ns = min(ns, <int64_t>((until - mc_now()) * 1e9))
+        if ns > 0:
+            mcv_poll_ns(fds, n, ns)
     else:
         poll(fds, 1, 200)
     w.sleeps += 1
@@ -630,7 +783,16 @@ cdef void _loop(vworker *w) noexcept nogil:
                     tail.next = got
                 did = 1
         if pending != NULL:
+            if w.q == NULL:
+                w.q = mcv_loadq(&w.qpub)   # a quota handed over while running
+            if w.q != NULL and not w.qin:
+                mc_quota_enter(w.q, w.qslot)   # work to send: this slot competes
+                w.qin = 1
             did += _post_pending(w, &pending)
+            if pending == NULL and w.qin:
+                mc_quota_leave(w.q, w.qslot)   # all posted: it no longer holds anyone back
+                w.qin = 0
+                w.qresume = 0
         did += _poll_cqs(w)
         if did:
             idle = 0
@@ -650,11 +812,14 @@ cdef void _loop(vworker *w) noexcept nogil:
             _arm(w)   # then one more empty poll round before sleeping
             armed = True
             continue
-        _sleep(w, busy)
+        _sleep(w, busy, w.qresume if pending != NULL else 0.0)
         armed = False
         idle = w.spin - 1   # after a wake-up, one poll round, then sleep again if idle
     # stopping: nothing new is accepted; whatever was never posted ends now.  Posted slices
     # stay on their endpoints until Endpoint.teardown (after the QPs are destroyed).
+    if w.qin:
+        mc_quota_leave(w.q, w.qslot)
+        w.qin = 0
     pthread_mutex_lock(&w.mu)
     mcv_store(&w.dead, 1)
     got = w.in_head
@@ -830,6 +995,7 @@ cdef class Worker:
     cdef vworker *w
     cdef readonly list slots
     cdef readonly Hub hub
+    cdef readonly Table quota   # the shared quota table this worker charges (kept mapped)
 
     def __cinit__(self, list slots not None, Hub hub not None, int retry_cnt=9, int spin=64,
                   double grace=0.0):
@@ -880,6 +1046,26 @@ cdef class Worker:
         mcv_store(&self.w.stop, 1)
         mcv_kick(self.w.evfd)
 
+    def set_quota(self, Table table not None, int64_t sid):
+        """Ask slot ``sid`` of the shared quota ``table`` for every window this worker posts
+        and charge it what was posted (mc_quota.h).  May be called while the worker runs (it
+        takes the quota up on its next pass); once set, it stays for the worker's life."""
+        if sid < 0 or sid >= <int64_t>table.q.max_nics * table.q.max_slots:
+            raise IndexError(f"quota slot id {sid} out of range")
+        if self.quota is not None:
+            if self.quota is table and self.w.qslot == sid:
+                return
+            raise RuntimeError("this worker already charges a quota slot")
+        self.quota = table
+        self.w.qslot = <int32_t>sid
+        mcv_storeq(&self.w.qpub, &table.q)   # publishes qslot too (release)
+        mcv_kick(self.w.evfd)
+
+    @property
+    def quota_slot(self):
+        """The quota slot id this worker charges, or None."""
+        return None if self.quota is None else self.w.qslot
+
     @property
     def stopped(self):
         """The loop has exited (or never ran and ``stop()`` was called and ``run()`` returned):
@@ -893,7 +1079,8 @@ cdef class Worker:
         cdef vworker *w = self.w
         return dict(posted=w.posted, post_calls=w.post_calls, completed=w.completed,
                     failed=w.failed, retried=w.retried, canceled=w.canceled,
-                    poll_errors=w.poll_errors, sleeps=w.sleeps)
+                    poll_errors=w.poll_errors, sleeps=w.sleeps, quota_waits=w.qwaits,
+                    quota_held=w.qheld, quota_inflight=w.qinfl)
 
 
 @cython.no_gc_clear

@@ -22,7 +22,7 @@ import signal
 import time
 from typing import Any
 
-__all__ = ["Peer", "sha"]
+__all__ = ["Peer", "sha", "raw_connect"]
 
 _ctx = mp.get_context("spawn")
 
@@ -297,3 +297,22 @@ class Peer:
 def sha(data) -> str:
     """SHA-256 of a buffer (bytes, bytearray, NumPy array...)."""
     return hashlib.sha256(bytes(data)).hexdigest()
+
+
+def raw_connect(address: tuple[str, int], channel: str = "tcp-data", token: str | None = None,
+                timeout: float = 10.0):
+    """A raw socket to an engine's port (``channel`` ``"tcp-data"`` or ``"rpc"``), past the
+    cluster-token handshake (open mode without ``token``): for tests that speak the wire
+    protocol themselves, as a hostile client would."""
+    import socket
+
+    from mooncake.auth import ClusterAuth
+
+    s = socket.create_connection(address, timeout=timeout)
+    try:
+        ClusterAuth(token.encode() if token else None).client(s, channel, f"{address}", timeout)
+    except BaseException:
+        s.close()
+        raise
+    s.settimeout(timeout)
+    return s
