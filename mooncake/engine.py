@@ -57,9 +57,6 @@ E_CLOSED = _core.E_CLOSED
 E_REFUSED = _core.E_REFUSED
 MAX_LENGTH = 1 << 48
 MAX_TIMEOUT = 86400.0
-#: notifications kept until get_notifies() takes them; beyond, new ones are dropped (counted)
-MAX_NOTIFIES = 4096
-MAX_NOTIFY_BYTES = 16 << 20
 
 
 class TransferEngine(MooncakeAPI):
@@ -103,6 +100,8 @@ class TransferEngine(MooncakeAPI):
         self._notifies: list[TransferNotify] = []
         self._notify_bytes = 0
         self.notifies_dropped = 0
+        self._max_notifies = cfg["MC_MAX_NOTIFIES"]
+        self._max_notify_bytes = cfg["MC_MAX_NOTIFY_BYTES"]
         self._stuck: dict[int, Region] = {}  # unregistered while something still held them
         self._routes: dict[str, tuple[Transport, dict]] = {}
         self._warned: set[str] = set()
@@ -122,7 +121,9 @@ class TransferEngine(MooncakeAPI):
                               backlog=cfg["MC_HANDSHAKE_LISTEN_BACKLOG"],
                               frame_timeout=self._timeout, workers=cfg["MC_TENT_RPC_THREADS"],
                               auth=self.auth,
-                              handshake_timeout=float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]))
+                              handshake_timeout=float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"]),
+                              max_connections=cfg["MC_MAX_CONNECTIONS"],
+                              max_per_peer=cfg["MC_MAX_CONNECTIONS_PER_PEER"])
         try:
             self.segment_name = f"{host}:{self._rpc.port}"
             self._rpc.add_handler("segment.describe", lambda args: self.describe())
@@ -246,7 +247,8 @@ class TransferEngine(MooncakeAPI):
     def describe(self) -> dict:
         """Our segment descriptor (what peers fetch)."""
         with self._lock:
-            bufs = [r.describe() for r in sorted(self._regions.values(), key=lambda r: r.addr)]
+            bufs = [r.describe() for r in sorted(self._regions.values(), key=lambda r: r.addr)
+                    if r.flags & _regions.REMOTE_READ]  # 'local' regions are not published
         return self.auth.sign({
             "name": self.segment_name,
             "protocol": self.protocol,
@@ -283,10 +285,13 @@ class TransferEngine(MooncakeAPI):
         """Register memory: an int address (with ``length``) or a NumPy/CuPy array or buffer.
 
         The registration holds the object's buffer export until :meth:`unregister` (a
-        registered ``bytearray`` cannot be resized meanwhile).  ``access``: ``"rw"`` (local
-        READs and peers' WRITEs may land in it), ``"ro"`` (a WRITE source and a READ target for
-        peers only), or ``"auto"``: ``"ro"`` for read-only memory (``bytes``, a read-only array,
-        a ``PROT_READ`` mapping), else ``"rw"``.  Returns the :class:`Region`.
+        registered ``bytearray`` cannot be resized meanwhile).  ``access`` (TENT's
+        permissions): ``"rw"`` (remote read-write: local READs and peers' WRITEs may land in
+        it), ``"ro"`` (remote read-only: a WRITE source and a READ target for peers only),
+        ``"local"`` (not published: only this engine's own transfers use it; every target
+        refuses peers' requests for it), or ``"auto"``: ``"ro"`` for read-only memory
+        (``bytes``, a read-only array, a ``PROT_READ`` mapping), else ``"rw"``.  Returns the
+        :class:`Region`.
         """
         self._check_started()
         flags = _access_flags(access)
@@ -723,8 +728,8 @@ class TransferEngine(MooncakeAPI):
             raise InvalidAddress("a notification's name and msg must be strings")
         size = len(name) + len(msg)
         with self._lock:
-            if len(self._notifies) >= MAX_NOTIFIES or \
-                    self._notify_bytes + size > MAX_NOTIFY_BYTES:
+            if len(self._notifies) >= self._max_notifies or \
+                    self._notify_bytes + size > self._max_notify_bytes:
                 self.notifies_dropped += 1
                 if self.notifies_dropped in (1, 10, 100) or self.notifies_dropped % 1000 == 0:
                     log.warning("notification queue full (%d kept, %d bytes): %d dropped so far; "
@@ -867,7 +872,10 @@ def _access_flags(access: str) -> int | None:
         return _regions.ALL
     if a in ("ro", "read-only", "remote-ro"):
         return _regions.READ_ONLY
-    raise InvalidAddress(f"access={access!r}: allowed 'auto', 'rw' (read-write), 'ro' (read-only)")
+    if a == "local":
+        return _regions.LOCAL_WRITE
+    raise InvalidAddress(f"access={access!r}: allowed 'auto', 'rw' (read-write), 'ro' (read-only), "
+                         "'local' (not published: this engine's transfers only)")
 
 
 def _hint(e: OSError) -> str:

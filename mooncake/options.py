@@ -409,6 +409,24 @@ OPTIONS: tuple[Option, ...] = (
     _O("MC_CLUSTER_TOKEN_FILE", str, "", doc="file holding the cluster token (mode 0600; at "
        "most 4 KiB; surrounding whitespace ignored), instead of MC_CLUSTER_TOKEN",
        reads=("mooncake/auth.py",)),
+    _O("MC_MAX_CONNECTIONS", int, 512, range=(1, 1 << 20),
+       doc="connections each listener (RPC, tcp data) holds at once; beyond it a newcomer is "
+           "refused (RPC: the connection still in its handshake, else the longest idle, is "
+           "evicted for it); counted",
+       reads=("mooncake/engine.py", "transports/tcp.py")),
+    _O("MC_MAX_CONNECTIONS_PER_PEER", int, 128, range=(0, 1 << 20), special=((0, "no limit"),),
+       doc="connections one peer address may hold on each listener at once (0: no limit); "
+           "beyond it a newcomer is refused and counted",
+       hint="raise it when many engines share one host address (each opens "
+            "MC_TCP_LANES_PER_PEER data connections per priority class)",
+       reads=("mooncake/engine.py", "transports/tcp.py")),
+    _O("MC_MAX_NOTIFIES", int, 4096, range=(1, 1 << 24),
+       doc="notifications queued for get_notifies() at most; beyond it (or MC_MAX_NOTIFY_BYTES) "
+           "a new one is dropped and counted (notifies_dropped)",
+       reads=("mooncake/engine.py",)),
+    _O("MC_MAX_NOTIFY_BYTES", "size", 16 << 20, range=(1, 1 << 40), unit="bytes",
+       doc="bytes of queued notifications at most (names and messages)",
+       reads=("mooncake/engine.py",)),
     # ---- SHM -------------------------------------------------------------------------------------
     _O("transports/shm/enable", bool, True, tent="transports/shm/enable", owner="shm",
        doc="TENT: enable the same-host shared-memory transport",

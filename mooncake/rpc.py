@@ -229,15 +229,21 @@ class Listener:
                  serve: Callable[[socket.socket, tuple], None] | None, name: str,
                  backlog: int = 128, max_connections: int = 512, *,
                  adopt: Callable[[socket.socket, tuple], None] | None = None,
-                 on_exhausted: Callable[[], None] | None = None) -> None:
+                 on_exhausted: Callable[[], None] | None = None,
+                 max_per_peer: int = 0) -> None:
         if (serve is None) == (adopt is None):
             raise ValueError("Listener needs exactly one of serve and adopt")
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.name = name
         self.max_connections = max_connections
+        #: connections one peer address may hold at once (thread mode; 0 = no limit)
+        self.max_per_peer = max_per_peer
         self.accepted = 0
         self.refused = 0
+        #: of ``refused``: those refused because their address held max_per_peer already
+        self.refused_per_peer = 0
+        self._per_peer: dict[str, int] = {}
         self.accept_errors = 0
         self._serve = serve
         self._adopt = adopt
@@ -303,25 +309,45 @@ class Listener:
             if self._closed:
                 conn.close()
                 return
-            if len(self._conns) >= self.max_connections:
+            host = addr[0] if addr else ""
+            mine = self._per_peer.get(host, 0)
+            over = self.max_per_peer and mine >= self.max_per_peer
+            if len(self._conns) >= self.max_connections or over:
                 self.refused += 1
+                self.refused_per_peer += 1 if over else 0
                 full = True
             else:
                 self._conns.add(conn)
+                self._per_peer[host] = mine + 1
                 full = False
         if full:
             conn.close()
-            self._warn.warn("%s on port %d: %d connections open (the cap); refused one "
-                                    "(%d refused so far)", self.name, self.port,
-                                    self.max_connections, self.refused)
+            if over:
+                self._warn.warn("%s on port %d: %s holds %d connections (the per-peer cap); "
+                                "refused one (%d so far)", self.name, self.port, host,
+                                self.max_per_peer, self.refused_per_peer)
+            else:
+                self._warn.warn("%s on port %d: %d connections open (the cap); refused one "
+                                "(%d refused so far)", self.name, self.port,
+                                self.max_connections, self.refused)
             return
         try:
             threading.Thread(target=self._run, args=(conn, addr), daemon=True,
                              name=self._thread.name + "-conn").start()
         except BaseException:
-            with self._lock:
-                self._conns.discard(conn)
+            self._forget(conn, addr)
             raise
+
+    def _forget(self, conn: socket.socket, addr: tuple) -> None:
+        host = addr[0] if addr else ""
+        with self._lock:
+            if conn in self._conns:
+                self._conns.discard(conn)
+                left = self._per_peer.get(host, 1) - 1
+                if left > 0:
+                    self._per_peer[host] = left
+                else:
+                    self._per_peer.pop(host, None)
 
     def _run(self, conn: socket.socket, addr: tuple) -> None:
         try:
@@ -329,8 +355,7 @@ class Listener:
         except Exception:
             log.debug("%s: serving %s failed", self.name, addr, exc_info=True)
         finally:
-            with self._lock:
-                self._conns.discard(conn)
+            self._forget(conn, addr)
             conn.close()
 
     def close(self) -> None:
@@ -394,7 +419,7 @@ class RpcServer:
     def __init__(self, host: str, ports: list[int], max_length: int, backlog: int = 128,
                  frame_timeout: float = 30.0, idle_timeout: float = 300.0, workers: int = 4,
                  max_connections: int = 512, auth: ClusterAuth | None = None,
-                 handshake_timeout: float = 5.0) -> None:
+                 handshake_timeout: float = 5.0, max_per_peer: int = 0) -> None:
         for what, v in (("frame_timeout", frame_timeout), ("idle_timeout", idle_timeout)):
             if not (isinstance(v, (int, float)) and v > 0 and not math.isnan(v)):
                 raise ValueError(f"RpcServer {what} must be > 0 seconds, got {v!r}")
@@ -406,6 +431,10 @@ class RpcServer:
         self.handshake_timeout = min(float(handshake_timeout), self.frame_timeout)
         self.idle_timeout = float(idle_timeout)
         self.max_connections = max_connections
+        #: connections one peer address may hold at once (0 = no limit)
+        self.max_per_peer = max_per_peer
+        self.refused_per_peer = 0
+        self._per_peer: dict[str, int] = {}
         self.evicted = 0
         self.reaped = 0
         self.dropped = 0
@@ -459,7 +488,7 @@ class RpcServer:
         return {"accepted": self.accepted, "refused": self.refused,
                 "accept_errors": self.accept_errors, "evicted": self.evicted,
                 "reaped": self.reaped, "dropped": self.dropped, "open": self.open_connections,
-                "auth_refused": self.auth.refused}
+                "refused_per_peer": self.refused_per_peer, "auth_refused": self.auth.refused}
 
     def close(self) -> None:
         if self._closed:
@@ -564,6 +593,15 @@ class RpcServer:
             self._warn.warn("RPC port %d: %d connections open and none idle; refused one",
                                  self.port, len(self._conns))
             return
+        host = addr[0] if addr else ""
+        if self.max_per_peer and self._per_peer.get(host, 0) >= self.max_per_peer:
+            self._refused += 1
+            self.refused_per_peer += 1
+            sock.close()
+            self._warn.warn("RPC port %d: %s holds %d connections (the per-peer cap); refused "
+                            "one (%d so far)", self.port, host, self.max_per_peer,
+                            self.refused_per_peer)
+            return
         try:
             sock.setblocking(False)
         except OSError:
@@ -579,6 +617,7 @@ class RpcServer:
             return
         c.frame_start = c.last_active  # the handshake must complete like a frame
         self._conns[id(c)] = c
+        self._per_peer[host] = self._per_peer.get(host, 0) + 1
         self._watch(c, selectors.EVENT_READ)
         self._next_sweep = min(self._next_sweep, c.last_active + self.handshake_timeout)
         self._on_read(c)  # a request already waiting makes it busy, not the next one evicted
@@ -612,6 +651,13 @@ class RpcServer:
         if c.closed:
             return
         c.closed = True
+        if self._conns.get(id(c)) is c:
+            host = c.addr[0] if c.addr else ""
+            left = self._per_peer.get(host, 1) - 1
+            if left > 0:
+                self._per_peer[host] = left
+            else:
+                self._per_peer.pop(host, None)
         if c.events:
             try:
                 self._sel.unregister(c.sock)

@@ -261,3 +261,82 @@ def test_a_forged_descriptor_in_the_metadata_store_is_rejected(kind):
                 raw_put(srv, key, json.dumps(body).encode())
                 with pytest.raises(AuthError, match="signature|not signed"):
                     b.segment(a.segment_name, refresh=True)
+
+
+def test_one_peer_address_cannot_take_every_connection():
+    """MC_MAX_CONNECTIONS_PER_PEER on both listeners: one address holding its share is refused
+    more (counted) while the engine keeps serving."""
+    from mooncake.rpc import Listener, RpcServer
+
+    srv = RpcServer("127.0.0.1", [0], 1 << 20, max_per_peer=3)
+    srv.add_handler("echo", lambda a: a)
+    held: list[socket.socket] = []
+    try:
+        held = [raw_connect(("127.0.0.1", srv.port), "rpc") for _ in range(3)]
+        extra = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        assert _read_all(extra) == b""  # closed at once: no hello
+        extra.close()
+        assert srv.stats()["refused_per_peer"] == 1
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # its slot comes back once the server saw the close
+            try:
+                s = raw_connect(("127.0.0.1", srv.port), "rpc")
+                break
+            except (OSError, AuthError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        held.append(s)
+    finally:
+        for s in held:
+            s.close()
+        srv.close()
+    served = []
+    lst = Listener("127.0.0.1", [0], lambda c, a: served.append(c.recv(1)), "test",
+                   max_per_peer=2)
+    try:
+        conns = [socket.create_connection(("127.0.0.1", lst.port), timeout=10) for _ in range(3)]
+        assert _read_all(conns[2]) == b""
+        assert lst.refused_per_peer == 1
+        for c in conns:
+            c.close()
+    finally:
+        lst.close()
+
+
+def test_local_regions_are_not_published_and_refused_by_the_target():
+    """access='local' (TENT's local permission): the engine's own transfers use it, it is not in
+    the descriptor, and the tcp target refuses a raw peer's READ and WRITE of it (DENIED)."""
+    target = Peer(protocol="tcp")
+    try:
+        with TransferEngine("127.0.0.1", protocol="tcp") as e:
+            secret = np.full(64 * KiB, 0x5A, np.uint8)
+            e.register(secret, access="local")
+            assert all(b["addr"] != secret.ctypes.data for b in e.describe()["buffers"])
+            raddr = target.alloc(64 * KiB, seed=8)
+            e.read(target.segment, secret, raddr)       # a local READ lands in it
+            assert sha(secret) == target.sha(raddr, 64 * KiB)
+            e.write(target.segment, secret, raddr)      # and it is a WRITE source
+            with TransferEngine("127.0.0.1", protocol="tcp") as other:
+                info = other.segment(e.segment_name).transports["tcp"]
+            before = sha(secret)
+            s = raw_connect((info["host"], info["data_port"]))
+            for op in (0, 1):  # READ, then WRITE of the local region
+                hdr = struct.pack("<IBBHIIQQ", 0x3154434D, op, 0, 0, 9 + op, 0,
+                                  secret.ctypes.data, 4096)
+                s.sendall(hdr + (b"\xee" * 4096 if op else b""))
+                magic, status, seq, _ = struct.unpack("<IIII", _recv(s, 16))
+                assert (magic, status, seq) == (0x3152434D, 2, 9 + op)  # DENIED
+            s.close()
+            assert sha(secret) == before
+    finally:
+        target.close()
+
+
+def _recv(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        assert chunk
+        out += chunk
+    return out

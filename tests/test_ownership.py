@@ -208,18 +208,22 @@ def test_out_of_range_descriptor_fields_are_refused(eng, bad):
 
 
 def test_notifications_are_bounded(eng, peer):
-    from mooncake.engine import MAX_NOTIFIES
-
-    t = TransferEngine("127.0.0.1", protocol="tcp")
+    """MC_MAX_NOTIFIES / MC_MAX_NOTIFY_BYTES bound the queue; each drop is counted."""
+    t = TransferEngine("127.0.0.1", protocol="tcp", MC_MAX_NOTIFIES=64,
+                       MC_MAX_NOTIFY_BYTES=64 * 1024)
     try:
-        for i in range(MAX_NOTIFIES):
+        for i in range(64):
             eng.notify(t.segment_name, "n", str(i))
         with pytest.raises(Exception, match="queue full"):
             eng.notify(t.segment_name, "n", "one too many")
         assert t.notifies_dropped == 1
-        assert len(t.get_notifies()) == MAX_NOTIFIES
+        assert len(t.get_notifies()) == 64
         eng.notify(t.segment_name, "n", "room again")
         assert [n.msg for n in t.get_notifies()] == ["room again"]
+        eng.notify(t.segment_name, "n", "x" * 60000)  # bytes: the second one does not fit
+        with pytest.raises(Exception, match="queue full"):
+            eng.notify(t.segment_name, "n", "y" * 10000)
+        assert t.notifies_dropped == 2
     finally:
         t.close()
 

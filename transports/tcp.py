@@ -100,7 +100,9 @@ class TcpTransport(Transport):
         cfg = self.ctx.config
         host = cfg["MC_TCP_BIND_ADDRESS"] or self.ctx.host
         ports = port_candidates(cfg["MC_MIN_RPC_PORT"], cfg["MC_MAX_RPC_PORT"])
-        self.listener = Listener(host, ports, self._serve, "tcp data listener")
+        self.listener = Listener(host, ports, self._serve, "tcp data listener",
+                                 max_connections=cfg["MC_MAX_CONNECTIONS"],
+                                 max_per_peer=cfg["MC_MAX_CONNECTIONS_PER_PEER"])
         return {"host": host, "data_port": self.listener.port, "version": 1}
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
