@@ -105,7 +105,7 @@ class _Invalid(ValueError):
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE | re.ASCII)
 _MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -250,6 +250,8 @@ def allowed(opt: Option) -> str:
 
 
 def _brief(raw: Any, limit: int = 80) -> str:
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw.bit_length() > 256:
+        return f"<an integer of {raw.bit_length()} bits>"  # repr refuses > 4300 digits
     text = repr(raw)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

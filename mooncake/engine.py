@@ -151,6 +151,8 @@ class TransferEngine(MooncakeAPI):
             threading.Thread(target=self._metric_loop, daemon=True, name="mc-metric").start()
         log.info("engine %s up: transports %s, metadata %s", self.segment_name,
                  ", ".join(self.transports), scheme)
+        if not self.auth.enabled and not _loopback(bind):
+            _warn_open_once(bind)
 
     def _start_transports(self, ctx: TransportContext) -> dict[str, Transport]:
         cfg = ctx.config
@@ -913,6 +915,27 @@ def _check_mapped(addr: int, length: int, flags: int, strict: bool) -> int:
                                  "access='ro' (a WRITE source or a READ target for peers)")
         return _regions.READ_ONLY
     return flags
+
+
+_warned_open: set[str] = set()
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _warn_open_once(bind: str) -> None:
+    if bind in _warned_open:
+        return
+    _warned_open.add(bind)
+    log.warning("engine listens on %s without a cluster token: any process that reaches it may "
+                "read and write registered memory; set MC_CLUSTER_TOKEN on every engine (or "
+                "bind to a trusted network)", bind)
 
 
 def _check_timeout(timeout: Any) -> float | None:

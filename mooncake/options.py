@@ -167,8 +167,9 @@ OPTIONS: tuple[Option, ...] = (
        pending="IPv6 is not implemented: the RPC listener (mooncake/rpc.py bind_first) and the "
                "TCP transport open AF_INET sockets only"),
     _O("MC_HANDSHAKE_MAX_LENGTH", "size", MiB, range=(1, 128 * MiB), unit="bytes",
-       doc="largest RPC/handshake frame accepted",
-       reads=("mooncake/engine.py",)),
+       doc="largest RPC/handshake frame accepted, and largest descriptor read from a metadata "
+           "store",
+       reads=("mooncake/engine.py", "mooncake/metadata/base.py")),
     _O("MC_HANDSHAKE_CONNECT_TIMEOUT", float, 5.0, range=(0, 3599), min_exclusive=True, unit="s",
        doc="connect timeout of RPC/handshake connections",
        reads=("mooncake/engine.py", "transports/tcp.py", "transports/rdma.py")),
@@ -222,6 +223,46 @@ OPTIONS: tuple[Option, ...] = (
     _O("MC_REDIS_DB_INDEX", int, 0, range=(0, 255), owner="metadata",
        doc="redis metadata: database index",
        reads=("mooncake/metadata/redis.py",)),
+    _O("MC_REDIS_CA_FILE", str, "", owner="metadata",
+       doc="redis metadata over TLS (rediss://): PEM file of the CA that signed the server's "
+           "certificate (default: the system's trusted CAs)",
+       reads=("mooncake/metadata/redis.py",)),
+    _O("MC_REDIS_CERT_FILE", str, "", owner="metadata",
+       doc="redis metadata over TLS: client certificate (PEM) for servers that verify "
+           "clients (tls-auth-clients yes)",
+       reads=("mooncake/metadata/redis.py",)),
+    _O("MC_REDIS_KEY_FILE", str, "", owner="metadata",
+       doc="redis metadata over TLS: private key of MC_REDIS_CERT_FILE (default: in that file)",
+       reads=("mooncake/metadata/redis.py",)),
+    _O("MC_METADATA_TOKEN", str, "", owner="metadata", secret=True,
+       doc="http metadata: bearer token sent with every request (the server's --token, "
+           "--token-file or MC_METADATA_TOKEN); the built-in server reads it too",
+       hint="set it on the server and on every engine whenever the metadata port is reachable "
+            "from untrusted hosts; without TLS in front it travels in clear text",
+       reads=("mooncake/metadata/http.py", "mooncake/metadata/http_server.py")),
+    _O("MC_METADATA_OWNER_SECRET", str, "", owner="metadata", secret=True,
+       doc="http metadata: the owner secret this engine binds its keys with (16..512 "
+           "characters; default: random per engine), so no other client may replace, "
+           "refresh or delete them",
+       hint="leave it unset; pin it only so a restarted engine with a fixed RPC port reclaims "
+            "its key before the old lease ends",
+       reads=("mooncake/metadata/http.py",)),
+    _O("MC_ETCD_USERNAME", str, "", owner="metadata",
+       doc="etcd metadata: user name (etcd auth enabled); with MC_ETCD_PASSWORD",
+       reads=("mooncake/metadata/etcd.py",)),
+    _O("MC_ETCD_PASSWORD", str, "", owner="metadata", secret=True,
+       doc="etcd metadata: password of MC_ETCD_USERNAME",
+       reads=("mooncake/metadata/etcd.py",)),
+    _O("MC_ETCD_CA_FILE", str, "", owner="metadata",
+       doc="etcd metadata over TLS (etcd://https://host:port): PEM file of the CA that signed "
+           "etcd's certificate (default: the system's trusted CAs)",
+       reads=("mooncake/metadata/etcd.py",)),
+    _O("MC_ETCD_CERT_FILE", str, "", owner="metadata",
+       doc="etcd metadata over TLS: client certificate (PEM) for --client-cert-auth",
+       reads=("mooncake/metadata/etcd.py",)),
+    _O("MC_ETCD_KEY_FILE", str, "", owner="metadata",
+       doc="etcd metadata over TLS: private key of MC_ETCD_CERT_FILE (default: in that file)",
+       reads=("mooncake/metadata/etcd.py",)),
     # ---- RDMA device ---------------------------------------------------------------------------
     _O("MC_NUM_CQ_PER_CTX", int, 1, tent=f"{_RDMA}/device/num_cq_list", range=(1, 255),
        owner="rdma", doc="completion queues per device",

@@ -340,3 +340,36 @@ def _recv(s: socket.socket, n: int) -> bytes:
         assert chunk
         out += chunk
     return out
+
+
+def test_an_open_engine_on_a_non_loopback_address_warns_once(caplog):
+    from mooncake import engine as eng_mod
+
+    assert eng_mod._loopback("127.0.0.1") and eng_mod._loopback("::1")
+    assert not eng_mod._loopback("10.0.0.5") and not eng_mod._loopback("0.0.0.0")
+    eng_mod._warned_open.discard("10.0.0.5")
+    with caplog.at_level(logging.WARNING, logger="mooncake.engine"):
+        eng_mod._warn_open_once("10.0.0.5")
+        eng_mod._warn_open_once("10.0.0.5")
+    lines = [r for r in caplog.records if "without a cluster token" in r.getMessage()]
+    assert len(lines) == 1 and "MC_CLUSTER_TOKEN" in lines[0].getMessage()
+    with caplog.at_level(logging.WARNING, logger="mooncake.engine"):
+        with TransferEngine("127.0.0.1", protocol="tcp"):
+            pass
+    assert len([r for r in caplog.records if "without a cluster token" in r.getMessage()]) == 1
+
+
+def test_an_oversized_descriptor_in_the_store_is_refused_unparsed():
+    """MC_HANDSHAKE_MAX_LENGTH bounds what a reader takes from a metadata store too."""
+    import servers
+    from test_metadata_stores import raw_put
+
+    from mooncake.metadata.base import DescriptorError
+
+    with servers.running("redis") as srv:
+        url = f"redis://{srv.host}:{srv.port}"
+        with TransferEngine("127.0.0.1", metadata=url, protocol="tcp",
+                            MC_HANDSHAKE_MAX_LENGTH=64 * KiB) as e:
+            raw_put(srv, "mooncake/ram/10.9.9.9:1", b"[" * (1 << 20))
+            with pytest.raises(DescriptorError, match="MC_HANDSHAKE_MAX_LENGTH"):
+                e.segment("10.9.9.9:1")

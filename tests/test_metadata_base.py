@@ -101,7 +101,7 @@ def _mut(path: str, value: object):  # noqa: ANN202
     (_mut("buffers.0.addr", "0x1000"), "not an address"),
     (_mut("buffers.0.length", 0), "positive integer"),
     (_mut("buffers.0.length", -8), "positive integer"),
-    (_mut("buffers.0.addr", (1 << 64) - 16), "runs past the end"),
+    (_mut("buffers.0.addr", (1 << 64) - 16), "end of the 64-bit address space"),
     (_mut("buffers.0.location", 0), "location must be a string"),
     (_mut("buffers.0.shm_name", 3), "shm_name must be a string"),
     (_mut("buffers.0.transports", "tcp"), r"buffers\[0\].transports must be an object"),

@@ -396,3 +396,28 @@ def test_forged_rdma_fields_are_refused(eng, local, field, value):
             eng.write(seg, local.ctypes.data, 1 << 30, 4096)
     finally:
         srv.close()
+
+
+def test_cluster_token_guards_the_qp_exchange():
+    """With MC_CLUSTER_TOKEN the QP exchange (over RPC) needs the token: engines sharing it
+    move bytes over rdma; one without it gets AuthError before any QP is connected."""
+    from mooncake.errors import AuthError
+
+    token = {"MC_CLUSTER_TOKEN": "rdma cluster secret"}
+    a, b, stranger = engine(**token), engine(**token), engine()
+    try:
+        src = np.frombuffer(pattern(77, MiB).tobytes(), np.uint8).copy()
+        dst = np.zeros(MiB, np.uint8)
+        a.register(src)
+        b.register(dst)
+        a.write(b.segment_name, src, dst.ctypes.data)
+        assert sha(dst) == sha(src)
+        assert a.explain(b.segment_name)["chosen"] == "rdma"
+        probe = np.zeros(4096, np.uint8)
+        stranger.register(probe)
+        with pytest.raises(AuthError):
+            stranger.read(b.segment_name, probe, dst.ctypes.data)
+        assert not probe.any()
+    finally:
+        for e in (stranger, b, a):
+            e.close()

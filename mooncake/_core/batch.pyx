@@ -18,6 +18,8 @@ E_UNREGISTERED = MC_E_UNREGISTERED
 E_DENIED = MC_E_DENIED
 E_CANCELED = MC_E_CANCELED
 E_AUTH = MC_E_AUTH
+#: the largest slice size the slicer takes (larger counts would overflow its arithmetic)
+MAX_SLICE = 1 << 48
 
 #: short names of the codes (``TaskStatus.code_name``)
 CODE_NAMES = {
@@ -208,8 +210,8 @@ def slice_requests(Batch batch not None, op, local, remote, length, uint64_t sli
         raise ValueError("local, remote and length must have equal lengths")
     if first_task + nreq > batch.ntasks:
         raise ValueError("batch has %d tasks, got %d requests" % (batch.ntasks, nreq))
-    if slice_size == 0:
-        raise ValueError("slice_size must be > 0")
+    if slice_size == 0 or slice_size > MAX_SLICE:
+        raise ValueError("slice_size must be in 1..2**48, got %d" % slice_size)
     cdef uint64_t frag = slice_size // fragment_ratio if fragment_ratio else 0
     cdef const uint8_t[:] opv
     cdef uint8_t op_one = 0
@@ -271,8 +273,8 @@ def slice_one(Batch batch not None, uint8_t op, uint64_t local, uint64_t remote,
               uint64_t length, uint64_t slice_size, uint64_t fragment_ratio,
               RegionTable regions=None):
     """:func:`slice_requests` for a single request (task 0), without array conversions."""
-    if slice_size == 0:
-        raise ValueError("slice_size must be > 0")
+    if slice_size == 0 or slice_size > MAX_SLICE:
+        raise ValueError("slice_size must be in 1..2**48, got %d" % slice_size)
     cdef int32_t err = 0
     if regions is not None:
         err = _pin(batch, regions, 0, op, local, length)

@@ -7,12 +7,13 @@ import logging
 import math
 import os
 import re
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mooncake.errors import ConfigError, PeerUnreachable, SegmentNotFound
+from mooncake.errors import AuthError, ConfigError, PeerUnreachable, SegmentNotFound
 
 if TYPE_CHECKING:
     from mooncake.config import Config
@@ -22,6 +23,9 @@ __all__ = [
     "MetadataStore",
     "LeasedStore",
     "DescriptorError",
+    "MetadataAuthError",
+    "tls_context",
+    "tls_refusal",
     "parse_metadata_server",
     "validate_descriptor",
     "decode_descriptor",
@@ -65,6 +69,60 @@ def parse_metadata_server(conn: str) -> tuple[str, str]:
     raise ConfigError(
         f"metadata_server {conn!r} is neither P2PHANDSHAKE nor a URL nor host:port"
     )
+
+
+class MetadataAuthError(AuthError, ConfigError):
+    """The metadata store refused us: wrong or missing credentials (HTTP 401, etcd/redis
+    logins, a TLS certificate it or we could not verify), or a key that another client owns
+    (HTTP 403).  The message names the store, the key when there is one, and the option to set.
+    An :class:`~mooncake.errors.AuthError` and a :class:`~mooncake.errors.ConfigError`: fixing
+    it takes configuration, not a retry."""
+
+
+def tls_context(store: MetadataStore, ca_opt: str, cert_opt: str, key_opt: str
+                ) -> ssl.SSLContext:
+    """A verifying client TLS context: the CA file named by option ``ca_opt`` (else the
+    system's CAs), and the client certificate/key of ``cert_opt``/``key_opt`` when set.  An
+    unreadable file is a :class:`ConfigError` naming the option."""
+    ca = str(store.option(ca_opt, "") or "")
+    cert = str(store.option(cert_opt, "") or "")
+    key = str(store.option(key_opt, "") or "")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{ca_opt}={ca!r}: cannot load the CA file: {e}") from None
+    if key and not cert:
+        raise ConfigError(f"{key_opt} is set without {cert_opt}")
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"{cert_opt}={cert!r} / {key_opt}={key!r}: cannot load the client "
+                              f"certificate: {e}") from None
+    return ctx
+
+
+def tls_refusal(where: str, e: BaseException, ca_opt: str, cert_opt: str,
+                have_cert: bool = True) -> MetadataAuthError | None:
+    """The typed error for a TLS handshake that failed on trust (theirs or ours), else None
+    (a plain network error: the caller treats the store as unreachable).  ``have_cert``: we
+    presented a client certificate (without one, a server that hangs up mid-handshake most
+    likely wants one)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return MetadataAuthError(f"{where}: its TLS certificate did not verify "
+                                 f"({e.verify_message or e}); set {ca_opt} to the CA that "
+                                 "signed it (and use the host name or IP the certificate names)")
+    if isinstance(e, ssl.SSLEOFError) and not have_cert:
+        return MetadataAuthError(f"{where} closed the TLS handshake: it probably verifies "
+                                 f"clients; set {cert_opt} (and its key) to a certificate it "
+                                 "trusts")
+    if isinstance(e, ssl.SSLError):
+        reason = (getattr(e, "reason", "") or str(e)).upper()
+        if any(r in reason for r in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
+                                     "CERTIFICATE_UNKNOWN", "HANDSHAKE_FAILURE")):
+            return MetadataAuthError(f"{where} refused our TLS client certificate ({reason}); "
+                                     f"set {cert_opt} (and its key) to a certificate it trusts")
+    return None
 
 
 @dataclass
@@ -144,6 +202,15 @@ MAX_BUFFERS = 1 << 20
 _LOCATION = re.compile(r"[A-Za-z0-9_*][A-Za-z0-9_:.*/,@-]{0,127}")
 
 
+def _short(v: Any, limit: int = 40) -> str:
+    """``repr`` for messages about a stranger's value: bounded, and safe for ints too long to
+    print (Python refuses ints of more than 4300 digits)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 128:
+        return f"<an integer of {v.bit_length()} bits>"
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validate_descriptor(name: str, obj: Any, schemas: dict | None = None) -> dict:
     """Check a peer's descriptor before the engine trusts it; return it unchanged.
 
@@ -175,11 +242,12 @@ def validate_descriptor(name: str, obj: Any, schemas: dict | None = None) -> dic
         raise _bad(name, f"it describes segment {obj['name']!r:.80}")
     if not 0 <= obj["pid"] < 2**31:
         what = "is negative" if obj["pid"] < 0 else "is too large"
-        raise _bad(name, f"pid {obj['pid']!r:.40} {what} (allowed 0..2**31-1)")
+        raise _bad(name, f"pid {_short(obj['pid'])} {what} (allowed 0..2**31-1)")
     if len(obj["host_id"]) > 256:
         raise _bad(name, "host_id is longer than 256 characters")
-    if not math.isfinite(obj["timestamp"]):
-        raise _bad(name, f"timestamp {obj['timestamp']!r} is not a finite number")
+    ts = obj["timestamp"]
+    if not (-2**63 < ts < 2**63 if isinstance(ts, int) else math.isfinite(ts)):
+        raise _bad(name, f"timestamp {_short(ts)} is not a finite number of seconds")
     if len(obj["buffers"]) > MAX_BUFFERS:
         raise _bad(name, f"{len(obj['buffers'])} buffers (at most {MAX_BUFFERS})")
     schemas = schemas or {}
@@ -198,11 +266,11 @@ def validate_descriptor(name: str, obj: Any, schemas: dict | None = None) -> dic
                 raise _bad(name, f"{where} missing field {field!r}")
         addr, length = b["addr"], b["length"]
         if not _is_int(addr) or not 0 <= addr < _U64:
-            raise _bad(name, f"{where}.addr {addr!r:.40} is not an address in [0, 2**64)")
+            raise _bad(name, f"{where}.addr {_short(addr)} is not an address in [0, 2**64)")
         if not _is_int(length) or length <= 0:
-            raise _bad(name, f"{where}.length {length!r:.40} must be a positive integer")
-        if addr + length > _U64:
-            raise _bad(name, f"{where} [{addr:#x}, +{length}) runs past the end of the "
+            raise _bad(name, f"{where}.length {_short(length)} must be a positive integer")
+        if addr + length >= _U64:  # the end must be an address too (no range wraps to 0)
+            raise _bad(name, f"{where} [{addr:#x}, +{_short(length)}) reaches the end of the "
                              "64-bit address space")
         if not isinstance(b["location"], str) or not _LOCATION.fullmatch(b["location"]):
             raise _bad(name, f"{where}.location must be a string like 'cpu:0', got "
@@ -328,6 +396,10 @@ class LeasedStore(MetadataStore):
         if raw is None:
             raise SegmentNotFound(f"segment {segment_name!r} not found in metadata store "
                                   f"{self.where or self.address} (key {key!r})")
+        limit = int(self.option("MC_HANDSHAKE_MAX_LENGTH", 1 << 20))
+        if len(raw) > limit:  # a descriptor is kilobytes: a stranger's blob is refused unparsed
+            raise _bad(segment_name, f"{len(raw)} bytes (at most MC_HANDSHAKE_MAX_LENGTH = "
+                                     f"{limit})")
         return decode_descriptor(segment_name, raw)
 
     def remove(self, segment_name: str) -> None:
@@ -336,7 +408,7 @@ class LeasedStore(MetadataStore):
             self._published.pop(key, None)
             try:
                 self._delete(key)
-            except (OSError, PeerUnreachable) as e:  # it expires anyway
+            except (OSError, PeerUnreachable, MetadataAuthError) as e:  # it expires anyway
                 log.warning("metadata: removing %s from %s failed: %s", segment_name,
                             self.where or self.address, e)
 
@@ -373,6 +445,12 @@ class LeasedStore(MetadataStore):
                 return True
             try:
                 self._refresh(dict(self._published))
+            except MetadataAuthError as e:  # another client holds a key, or creds expired
+                if self._healthy:
+                    log.error("metadata: %s refused our heartbeat (%s); retrying every %.1fs",
+                              self.where or self.address, e, self.heartbeat_interval)
+                self._healthy = False
+                return False
             except (OSError, PeerUnreachable) as e:
                 if self._healthy:
                     log.warning("metadata: %s unreachable (%s); retrying every %.1fs",

@@ -5,6 +5,13 @@ database come from the URL or, as in Mooncake, from ``MC_REDIS_USERNAME``, ``MC_
 and ``MC_REDIS_DB_INDEX`` (0–255).  Keys are written with ``SET key value PX ttl`` and kept alive
 by ``PEXPIRE`` every TTL/3; a key Redis no longer holds (it restarted, or the key expired during
 an outage) is written again.
+
+Every new connection logs in first (``AUTH [user] password``, then ``SELECT db``).  ``rediss://``
+connects over TLS verified against ``MC_REDIS_CA_FILE`` (default: the system CAs), presenting
+``MC_REDIS_CERT_FILE``/``MC_REDIS_KEY_FILE`` to servers that check clients
+(``tls-auth-clients``).  A refused login (``WRONGPASS``/``NOAUTH``/``NOPERM``) or a certificate
+that does not verify raises :class:`~mooncake.metadata.base.MetadataAuthError` naming the
+options to set.
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from mooncake.errors import ConfigError, PeerUnreachable
-from mooncake.metadata.base import LeasedStore, MetadataContext
+from mooncake.metadata.base import (
+    LeasedStore,
+    MetadataAuthError,
+    MetadataContext,
+    tls_context,
+    tls_refusal,
+)
 from mooncake.rpc import DeadlineReader
 
 __all__ = ["RedisMetadata", "RespError", "RespConnection"]
@@ -36,11 +49,17 @@ class RespConnection:
     Each pipeline has a whole-call deadline of ``timeout`` seconds: sending and every reply,
     however slowly the server drips them (past it, TimeoutError)."""
 
-    def __init__(self, host: str, port: int, timeout: float, tls: bool = False) -> None:
+    def __init__(self, host: str, port: int, timeout: float, tls: bool | ssl.SSLContext = False
+                 ) -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            ctx = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
         self.sock = sock
         self.timeout = timeout
         self._reader = DeadlineReader(sock)
@@ -135,15 +154,34 @@ class RedisMetadata(LeasedStore):
         if not 0 <= self.db <= 255:
             raise ConfigError(f"redis database index {db!r} (MC_REDIS_DB_INDEX or the URL path) "
                               "must be an integer in 0..255")
-        self.where = f"redis at {self._host}:{self._port}/{self.db}"
+        self.where = f"{u.scheme} at {self._host}:{self._port}/{self.db}" if self._tls else \
+            f"redis at {self._host}:{self._port}/{self.db}"
+        self._ssl: ssl.SSLContext | None = None
+        self._have_cert = bool(self.option("MC_REDIS_CERT_FILE", ""))
+        if self._tls:
+            self._ssl = tls_context(self, "MC_REDIS_CA_FILE", "MC_REDIS_CERT_FILE",
+                                    "MC_REDIS_KEY_FILE")
         self.timeout = max(1.0, min(10.0, self.ttl / 3 if self.ttl > 0 else 10.0))
         self._conn: RespConnection | None = None
         self._io = threading.Lock()
         self.connect()
 
     # -- transport -----------------------------------------------------------------------
+    def __repr__(self) -> str:  # no password
+        return f"<RedisMetadata {self.where} user={self.username or '-'}>"
+
+    def _tls_refusal(self, e: BaseException) -> MetadataAuthError | None:
+        return tls_refusal(self.where, e, "MC_REDIS_CA_FILE", "MC_REDIS_CERT_FILE",
+                           self._have_cert)
+
     def _open(self) -> RespConnection:
-        c = RespConnection(self._host, self._port, self.timeout, self._tls)
+        try:
+            c = RespConnection(self._host, self._port, self.timeout, self._ssl or False)
+        except OSError as e:
+            refusal = self._tls_refusal(e)
+            if refusal is not None:
+                raise refusal from None
+            raise
         try:
             if self.password:
                 args = ("AUTH", self.username, self.password) if self.username else \
@@ -153,8 +191,16 @@ class RedisMetadata(LeasedStore):
                 c.call("SELECT", self.db)
         except RespError as e:
             c.close()
-            raise ConfigError(f"{self.where} refused the login: {e} (set MC_REDIS_USERNAME, "
-                              "MC_REDIS_PASSWORD, MC_REDIS_DB_INDEX)") from None
+            raise MetadataAuthError(f"{self.where} refused the login: {e} (set "
+                                    "MC_REDIS_USERNAME, MC_REDIS_PASSWORD, MC_REDIS_DB_INDEX)"
+                                    ) from None
+        except OSError as e:
+            c.close()
+            # TLS 1.3: a server that rejects our client certificate says so on the first read
+            refusal = self._tls_refusal(e)
+            if refusal is not None:
+                raise refusal from None
+            raise
         except BaseException:
             c.close()
             raise
@@ -172,6 +218,9 @@ class RedisMetadata(LeasedStore):
                 except (OSError, ValueError) as e:
                     self._conn.close()
                     self._conn = None
+                    refusal = self._tls_refusal(e) if self._tls else None
+                    if refusal is not None:
+                        raise refusal from None
                     if attempt == 0 and reused and not isinstance(e, TimeoutError):
                         continue
                     if isinstance(e, OSError):
@@ -180,8 +229,8 @@ class RedisMetadata(LeasedStore):
         for r in out:
             if isinstance(r, RespError):
                 if str(r).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-                    raise ConfigError(f"{self.where} refused: {r} (set MC_REDIS_USERNAME, "
-                                      "MC_REDIS_PASSWORD)")
+                    raise MetadataAuthError(f"{self.where} refused: {r} (set "
+                                            "MC_REDIS_USERNAME, MC_REDIS_PASSWORD)")
                 raise PeerUnreachable(f"{self.where} answered an error: {r}")
         return out
 
