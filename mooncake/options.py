@@ -194,7 +194,9 @@ OPTIONS: tuple[Option, ...] = (
        doc="persistent TCP connections (lanes) per peer",
        reads=("transports/tcp.py",)),
     _O("MC_TCP_SPIN_US", int, 30, range=(0, 10000), unit="µs", owner="tcp",
-       doc="a synchronous TCP call polls its socket this long before sleeping (0: never)",
+       doc="a synchronous TCP call polls its socket this long before sleeping, and a target's "
+           "serve loop polls as long for the next request after answering one, yielding the "
+           "CPU (0: never; never on a thread with one CPU)",
        hint="lower sync latency for a little CPU; 0 on oversubscribed hosts",
        reads=("transports/tcp.py",)),
     _O("transports/tcp/enable", bool, True, tent="transports/tcp/enable", owner="tcp",

@@ -110,7 +110,7 @@ class TcpTransport(Transport):
         if not self.auth.serve(conn, "tcp-data", f"{addr[0]}:{addr[1]}", self.connect_timeout):
             return
         rc = _tcp.serve(conn.fileno(), self.ctx.regions, MAX_FRAME, self.frame_timeout,
-                        IDLE_TIMEOUT)
+                        IDLE_TIMEOUT, self.spin)
         if rc == 1:
             log.warning("tcp: dropped data connection from %s:%s: malformed or stalled frame, "
                         "or replies not drained for %ss", *addr[:2], self.frame_timeout)

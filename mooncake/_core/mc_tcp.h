@@ -202,6 +202,14 @@ static inline int mc_send_iov(int fd, struct iovec *iov, int cnt, double stall_s
 
 /* ---------- target side ---------- */
 
+/* CPUs the calling thread may run on (1 when unknown). */
+static inline int mc_own_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
+    return CPU_COUNT(&set);
+}
+
+
 #define MC_ST_DENIED 2
 
 /* Serve one data connection until it closes, misbehaves or idles for `idle_timeout` s (0 =
@@ -212,9 +220,10 @@ static inline int mc_send_iov(int fd, struct iovec *iov, int cnt, double stall_s
  * REFUSED; a READ reply still unsent drops the connection.  A started frame must finish within
  * `frame_timeout`; a reply the peer does not drain for `frame_timeout` drops the connection.
  * Returns 0 on orderly close or idle, 1 on a protocol violation or a stall, -errno on I/O
- * error, 2 when an unregister cut a reply. */
+ * error, 2 when an unregister cut a reply.  Between frames it polls for `spin` seconds before it
+ * sleeps in recv (a synchronous initiator's next request usually comes within microseconds). */
 static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout,
-                           double idle_timeout) {
+                           double idle_timeout, double spin) {
     mc_rbuf_t r = {(char *)malloc(MC_RBUF_CAP), 0, 0, MC_RBUF_CAP};
     mc_rsp_t pend[MC_MAX_IOV];
     struct iovec out[2 * MC_MAX_IOV];
@@ -245,9 +254,21 @@ static inline int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, doubl
             if (rc) break;
         }
         if (r.len == r.pos) {   /* idle between frames: one blocking recv (SO_RCVTIMEO) */
-            ssize_t k;
+            ssize_t k = -1;
             r.pos = r.len = 0;
-            do { k = recv(fd, r.buf, r.cap, 0); } while (k < 0 && errno == EINTR);
+            if (spin > 0 && mc_own_cpus() > 1) {
+                /* a peer in a synchronous loop sends again soon: poll briefly, yielding (a
+                 * peer on our CPU runs meanwhile); never when this thread has one CPU */
+                double until = mc_now() + spin;
+                do {
+                    k = recv(fd, r.buf, r.cap, MSG_DONTWAIT);
+                    if (k >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                        break;
+                    sched_yield();
+                } while (mc_now() < until);
+            }
+            if (k < 0 && (spin <= 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+                do { k = recv(fd, r.buf, r.cap, 0); } while (k < 0 && errno == EINTR);
             if (k == 0) { rc = 0; break; }
             if (k < 0) { rc = (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno; break; }
             r.len = (size_t)k;

@@ -40,7 +40,7 @@ cdef extern from "mc_tcp.h" nogil:
     void mc_lane_close(mc_lane_t *l, int32_t err)
     int mc_lane_usable(mc_lane_t *l)
     int mc_serve(int fd, mc_regions_t *regs, uint64_t max_frame, double frame_timeout,
-                 double idle_timeout)
+                 double idle_timeout, double spin)
 
 
 cdef class Lane:
@@ -205,13 +205,13 @@ def run_spread(list lanes not None, Slices s not None, double timeout):
 
 
 def serve(int fd, RegionTable regions not None, uint64_t max_frame, double frame_timeout,
-          double idle_timeout=0.0):
+          double idle_timeout=0.0, double spin=0.0):
     """Serve one accepted data connection until it closes, or idles ``idle_timeout`` s (0 =
     forever); 0 ok, 1 protocol violation or stall (a frame not completed, or a reply not drained,
     within ``frame_timeout`` s), 2 an unregister cut a reply, <0 -errno."""
     cdef int rc
     with nogil:
-        rc = mc_serve(fd, regions.t, max_frame, frame_timeout, idle_timeout)
+        rc = mc_serve(fd, regions.t, max_frame, frame_timeout, idle_timeout, spin)
     return rc
 
 
