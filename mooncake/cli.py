@@ -1,4 +1,5 @@
-"""The ``mooncake`` command: ``config show``, ``transports``, ``bench``, ``metadata-server``."""
+"""The ``mooncake`` command: ``config show``, ``transports``, ``doctor``, ``bench``,
+``metadata-server``."""
 
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ def _transports(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from mooncake import doctor
+
+    return doctor.main(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from mooncake import bench
 
@@ -78,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("transports", help="installed transport plugins and availability")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_transports)
+    from mooncake.doctor import add_arguments
+
+    d = sub.add_parser("doctor", help="check this host against the production checklist "
+                                      "(RDMA ports, GIDs, MTU, NUMA, GPU-NIC paths, huge "
+                                      "pages, memlock, sysctls, token); --peer tests a peer")
+    add_arguments(d)
+    d.set_defaults(fn=_doctor)
     for name, fn, hlp in (("bench", _bench, "transfer benchmark (see `mooncake bench -h`)"),
                           ("metadata-server", _metadata_server, "HTTP metadata server")):
         b = sub.add_parser(name, help=hlp, add_help=False)

@@ -756,13 +756,17 @@ class TransferEngine(MooncakeAPI):
     # -- misc ---------------------------------------------------------------------------------
 
     def topology(self) -> dict:
-        """Local memory nodes and transports (``get_local_topology`` returns it as JSON)."""
-        nodes = sorted(int(d[4:]) for d in _listdir("/sys/devices/system/node")
-                       if d.startswith("node") and d[4:].isdigit()) or [0]
-        tinfo = {n: getattr(t, "topology", lambda: {})() for n, t in self.transports.items()}
-        return {"mems": [{"name": f"cpu:{n}", "numa_node": n} for n in nodes],
-                "nics": [nic for v in tinfo.values() for nic in v.get("nics", [])],
-                "transports": list(self.transports)}
+        """TENT's local topology (``nics``, ``mems`` with their preferred devices by rank;
+        :mod:`mooncake.topology` over sysfs, restricted to the ``device_name`` whitelist) plus
+        the transports; ``get_local_topology`` returns it as JSON."""
+        from mooncake.topology import discover
+
+        topo = discover()
+        if self.device_name:
+            topo = topo.filtered(include=[d for d in self.device_name.split(",") if d])
+        out = topo.to_tent_json()
+        out["transports"] = list(self.transports)
+        return out
 
     def _metric_loop(self) -> None:
         """MC_TE_METRIC: one throughput line every MC_TE_METRIC_INTERVAL_SECONDS, on the
@@ -851,13 +855,6 @@ def _set_log_level(level: str, log_dir: str = "") -> None:
     from mooncake.config import apply_log_level
 
     apply_log_level(level, log_dir)
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
 
 
 def _buffers_of(desc: SegmentDesc) -> list:
