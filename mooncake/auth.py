@@ -42,7 +42,7 @@ from typing import Any
 
 from mooncake.errors import AuthError, ConfigError
 
-__all__ = ["ClusterAuth", "open_auth", "SIG_FIELD"]
+__all__ = ["ClusterAuth", "open_auth", "is_loopback", "SIG_FIELD"]
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,23 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
             raise EOFError
         buf += chunk
     return bytes(buf)
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address, ``[v6]``, ``v6%zone`` or a name) is a loopback address:
+    only processes of this host reach what listens there, so an open engine is safe there."""
+    h = host.strip("[]").split("%")[0]
+    if h == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(h)).is_loopback
+        except OSError:
+            return False
 
 
 def open_auth(cfg: Any) -> ClusterAuth:

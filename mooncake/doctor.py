@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mooncake import topology as T
+from mooncake.auth import is_loopback
 from mooncake.errors import ConfigError
 
 __all__ = ["Finding", "Report", "run", "main", "ROWS", "SEVERITIES"]
@@ -219,19 +219,6 @@ def primary_address() -> str:
         return "127.0.0.1"
     finally:
         s.close()
-
-
-def _loopback(host: str) -> bool:
-    h = host.strip("[]").split("%")[0]
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(h)).is_loopback
-        except OSError:
-            return False
 
 
 def _src(cfg: Any, name: str) -> str:
@@ -780,7 +767,7 @@ def _check_token(c: _Ctx, used: list[T.RdmaDevice]) -> None:
         c.add("security.cluster_token", "ok", subj, f"{which} is set{_src(c.cfg, which)}: "
               "every connection proves the token")
         return
-    if _loopback(c.host):
+    if is_loopback(c.host):
         c.add("security.cluster_token", "ok", subj, "no cluster token, but the address is "
               "loopback: only processes on this host reach the ports")
         return

@@ -25,7 +25,7 @@ from mooncake import quota as _quota
 from mooncake._core import batch as _core
 from mooncake._core import regions as _regions
 from mooncake._core.regions import RegionTable, first_outside
-from mooncake.auth import open_auth
+from mooncake.auth import is_loopback, open_auth
 from mooncake.batch import Status, TaskStatus, TransferBatch, settle
 from mooncake.compat import MooncakeAPI, TransferNotify, TransferOpcode
 from mooncake.config import Config, load_config
@@ -151,7 +151,7 @@ class TransferEngine(MooncakeAPI):
             threading.Thread(target=self._metric_loop, daemon=True, name="mc-metric").start()
         log.info("engine %s up: transports %s, metadata %s", self.segment_name,
                  ", ".join(self.transports), scheme)
-        if not self.auth.enabled and not _loopback(bind):
+        if not self.auth.enabled and not is_loopback(bind):
             _warn_open_once(bind)
 
     def _start_transports(self, ctx: TransportContext) -> dict[str, Transport]:
@@ -915,15 +915,6 @@ def _check_mapped(addr: int, length: int, flags: int, strict: bool) -> int:
 
 
 _warned_open: set[str] = set()
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _warn_open_once(bind: str) -> None:

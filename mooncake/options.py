@@ -426,7 +426,7 @@ OPTIONS: tuple[Option, ...] = (
                          "copy pool does not join: same-host memory copies use no NIC)",
        hint="set (e.g. mooncake_quota_shm) when several processes on a node share NICs, so they "
             "share bandwidth fairly instead of fighting",
-       reads=("mooncake/quota.py", "transports/rdma.py")),
+       reads=("mooncake/quota.py",)),
     _O("MC_SHARED_QUOTA_PRIORITY", str, "foreground_get", tent=f"{_RDMA}/shared_quota_priority",
        doc="this engine's class in the shared quota (its weight): foreground_get (8), "
            "weight_loading (4), migration or checkpoint (2), prefetch (1), or a weight 1..65535",

@@ -54,8 +54,8 @@ from mooncake._core import quota as _q
 from mooncake.errors import MooncakeError
 
 __all__ = ["QuotaError", "QuotaLayoutError", "QuotaFull", "PRIORITIES", "DEFAULT_PRIORITY",
-           "weight_of", "table_path", "open_table", "QuotaTable", "QuotaSlot", "nic_key_for_ip",
-           "nic_key_for_rdma", "engine_weight"]
+           "weight_of", "table_path", "open_table", "QuotaTable", "QuotaSlot", "EngineSlots",
+           "nic_key_for_ip", "nic_key_for_rdma", "engine_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +474,58 @@ def _cfg(cfg: Any, name: str, default: Any) -> Any:
     except (KeyError, TypeError):
         return default
     return default if v is None else v
+
+
+class EngineSlots:
+    """One transport's slots in the engine's shared quota (``shared_quota_shm_path``): a slot per
+    (NIC, class) joined on first use, a table with no room warned about once per NIC (that
+    traffic then runs unregulated: transfers never fail because of the quota), all released by
+    :meth:`release`.  ``table`` is None when no quota is configured; opening a table that is
+    not ours raises here (the transport's start fails)."""
+
+    def __init__(self, cfg: Any, who: str) -> None:
+        spec = engine_path(cfg)
+        self.table: QuotaTable | None = open_table(spec) if spec else None
+        #: the engine's class (``MC_SHARED_QUOTA_PRIORITY``) and its weight (0: no quota)
+        self.priority = engine_weight(cfg) if spec else None
+        self.weight = weight_of(self.priority) if spec else 0
+        self._who = who
+        self._slots: dict[tuple[str, int], QuotaSlot] = {}
+        self._full: set[str] = set()
+        self._lock = threading.Lock()
+
+    def get(self, nic: str, priority: str | int | None = None) -> QuotaSlot | None:
+        """The slot on ``nic`` at ``priority`` (default: the engine's), joined on first use;
+        None without a quota or when the table has no room."""
+        if self.table is None:
+            return None
+        p = self.priority if priority is None else priority
+        key = (nic, weight_of(p))
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is not None:
+                return slot
+            try:
+                slot = self.table.join(nic, p)
+            except QuotaFull as e:
+                if nic not in self._full:
+                    self._full.add(nic)
+                    log.warning("%s: %s; its traffic through %s runs without the shared quota",
+                                self._who, e, nic)
+                return None
+            self._full.discard(nic)
+            self._slots[key] = slot
+        log.debug("%s: shared quota %s: slot %d on %s at weight %d", self._who, self.table.path,
+                  slot.sid, nic, slot.weight)
+        return slot
+
+    def release(self) -> None:
+        """Give every slot back (the transport's workers must have left them)."""
+        with self._lock:
+            slots = list(self._slots.values())
+            self._slots.clear()
+        for slot in slots:
+            slot.release()
 
 
 def engine_path(cfg: Any) -> str:

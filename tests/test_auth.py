@@ -119,7 +119,7 @@ def _read_all(s: socket.socket) -> bytes:
     return out
 
 
-def _server_pair(auth: ClusterAuth):
+def _listener() -> socket.socket:
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(8)
@@ -131,7 +131,7 @@ def test_a_captured_handshake_cannot_be_replayed():
     import threading
 
     srv = ClusterAuth(TOKEN.encode())
-    ls = _server_pair(srv)
+    ls = _listener()
     results: list[bool] = []
 
     def serve(n: int) -> None:
@@ -162,13 +162,30 @@ def test_a_captured_handshake_cannot_be_replayed():
     ls.close()
     assert results == [True, False]
     assert verdict[:1] == b"\x00" and srv.refused == 1
-    # and a proof for one channel does not open another
     assert len(captured["answer"]) == ANSWER.size
+
+
+def test_a_proof_for_one_channel_does_not_open_another():
+    """The MACs bind the channel: a client proving the token for "rpc" is refused by a
+    "tcp-data" server with the same token (and learns it was refused)."""
+    import threading
+
+    srv = ClusterAuth(TOKEN.encode())
+    a, b = socket.socketpair()
+    out: list[bool] = []
+    t = threading.Thread(target=lambda: out.append(srv.serve(a, "tcp-data", "pair", 5.0)))
+    t.start()
+    with pytest.raises(AuthError, match="refused"):
+        ClusterAuth(TOKEN.encode()).client(b, "rpc", "pair", 5.0)
+    t.join(10)
+    a.close()
+    b.close()
+    assert out == [False] and srv.refused == 1
 
 
 def test_refusals_are_counted_and_logged_at_most_every_10s(caplog):
     srv = ClusterAuth(TOKEN.encode())
-    ls = _server_pair(srv)
+    ls = _listener()
     port = ls.getsockname()[1]
     import threading
 
@@ -344,9 +361,11 @@ def _recv(s: socket.socket, n: int) -> bytes:
 
 def test_an_open_engine_on_a_non_loopback_address_warns_once(caplog):
     from mooncake import engine as eng_mod
+    from mooncake.auth import is_loopback
 
-    assert eng_mod._loopback("127.0.0.1") and eng_mod._loopback("::1")
-    assert not eng_mod._loopback("10.0.0.5") and not eng_mod._loopback("0.0.0.0")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]")
+    assert is_loopback("localhost")
+    assert not is_loopback("10.0.0.5") and not is_loopback("0.0.0.0")
     eng_mod._warned_open.discard("10.0.0.5")
     with caplog.at_level(logging.WARNING, logger="mooncake.engine"):
         eng_mod._warn_open_once("10.0.0.5")

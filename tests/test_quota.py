@@ -486,10 +486,10 @@ def test_full_table_runs_the_route_unregulated(tmp_path, peer, caplog):
         buf = np.arange(MiB, dtype=np.uint8)
         e.register(buf)
         raddr = peer.alloc(MiB)
-        with caplog.at_level("WARNING", logger="transports.tcp"):
+        with caplog.at_level("WARNING", logger="mooncake.quota"):
             e.write(peer.segment, buf, raddr)
         assert peer.sha(raddr, MiB) == sha(buf)
-        assert "run without the shared quota" in caplog.text
+        assert "tcp: " in caplog.text and "runs without the shared quota" in caplog.text
     hog.release()
 
 

@@ -341,7 +341,7 @@ def test_full_table_runs_unregulated(rig, tmp_path, caplog):
         try:
             src = np.frombuffer(np.random.default_rng(6).bytes(MiB), np.uint8)
             e.register(src)
-            with caplog.at_level("WARNING", logger="transports.rdma"):
+            with caplog.at_level("WARNING", logger="mooncake.quota"):
                 for _ in range(2):
                     e.write(rig.seg, src, rig.tbuf.ctypes.data + off, timeout=60)
             assert np.array_equal(rig.tbuf[off:off + MiB], src)

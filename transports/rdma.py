@@ -317,12 +317,8 @@ class RdmaTransport(Transport):
         self._affinity_warned: set[tuple] = set()
         # shared bandwidth quota: one slot per local NIC, joined on the first transfer through
         # it; a table that is not ours fails the start here
-        spec = str(g("transports/rdma/shared_quota_shm_path") or "")
-        self.quota: _quota.QuotaTable | None = _quota.open_table(spec) if spec else None
-        self.quota_priority = _quota.engine_weight(ctx.config) if spec else None
-        self._qslots: dict[str, _quota.QuotaSlot] = {}
-        self._qfull: set[str] = set()
-        self._qlock = threading.Lock()
+        self.quota = _quota.EngineSlots(ctx.config, "rdma")
+        self._qlock = threading.Lock()  # the devices' qslot / qretry
 
     # ------------------------------------------------------------------ config helpers
     def _cfg(self, key: str) -> Any:
@@ -767,7 +763,7 @@ class RdmaTransport(Transport):
             slices.fail_all(_E_PEER)
             return
         cols = used
-        if self.quota is not None and d.qslot is None:
+        if self.quota.table is not None and d.qslot is None:
             self._join_quota(d)
         try:
             rtab = self._remote_table(peer, pdevs)
@@ -781,26 +777,14 @@ class RdmaTransport(Transport):
         """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;
         when the table has no room the device runs unregulated (said once per NIC; joining is
         tried again QUOTA_RETRY_S later)."""
-        assert self.quota is not None
         with self._qlock:
             now = time.monotonic()
             if d.qslot is not None or now < d.qretry:
                 return
-            nic = _quota.nic_key_for_rdma(d.name, d.port)
-            slot = self._qslots.get(nic)
+            slot = self.quota.get(_quota.nic_key_for_rdma(d.name, d.port))
             if slot is None:
-                try:
-                    slot = self.quota.join(nic, self.quota_priority)
-                except _quota.QuotaFull as e:
-                    d.qretry = now + QUOTA_RETRY_S
-                    if nic not in self._qfull:
-                        self._qfull.add(nic)
-                        log.warning("rdma: %s; %s runs without the shared quota", e, d.name)
-                    return
-                self._qfull.discard(nic)
-                self._qslots[nic] = slot
-                log.debug("rdma: shared quota %s: slot %d on %s (%s) at weight %d",
-                          self.quota.path, slot.sid, nic, d.name, slot.weight)
+                d.qretry = now + QUOTA_RETRY_S
+                return
             for w in d.workers:
                 w.set_quota(slot.core, slot.sid)
             d.qslot = slot
@@ -960,13 +944,10 @@ class RdmaTransport(Transport):
             for t in d.threads:
                 t.join(5)
         with self._qlock:   # the workers left their slots; give them back
-            qslots = list(self._qslots.values())
-            self._qslots.clear()
             for d in self.devs:
                 d.qslot = None
                 d.qretry = float("inf")   # a late submit must not join again
-        for slot in qslots:
-            slot.release()
+        self.quota.release()
         with self._lock:
             for ep in self._retired:
                 if ep.users == 0:

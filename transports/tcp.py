@@ -12,7 +12,6 @@ is closed, nothing else is affected.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -74,8 +73,9 @@ class TcpTransport(Transport):
         self.connect_timeout: float = float(cfg["MC_HANDSHAKE_CONNECT_TIMEOUT"])
         self.frame_timeout: float = float(cfg["MC_TRANSFER_TIMEOUT"])
         self.auth: ClusterAuth = ctx.auth or ClusterAuth(None)
-        # spinning only pays when the peer can run meanwhile on another CPU
-        self.spin: float = cfg["MC_TCP_SPIN_US"] / 1e6 if _cpus() > 1 else 0.0
+        # spinning only pays when the peer can run meanwhile on another CPU: the kernel checks
+        # the calling thread's affinity each time
+        self.spin: float = cfg["MC_TCP_SPIN_US"] / 1e6
         #: TENT's grace period: a lane's worker polls its queue this long after a drive
         self.poll_grace: float = cfg["transports/rdma/workers/grace_period_ns"] / 1e9
         #: lanes per (peer, quota weight): a batch of another priority class than the engine's
@@ -86,13 +86,7 @@ class TcpTransport(Transport):
         self.listener: Listener | None = None
         # shared bandwidth quota (shared_quota_shm_path): one slot per local NIC, joined when
         # the first route through it opens; a table that is not ours fails the start here
-        spec = _quota.engine_path(cfg)
-        self.quota: _quota.QuotaTable | None = _quota.open_table(spec) if spec else None
-        self.quota_priority = _quota.engine_weight(cfg) if spec else None
-        self.quota_weight = _quota.weight_of(self.quota_priority) if spec else 0
-        self._qslots: dict[tuple[str, int], _quota.QuotaSlot] = {}
-        self._qfull: set[str] = set()
-        self._qlock = threading.Lock()
+        self.quota = _quota.EngineSlots(cfg, "tcp")
 
     # -- target side ---------------------------------------------------------------------------
 
@@ -130,7 +124,7 @@ class TcpTransport(Transport):
         """The quota weight whose lanes carry ``slices``: 0 (the engine's) unless the batch
         names another class and the shared quota is on."""
         w = slices.batch.priority
-        return w if w and self.quota is not None and w != self.quota_weight else 0
+        return w if w and self.quota.table is not None and w != self.quota.weight else 0
 
     def _lanes(self, peer: SegmentDesc, weight: int = 0) -> tuple[_Peer, list[_tcp.Lane]]:
         key = (peer.name, weight)
@@ -163,10 +157,9 @@ class TcpTransport(Transport):
         # held until its worker thread has done the cluster-token handshake: callers queue
         # work meanwhile (bounded by their own deadlines), nobody blocks on a silent peer here
         lane = _tcp.Lane(s, self.spin, min(3.0, self.frame_timeout), self.poll_grace, True)
-        if self.quota is not None:
-            slot = self._quota_slot(s.getsockname()[0], weight or self.quota_priority)
-            if slot is not None:
-                lane.set_quota(slot.core, slot.sid)
+        slot = self.quota.get(_quota.nic_key_for_ip(s.getsockname()[0]), weight or None)
+        if slot is not None:
+            lane.set_quota(slot.core, slot.sid)
         t = threading.Thread(target=self._lane_main, args=(p, lane, f"{name} data port "
                              f"{host}:{port}"), name=f"mc-tcp-lane-{name}", daemon=True)
         t.start()
@@ -189,30 +182,6 @@ class TcpTransport(Transport):
         lane.sock.settimeout(None)
         lane.release()
         lane.run_worker(self.frame_timeout)
-
-    def _quota_slot(self, local_ip: str, weight: str | int) -> _quota.QuotaSlot | None:
-        """This engine's slot at ``weight`` on the NIC of ``local_ip``, joined on first use;
-        None when the table has no room for it (the route then runs unregulated, said once per
-        NIC)."""
-        assert self.quota is not None
-        nic = _quota.nic_key_for_ip(local_ip)
-        with self._qlock:
-            slot = self._qslots.get((nic, weight))
-            if slot is not None:
-                return slot
-            try:
-                slot = self.quota.join(nic, weight)
-            except _quota.QuotaFull as e:
-                if nic not in self._qfull:
-                    self._qfull.add(nic)
-                    log.warning("tcp: %s; routes through %s run without the shared quota", e,
-                                nic)
-                return None
-            self._qfull.discard(nic)
-            self._qslots[(nic, weight)] = slot
-            log.debug("tcp: shared quota %s: slot %d on %s at weight %d", self.quota.path,
-                      slot.sid, nic, slot.weight)
-            return slot
 
     def _retire(self, p: _Peer, err: int = E_PEER) -> None:
         """Close every lane of a peer (caller holds p.lock); in-flight slices end with ``err``."""
@@ -267,17 +236,6 @@ class TcpTransport(Transport):
         for p in peers:
             with p.lock:
                 self._retire(p, E_CLOSED)
-        with self._qlock:
-            slots = list(self._qslots.values())
-            self._qslots.clear()
-        for slot in slots:
-            slot.release()
+        self.quota.release()
         if self.listener is not None:
             self.listener.close()
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1

@@ -435,8 +435,10 @@ static inline int mc_lane_usable(mc_lane_t *l) {
     return 1;
 }
 
-/* Poll the socket without sleeping for up to `spin_s` seconds, buffering what arrives. */
+/* Poll the socket without sleeping for up to `spin_s` seconds, buffering what arrives; on a
+ * thread with one CPU each round yields it (the peer may be the one to run). */
 static inline void mc_spin_fill(mc_lane_t *l, double spin_s) {
+    int yield = mc_own_cpus() < 2;
     if (l->rb.pos) {
         memmove(l->rb.buf, l->rb.buf + l->rb.pos, l->rb.len - l->rb.pos);
         l->rb.len -= l->rb.pos; l->rb.pos = 0;
@@ -446,6 +448,7 @@ static inline void mc_spin_fill(mc_lane_t *l, double spin_s) {
         ssize_t k = recv(l->fd, l->rb.buf + l->rb.len, l->rb.cap - l->rb.len, MSG_DONTWAIT);
         if (k > 0) { l->rb.len += (size_t)k; return; }
         if (k == 0 || (errno != EAGAIN && errno != EINTR)) return;  /* the read reports it */
+        if (yield) sched_yield();
     } while (mc_now() < until);
 }
 
