@@ -664,13 +664,13 @@ class RpcServer:
             except (KeyError, ValueError, OSError):
                 pass
             c.events = 0
-        self._conns.pop(id(c), None)
         c.inbuf = bytearray()
         c.out = None
         try:
             c.sock.close()
         except OSError:
             pass
+        self._conns.pop(id(c), None)  # after the close: a count of 0 means no descriptor held
 
     def _drop(self, c: _Conn) -> None:
         if not c.closed:

@@ -110,12 +110,14 @@ for line in sys.stdin:
     out = {}
     if cmd == "stats":
         out = {**stats(), "threads": threading.active_count()}
-    elif cmd == "hog":  # use up every descriptor
-        try:
-            while True:
-                hog.append(os.open(os.devnull, os.O_RDONLY))
-        except OSError as e:
-            out = {"hogged": len(hog), "errno": e.errno}
+    elif cmd == "hog":  # take every descriptor, also those freed just after
+        for _ in range(3):
+            try:
+                while True:
+                    hog.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as e:
+                out = {"hogged": len(hog), "errno": e.errno}
+            time.sleep(0.05)
     elif cmd == "unhog":
         for fd in hog:
             os.close(fd)
