@@ -31,7 +31,7 @@ PEER = r"""
 import json, os, sys
 import numpy as np
 from mooncake.engine import TransferEngine
-from transports import cxl
+from mooncake.transports import cxl
 n = int(sys.argv[1])
 e = TransferEngine("127.0.0.1", protocol="auto")
 a = np.ones(n, dtype=np.uint8)

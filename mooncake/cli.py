@@ -69,6 +69,22 @@ def _metadata_server(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``mooncake`` command; its exit status.  A reader that goes away (``mooncake config
+    show | head``) ends the command quietly with 141 (128 + SIGPIPE), as a C tool's would."""
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's last flush must not fail
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="mooncake", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("config", help="configuration")

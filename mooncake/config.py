@@ -1,4 +1,5 @@
-"""Configuration: the effective value of every knob in :data:`mooncake.options.OPTIONS`.
+"""Configuration: the effective value of every knob in the table :func:`all_options` gathers
+(the framework's rows of :mod:`mooncake.options` plus each transport's ``options``).
 
 Precedence, lowest first: the row's default < TENT JSON (``MC_TENT_CONF``: a file path, or
 inline JSON starting with ``{``; keys are ``/``-separated paths, nested objects or flat) <
@@ -37,10 +38,10 @@ from fractions import Fraction
 from typing import Any
 
 from mooncake.errors import ConfigError
-from mooncake.options import KNOWN_UNUSED, LOG_ROOTS, METRIC_LOGGER, OPTIONS, Option
+from mooncake.options import CORE_OPTIONS, KNOWN_UNUSED, LOG_ROOTS, METRIC_LOGGER, Option
 
-__all__ = ["Option", "OPTIONS", "Config", "ConfigWarning", "InertOptionWarning", "load_config",
-           "show", "allowed", "parse_env_block", "log_roots", "apply_log_level",
+__all__ = ["Option", "all_options", "Config", "ConfigWarning", "InertOptionWarning",
+           "load_config", "show", "allowed", "parse_env_block", "log_roots", "apply_log_level",
            "metric_logger"]
 
 log = logging.getLogger(__name__)
@@ -64,27 +65,76 @@ _INERT_LOCK = threading.Lock()
 
 # ---- lookup ------------------------------------------------------------------------------------
 
-_ENV: dict[str, Option] = {e: o for o in OPTIONS for e in o.env}
-_TENT: dict[str, Option] = {o.tent: o for o in OPTIONS if o.tent}
-_EXACT: dict[str, Option] = {**_ENV, **_TENT, **{o.name: o for o in OPTIONS}}
+class _Table:
+    """The gathered rows and their lookups by env name, TENT path, row name and short name."""
+
+    def __init__(self, options: tuple[Option, ...]) -> None:
+        self.options = options
+        self.env = {e: o for o in options for e in o.env}
+        self.tent = {o.tent: o for o in options if o.tent}
+        self.exact = {**self.env, **self.tent, **{o.name: o for o in options}}
+        # ``slice_size`` for ``MC_SLICE_SIZE``; a TENT-only row's last path part when unique
+        self.short = {e[3:].lower(): o for e, o in self.env.items() if e.startswith("MC_")}
+        last: dict[str, list[Option]] = {}
+        for o in options:
+            if not o.env:
+                last.setdefault(o.name.rsplit("/", 1)[-1], []).append(o)
+        self.short.update({k: v[0] for k, v in last.items()
+                           if len(v) == 1 and k not in self.short})
 
 
-def _short_names() -> dict[str, Option]:
-    """``slice_size`` for ``MC_SLICE_SIZE``; a TENT-only row's last path part when unique."""
-    short = {e[3:].lower(): o for e, o in _ENV.items() if e.startswith("MC_")}
-    last: dict[str, list[Option]] = {}
-    for o in OPTIONS:
-        if not o.env:
-            last.setdefault(o.name.rsplit("/", 1)[-1], []).append(o)
-    short.update({k: v[0] for k, v in last.items() if len(v) == 1 and k not in short})
-    return short
+_TABLE: tuple[tuple[str, ...], _Table] | None = None
+_TABLE_LOCK = threading.Lock()
 
 
-_SHORT = _short_names()
+def _gather() -> _Table:
+    from mooncake.registry import transport_classes
+
+    rows, seen = list(CORE_OPTIONS), {k for o in CORE_OPTIONS for k in (o.name, *o.env)}
+    for name, cls in sorted(transport_classes().items()):
+        for o in getattr(cls, "options", ()):
+            clash = seen & {o.name, *o.env}
+            if not isinstance(o, Option) or o.owner != name or clash:
+                why = f"declares {sorted(clash)} already declared" if clash else \
+                    f"row {getattr(o, 'name', o)!r} is not an Option owned by {name!r}"
+                log.warning("transport %s: option row ignored: %s", name, why)
+                continue
+            rows.append(o)
+            seen |= {o.name, *o.env}
+    return _Table(tuple(rows))
+
+
+def _t() -> _Table:
+    """The current table (gathered again when a transport is registered or removed)."""
+    global _TABLE
+    from mooncake.registry import transport_names
+
+    key = tuple(transport_names())
+    table = _TABLE
+    if table is None or table[0] != key:
+        with _TABLE_LOCK:
+            if _TABLE is None or _TABLE[0] != key:
+                _TABLE = (key, _gather())
+            table = _TABLE
+    return table[1]
+
+
+def all_options() -> tuple[Option, ...]:
+    """Every row: the framework's (:data:`mooncake.options.CORE_OPTIONS`), then each
+    transport's ``options``, gathered through the registry (a transport that cannot run here
+    still declares its rows; one that does not import has none)."""
+    return _t().options
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OPTIONS":  # the gathered table, as a module attribute
+        return all_options()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _lookup(key: str) -> Option | None:
-    return _EXACT.get(key) or _SHORT.get(key.lower().removeprefix("mc_"))
+    t = _t()
+    return t.exact.get(key) or t.short.get(key.lower().removeprefix("mc_"))
 
 
 def _close(key: str, candidates, cutoff: float = 0.75) -> list[str]:
@@ -92,7 +142,8 @@ def _close(key: str, candidates, cutoff: float = 0.75) -> list[str]:
 
 
 def _unknown(key: str) -> str:
-    near = _close(key, [*_EXACT, *_SHORT]) or _close(key.lower(), _SHORT)
+    t = _t()
+    near = _close(key, [*t.exact, *t.short]) or _close(key.lower(), t.short)
     hint = f"; close matches: {', '.join(near)}" if near else ""
     return f"unknown configuration key {key!r}{hint}"
 
@@ -370,8 +421,8 @@ def _read_tent(spec: str, warn: Callable[[str], None]) -> tuple[dict[str, tuple[
     def walk(node: dict, prefix: str) -> None:
         for key, value in node.items():
             path = f"{prefix}{key}"
-            if path in _TENT:
-                found[_TENT[path].name] = (path, value)
+            if path in _t().tent:
+                found[_t().tent[path].name] = (path, value)
             elif isinstance(value, dict) and value:
                 walk(value, path + "/")
             else:
@@ -380,7 +431,7 @@ def _read_tent(spec: str, warn: Callable[[str], None]) -> tuple[dict[str, tuple[
     unknown: list[str] = []
     walk(data, "")
     for path in unknown[:_TENT_MAX_UNKNOWN]:
-        near = _close(path, _TENT) if len(path) <= 200 else []
+        near = _close(path, _t().tent) if len(path) <= 200 else []
         hint = f"; close matches: {', '.join(near)}" if near else ""
         warn(f"MC_TENT_CONF ({label}): key {_brief(path)} is not a mooncake option, "
              f"ignored{hint}")
@@ -423,7 +474,7 @@ def _inert(values: dict[str, Any], sources: dict[str, str]) -> dict[str, str]:
     """``{name: message}`` for each option set (not left at its default) that does nothing
     here; warns about each once per process."""
     out: dict[str, str] = {}
-    for opt in OPTIONS:
+    for opt in _t().options:
         if opt.inert and sources[opt.name] != "default":
             shown = "***" if opt.secret else _brief(values[opt.name])
             out[opt.name] = msg = (f"{opt.name}={shown} ({sources[opt.name]}) is accepted but has "
@@ -439,6 +490,7 @@ def _inert(values: dict[str, Any], sources: dict[str, str]) -> dict[str, str]:
 def _build(args: dict[str, tuple[str, Any]], env: dict[str, str], seen: list[str]) -> Config:
     """Resolve every option; warnings already in ``seen`` are recorded but not re-issued."""
     notes: list[str] = []
+    table = _t()
 
     def warn(msg: str) -> None:
         notes.append(msg)
@@ -446,16 +498,16 @@ def _build(args: dict[str, tuple[str, Any]], env: dict[str, str], seen: list[str
             _emit(msg)
 
     for name in env:
-        if name.startswith("MC_") and name not in _ENV and name not in KNOWN_UNUSED:
-            if near := _close(name, _ENV, cutoff=0.8):
+        if name.startswith("MC_") and name not in table.env and name not in KNOWN_UNUSED:
+            if near := _close(name, table.env, cutoff=0.8):
                 warn(f"unknown environment variable {name}: did you mean {', '.join(near)}?")
 
     tent: dict[str, tuple[str, Any]] = {}
     tent_label = ""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    conf = next(o for o in OPTIONS if o.name == "MC_TENT_CONF")
-    for opt in (conf, *(o for o in OPTIONS if o is not conf)):
+    conf = table.exact["MC_TENT_CONF"]
+    for opt in (conf, *(o for o in table.options if o is not conf)):
         set_env = [e for e in opt.env if env.get(e, "").strip()]
         if opt.name in args:
             key, raw = args[opt.name]
@@ -481,7 +533,7 @@ def _build(args: dict[str, tuple[str, Any]], env: dict[str, str], seen: list[str
 
     _cross_check(values, sources, warn)
     inert = _inert(values, sources)
-    order = [o.name for o in OPTIONS]
+    order = [o.name for o in table.options]
     return Config({n: values[n] for n in order}, {n: sources[n] for n in order}, notes,
                   args=args, env=env, inert=inert)
 
@@ -496,24 +548,11 @@ def _cross_check(v: dict[str, Any], src: dict[str, str], warn: Callable[[str], N
     if v["MC_FRAGMENT_RATIO"] >= v["MC_SLICE_SIZE"]:
         raise ConfigError(f"{at('MC_FRAGMENT_RATIO')} is not below {at('MC_SLICE_SIZE')}; "
                           f"allowed: 1..{v['MC_SLICE_SIZE'] - 1} (1 <= ratio < slice size)")
-    # TENT: one lane knob; only values someone actually set are compared
-    lanes = {"transports/rdma/num_lanes": "num_lanes", "MC_WORKERS_PER_CTX": "num_workers",
-             "MC_NUM_CQ_PER_CTX": "num_cq_list", "MC_NUM_QP_PER_EP": "qp_mul_factor"}
-    lanes = {n: f"{k}={v[n]} ({src[n]})" for n, k in lanes.items() if src[n] != "default"}
-    if len({v[n] for n in lanes}) > 1:
-        warn(f"inconsistent RDMA lanes: {', '.join(lanes.values())}; TENT wants one lane "
-             "count: num_lanes = num_workers (MC_WORKERS_PER_CTX) = num_cq_list "
-             "(MC_NUM_CQ_PER_CTX) = qp_mul_factor (MC_NUM_QP_PER_EP)")
-    outstanding = v["MC_NUM_QP_PER_EP"] * v["MC_MAX_WR"]
-    if v["MC_MAX_CQE_PER_CTX"] < outstanding:
-        warn(f"{at('MC_MAX_CQE_PER_CTX')} is below MC_NUM_QP_PER_EP * MC_MAX_WR = {outstanding} "
-             "(one endpoint's QPs can overflow the CQ); raise MC_MAX_CQE_PER_CTX")
-    if v["MC_FORCE_TCP"] and not v["transports/tcp/enable"]:
-        warn(f"MC_FORCE_TCP is on but {at('transports/tcp/enable')}; no transport would remain")
-    if v["MC_ENABLE_DEST_DEVICE_AFFINITY"] and v["MC_ENABLE_HCA_PEER_AFFINITY"]:
-        warn("MC_ENABLE_DEST_DEVICE_AFFINITY and MC_ENABLE_HCA_PEER_AFFINITY exclude each other; "
-             "MC_ENABLE_HCA_PEER_AFFINITY wins")
+    from mooncake.registry import transport_classes
 
+    for cls in transport_classes().values():  # each transport checks its own rows
+        if all(o.name in v for o in getattr(cls, "options", ())):
+            cls.check_config(v, src, warn)
 
 def load_config(overrides: Mapping[str, Any] | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
@@ -524,7 +563,7 @@ def load_config(overrides: Mapping[str, Any] | None = None,
     ``os.environ`` (read, never written).
     """
     source = os.environ if env is None else env
-    snapshot = {k: str(v) for k, v in source.items() if k.startswith("MC_") or k in _ENV}
+    snapshot = {k: str(v) for k, v in source.items() if k.startswith("MC_") or k in _t().env}
     return _build(_normalise(overrides), snapshot, [])
 
 
@@ -677,18 +716,18 @@ def show(as_json: bool = False, overrides: Mapping[str, Any] | None = None,
                 "type": o.type if isinstance(o.type, str) else o.type.__name__, "unit": o.unit,
                 "env": list(o.env), "tent": o.tent, "owner": o.owner, "doc": o.doc,
                 "hint": o.hint, **_effect_json(o),
-            } for o in OPTIONS
+            } for o in _t().options
         }
         doc = {"precedence": PRECEDENCE, "options": options, "notes": cfg.notes,
                "inert": cfg.inert}
         return json.dumps(doc, indent=2)
     rows = [("NAME", "VALUE", "SOURCE", "")]
     rows += [(o.name, _shown(o, cfg[o.name], False), cfg.source(o.name),
-              "" if o.reads and not o.pending else o.effect) for o in OPTIONS]
+              "" if o.reads and not o.pending else o.effect) for o in _t().options]
     w0, w1, w2 = (max(len(r[i]) for r in rows) for i in (0, 1, 2))
     lines = [f"# precedence: {PRECEDENCE}"]
     lines += [f"{a:<{w0}}  {b:<{w1}}  {c:<{w2}}  {d}".rstrip() for a, b, c, d in rows]
-    chosen = [o for o in OPTIONS if cfg.source(o.name) != "default"]
+    chosen = [o for o in _t().options if cfg.source(o.name) != "default"]
     if chosen:
         lines += ["", "what each setting does:"]
         for o in chosen:
@@ -731,7 +770,7 @@ def _level_number(level: str) -> int:
     n = logging.getLevelName(name)
     if not isinstance(n, int):
         raise ConfigError(f"MC_LOG_LEVEL={level!r} is invalid; allowed: "
-                          f"{allowed(_EXACT['MC_LOG_LEVEL'])}")
+                          f"{allowed(_t().exact['MC_LOG_LEVEL'])}")
     return n
 
 

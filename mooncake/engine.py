@@ -42,7 +42,7 @@ from mooncake.errors import (
 )
 from mooncake.memory import ManagedBuffer, allocate_shm, buffer_info
 from mooncake.metadata.base import MetadataContext, parse_metadata_server
-from mooncake.registry import get_metadata, get_transport, transport_names
+from mooncake.registry import get_metadata, get_transport, transport_classes, transport_names
 from mooncake.rpc import RpcClient, RpcServer, port_candidates
 from mooncake.segments import SegmentCache, host_identity
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext, memory_kind
@@ -158,10 +158,10 @@ class TransferEngine(MooncakeAPI):
         cfg = ctx.config
         if self.protocol not in ("auto", ""):
             wanted = [self.protocol]
-        elif cfg["MC_FORCE_TCP"]:
-            wanted = ["tcp"]
-        else:
-            wanted = transport_names()
+        else:  # a transport's own switch (MC_FORCE_TCP) may make it the only one
+            classes = transport_classes()
+            wanted = [n for n, cls in classes.items() if cls.forced_by and cfg[cls.forced_by]] \
+                or transport_names()
         out: dict[str, Transport] = {}
         for name in wanted:
             explicit = name == self.protocol

@@ -36,18 +36,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Option", "OPTIONS", "OWNERS", "KNOWN_UNUSED", "LOG_ROOTS", "METRIC_LOGGER", "KiB",
+__all__ = ["Option", "CORE_OPTIONS", "OWNERS", "KNOWN_UNUSED", "LOG_ROOTS", "METRIC_LOGGER", "KiB",
            "MiB", "GiB", "TiB", "DAY"]
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 #: the longest duration any option accepts, in seconds (every timeout, period and lease is
 #: bounded: a finite value that fits every OS timeout and every C int of milliseconds)
 DAY = 86400
-OWNERS = ("engine", "tcp", "rdma", "shm", "cxl", "metadata", "store", "tent")
-#: the logger hierarchies ``MC_LOG_LEVEL`` governs: the framework (``mooncake.*``) and the
-#: first-party transports (``transports.*``); the engine adds the top-level package of every
-#: transport or metadata plugin the ``mooncake`` distribution itself declares
-LOG_ROOTS = ("mooncake", "transports")
+#: owners of the framework's rows; a transport's rows name the transport
+OWNERS = ("engine", "metadata", "store", "tent")
+#: the logger hierarchies ``MC_LOG_LEVEL`` governs: the framework and the first-party
+#: transports (``mooncake.*``, ``mooncake.transports.*``); the engine adds the top-level package
+#: of every transport or metadata plugin the ``mooncake`` distribution itself declares
+LOG_ROOTS = ("mooncake",)
 #: the logger of ``MC_TE_METRIC``'s periodic throughput line: its own level (INFO), so that
 #: ``MC_LOG_LEVEL`` does not hide it
 METRIC_LOGGER = "mooncake.metrics"
@@ -86,7 +87,7 @@ class Option:
     def __post_init__(self) -> None:
         if not self.env and "/" not in self.name:
             object.__setattr__(self, "env", (self.name,))
-        assert self.owner in OWNERS, self.owner
+        assert self.owner and self.owner.isidentifier(), self.owner
         assert bool(self.no_effect) != bool(self.reads or self.pending), \
             f"{self.name}: declare reads and/or pending, or no_effect alone"
 
@@ -110,7 +111,9 @@ class Option:
 _RDMA = "transports/rdma"
 _O = Option
 
-OPTIONS: tuple[Option, ...] = (
+#: the framework's rows; each transport declares its own (``Transport.options``) and
+#: :func:`mooncake.config.all_options` gathers them all
+CORE_OPTIONS: tuple[Option, ...] = (
     # ---- transfer: slicing, retries, timeouts (engine) ---------------------------------------
     _O("MC_SLICE_SIZE", "size", 64 * KiB, tent=f"{_RDMA}/workers/block_size", range=(1, GiB),
        unit="bytes", doc="slice size: the unit one worker moves (one RDMA WRITE/READ)",
@@ -180,28 +183,6 @@ OPTIONS: tuple[Option, ...] = (
        hint="like the master's rpc_thread_num: 4 for <10 nodes, 8-16 for 10-100 nodes, 16-32 "
             "for >100 nodes so RPC does not become the bottleneck",
        reads=("mooncake/engine.py",)),
-    # ---- TCP transport --------------------------------------------------------------------------
-    _O("MC_FORCE_TCP", bool, False, owner="tcp",
-       doc="install only the TCP transport (presence alone does not enable it here)",
-       hint="use TCP when there is no RDMA, or to force it",
-       reads=("mooncake/engine.py",)),
-    _O("MC_TCP_SLICE_SIZE", "size", MiB, range=(4 * KiB, 256 * MiB), unit="bytes", owner="tcp",
-       doc="slice size of the TCP transport (it does not use MC_SLICE_SIZE)",
-       reads=("transports/tcp.py",)),
-    _O("MC_TCP_LANES_PER_PEER", int, 4,
-       env=("MC_TCP_LANES_PER_PEER", "MC_TCP_MAX_CONNECTIONS_PER_PEER"),
-       deprecated=("MC_TCP_MAX_CONNECTIONS_PER_PEER",), range=(1, 16), owner="tcp",
-       doc="persistent TCP connections (lanes) per peer",
-       reads=("transports/tcp.py",)),
-    _O("MC_TCP_SPIN_US", int, 30, range=(0, 10000), unit="µs", owner="tcp",
-       doc="a synchronous TCP call polls its socket this long before sleeping, and a target's "
-           "serve loop polls as long for the next request after answering one, yielding the "
-           "CPU (0: never; never on a thread with one CPU)",
-       hint="lower sync latency for a little CPU; 0 on oversubscribed hosts",
-       reads=("transports/tcp.py",)),
-    _O("transports/tcp/enable", bool, True, tent="transports/tcp/enable", owner="tcp",
-       doc="TENT: enable the TCP transport",
-       reads=("mooncake/engine.py::transports/{name}/enable",)),
     # ---- metadata ------------------------------------------------------------------------------
     _O("MC_METADATA_CLUSTER_ID", str, "", owner="metadata",
        doc="namespace of metadata keys: mooncake/<id>/ram/<segment>",
@@ -265,182 +246,12 @@ OPTIONS: tuple[Option, ...] = (
     _O("MC_ETCD_KEY_FILE", str, "", owner="metadata",
        doc="etcd metadata over TLS: private key of MC_ETCD_CERT_FILE (default: in that file)",
        reads=("mooncake/metadata/etcd.py",)),
-    # ---- RDMA device ---------------------------------------------------------------------------
-    _O("MC_NUM_CQ_PER_CTX", int, 1, tent=f"{_RDMA}/device/num_cq_list", range=(1, 255),
-       owner="rdma", doc="completion queues per device",
-       hint="raise for more concurrent CQ processing (throughput); TENT default 6, keep equal "
-            "to num_workers",
-       reads=("transports/rdma.py",)),
-    _O("MC_NUM_COMP_CHANNELS_PER_CTX", int, 1, tent=f"{_RDMA}/device/num_comp_channels",
-       range=(1, 255), owner="rdma", doc="completion channels per device",
-       hint="raise in event-driven setups (latency)",
-       reads=("transports/rdma.py",)),
-    _O("MC_IB_PORT", int, 1, tent=f"{_RDMA}/device/port", range=(1, 255), owner="rdma",
-       doc="HCA port", hint="change when binding a multi-port HCA (connectivity)",
-       reads=("transports/rdma.py",)),
-    _O("MC_GID_INDEX", int, -1, env=("MC_GID_INDEX", "NCCL_IB_GID_INDEX"),
-       tent=f"{_RDMA}/device/gid_index", range=(0, 255), special=((-1, "auto"),), owner="rdma",
-       doc="GID index (-1: probe for a RoCEv2 GID)",
-       hint="set it explicitly on RoCE (RoCEv2/IPv4 is usually 3 or higher); InfiniBand: 0",
-       reads=("transports/rdma.py",)),
-    _O("MC_AUTO_GID_MAX_RETRIES", int, 2, range=(0, 16), owner="rdma",
-       doc="re-probes of the GID table, 0.5 s apart, when MC_GID_INDEX is auto and no usable "
-           "GID is found (e.g. the netdev's address is still being assigned)",
-       reads=("transports/rdma.py",)),
-    _O("MC_MAX_CQE_PER_CTX", int, 4096, tent=f"{_RDMA}/device/max_cqe", range=(1, 65535),
-       owner="rdma", doc="CQ depth; also caps outstanding WRs per device",
-       hint="raise under high concurrency; must be at least the sum of max_wr of the QPs on it "
-            "(CQ overflow stalls or drops connections); 4096 or more in production, 8192 in the "
-            "high-throughput template; raise it when tail latency is high",
-       reads=("transports/rdma.py",)),
-    _O("MC_MAX_EP_PER_CTX", int, 65536, tent=f"{_RDMA}/endpoint/endpoint_store_cap",
-       range=(1, 1 << 20), owner="rdma", doc="endpoint cache capacity per device",
-       hint="raise for large clusters, or when the endpoint cache hit rate is low",
-       reads=("transports/rdma.py",)),
-    _O("MC_NUM_QP_PER_EP", int, 2, tent=f"{_RDMA}/endpoint/qp_mul_factor", range=(1, 255),
-       owner="rdma", doc="RC QPs per endpoint (TENT: one per lane)",
-       hint="raise for more parallelism per connection; TENT default 6, keep equal to "
-            "num_workers",
-       reads=("transports/rdma.py",)),
-    _O("MC_PKEY_INDEX", int, 0, tent=f"{_RDMA}/endpoint/pkey_index", range=(0, 65535),
-       owner="rdma", doc="QP partition key index",
-       reads=("transports/rdma.py",)),
-    _O("MC_TE_FILTERS", "list", (), tent="topology/rdma_whitelist", owner="rdma",
-       doc="use only these RDMA devices (comma-separated)",
-       reads=("transports/rdma.py",)),
-    _O("MC_TE_FILTERS_EXCLUDE", "list", (), tent="topology/rdma_blacklist", owner="rdma",
-       doc="never use these RDMA devices (comma-separated)",
-       reads=("transports/rdma.py",)),
-    _O("MC_CUSTOM_TOPO_JSON", str, "", tent="topology/custom_json_path", owner="rdma",
-       doc="path of a custom NIC priority matrix (JSON)",
-       pending="per-buffer NIC choice from a priority matrix is issue 9 (topology, item 3); the "
-               "rdma transport uses every device today"),
-    _O("MC_FORCE_HCA", bool, False, owner="rdma", doc="install RDMA even when no HCA is found",
-       no_effect="Mooncake needs it where its sysfs topology scan finds no HCA; here discovery "
-                 "is ibv_get_device_list itself, so rdma starts whenever verbs lists a device "
-                 "and with none there is nothing to open"),
-    # ---- RDMA transfer -------------------------------------------------------------------------
-    _O("MC_MAX_WR", int, 256, tent=f"{_RDMA}/endpoint/max_qp_wr", range=(1, 65535),
-       owner="rdma", doc="send-queue depth per QP (clamped to the device's max_qp_wr)",
-       hint="256 suits most loads; 512-1024 for many concurrent small messages (avoids full "
-            "send queues); 128-256 for large sequential transfers; too large exhausts HCA "
-            "resources",
-       reads=("transports/rdma.py",)),
-    _O("MC_MAX_SGE", int, 4, tent=f"{_RDMA}/endpoint/max_sge", range=(1, 65535), owner="rdma",
-       doc="scatter/gather entries per WR (clamped to the device)",
-       hint="raise for scattered memory",
-       reads=("transports/rdma.py",)),
-    _O("MC_MAX_INLINE", int, 64, tent=f"{_RDMA}/endpoint/max_inline_bytes", range=(0, 65535),
-       unit="bytes", owner="rdma", doc="bytes sent inline in a WR",
-       hint="may be raised for small messages (small-message latency)",
-       reads=("transports/rdma.py",)),
-    _O("MC_MTU", int, 4096, tent=f"{_RDMA}/endpoint/path_mtu", choices=(512, 1024, 2048, 4096),
-       unit="bytes", owner="rdma", doc="path MTU",
-       hint="keep 4096; 2048 under congestion, 1024 on unstable links, 512 on low-bandwidth "
-            "links; lower it only after confirming congestion or loss",
-       reads=("transports/rdma.py",)),
-    _O("MC_MAX_MR_SIZE", "size", TiB, range=(1, None), unit="bytes", owner="rdma",
-       doc="largest region one MR may cover (clamped to the device's max_mr_size); a larger "
-           "registration is refused",
-       reads=("transports/rdma.py",)),
-    _O("MC_RDMA_RAIL_PAUSE_SECONDS", int, 30, range=(1, 3599), unit="s", owner="rdma",
-       doc="cool-down of a failed local/remote NIC pair (its QPs failed to come up, or its "
-           "CQ failed): submits use the other pairs meanwhile, or fail at once if none",
-       reads=("transports/rdma.py",)),
-    # ---- RDMA advanced ---------------------------------------------------------------------------
-    _O("MC_IB_TC", int, -1, tent=f"{_RDMA}/endpoint/traffic_class", range=(0, 255),
-       special=((-1, "unset"),), owner="rdma", doc="traffic class of QPs",
-       hint="set for multi-tenant QoS, e.g. 106 (DSCP to a high-priority ECN queue on RoCE); "
-            "switches need a matching QoS policy",
-       reads=("transports/rdma.py",)),
-    _O("MC_IB_SL", int, -1, tent=f"{_RDMA}/endpoint/service_level", range=(0, 15),
-       special=((-1, "unset"),), owner="rdma", doc="service level of QPs",
-       pending="needs ah_attr.sl in mooncake/_core/verbs.pyx QP.to_rtr; QoS is issue 9 item 6"),
-    _O("MC_IB_PCI_RELAXED_ORDERING", int, 0, choices=(0, 1, 2), owner="rdma",
-       doc="PCIe relaxed ordering of MRs: 0 off, 1 on if supported, 2 auto "
-           "(Mooncake's code defaults to 1, its tuning guide to 0)",
-       hint="GPUDirect: set 1 (or 2 to auto-detect); needs GPU and NIC support (A100/H100 + "
-            "ConnectX-6/7 are usually safe); 20-50% more GPUDirect throughput",
-       reads=("transports/rdma.py",)),
-    _O("MC_ENDPOINT_STORE_TYPE", "enum", "SIEVE", choices=("SIEVE", "FIFO"), owner="rdma",
-       doc="endpoint cache eviction policy", hint="FIFO suits uniform access patterns",
-       reads=("transports/rdma.py",)),
-    _O("MC_ENABLE_DEST_DEVICE_AFFINITY", bool, False, owner="rdma",
-       doc="prefer the peer NIC with the same name as the local one",
-       hint="enable for NUMA-aware transfers: prefer the device on the target memory's NUMA "
-            "node",
-       reads=("transports/rdma.py",)),
-    _O("MC_ENABLE_HCA_PEER_AFFINITY", bool, False, owner="rdma",
-       doc="pick peer NICs from MC_NIC_PEER_AFFINITY (when the peer publishes none of "
-           "them: every NIC, with a warning)",
-       reads=("transports/rdma.py",)),
-    _O("MC_NIC_PEER_AFFINITY", str, "", owner="rdma",
-       doc="local-to-peer NIC map: mlx5_0=mlx5_1,mlx5_2;mlx5_1=...",
-       reads=("transports/rdma.py",)),
-    _O("MC_PATH_ROUNDROBIN", bool, False, owner="rdma",
-       doc="round-robin over preferred NICs instead of a random pick",
-       hint="enable for large-block transfers to balance bandwidth over paths",
-       reads=("transports/rdma.py",)),
-    _O("MC_ENABLE_PARALLEL_REG_MR", int, -1, choices=(-1, 0, 1), owner="rdma",
-       doc="register MRs on all NICs in parallel: -1 auto, 0 off, 1 on",
-       hint="set 1 when registering large memory (registration speed)",
-       reads=("transports/rdma.py",)),
-    _O("MC_RDMA_BIND_ADDRESS", str, "", tent=f"{_RDMA}/bind_address", owner="rdma",
-       doc="RDMA-reachable IP published in NIC paths (default: MC_TCP_BIND_ADDRESS)",
-       no_effect="segments publish no RDMA server address: the QP handshake rides the engine's "
-                 "RPC port (MC_TCP_BIND_ADDRESS) and RoCE routes by the GIDs each device "
-                 "publishes"),
     # ---- TENT RDMA (JSON only) ----------------------------------------------------------------
-    _O(f"{_RDMA}/enable", bool, True, tent=f"{_RDMA}/enable", owner="rdma",
-       doc="TENT: enable the RDMA transport",
-       reads=("mooncake/engine.py::transports/{name}/enable",)),
-    _O(f"{_RDMA}/num_lanes", int, None, tent=f"{_RDMA}/num_lanes", range=(1, 64), owner="rdma",
-       doc="TENT: one knob for workers = QPs per endpoint = CQs per device (unset: the three "
-           "knobs decide)",
-       hint="per NIC: 200G 4-6, 400G 6-8, 2x200G bond 6-8; 8x200G: 8-16 (1-2 per NIC)",
-       pending="lanes are issue 9 item 4; today only the config's consistency check reads it "
-               "(set num_workers, num_cq_list and qp_mul_factor instead)"),
-    _O(f"{_RDMA}/workers/grace_period_ns", int, 5_000_000, tent=f"{_RDMA}/workers/grace_period_ns",
-       range=(0, 10**11), unit="ns", owner="rdma",
-       reads=("transports/shm.py", "transports/cxl.py", "transports/rdma.py",
-              "transports/tcp.py"),
-       doc="TENT: how long a worker keeps polling after work last moved before it sleeps "
-           "(tcp lane workers, the shm/cxl copy pool, rdma workers)",
-       hint="1-5 us for latency-sensitive inference, 5 ms default, 10-50 ms where CPU is scarce; "
-            "start at 5 ms and lower it; raise it when CPU usage is high"),
-    _O(f"{_RDMA}/max_timeout_ns", int, 10**10, tent=f"{_RDMA}/max_timeout_ns",
-       range=(1, DAY * 10**9),
-       unit="ns", owner="rdma",
-       doc="TENT: a request's deadline when the caller gives none (set: every transport's "
-           "batches default to it; unset: MC_TRANSFER_TIMEOUT plus 1 s per GB)",
-       hint="5 s (5000000000) in the high-performance TENT template",
-       reads=("mooncake/engine.py",)),
-    _O(f"{_RDMA}/endpoint/send_timeout", int, 14, tent=f"{_RDMA}/endpoint/send_timeout",
-       range=(0, 31), owner="rdma",
-       doc="TENT: QP local ACK timeout exponent (4.096 us * 2^v), set at RTR->RTS",
-       hint="TENT default 14 (fixed in the classic TE)",
-       reads=("transports/rdma.py",)),
-    _O(f"{_RDMA}/shared_quota_shm_path", str, "", tent=f"{_RDMA}/shared_quota_shm_path",
-       owner="rdma", doc="TENT: POSIX shm name for cross-process bandwidth sharing: the tcp "
-                         "lanes and the rdma workers share each NIC through it (the shm/cxl "
-                         "copy pool does not join: same-host memory copies use no NIC)",
-       hint="set (e.g. mooncake_quota_shm) when several processes on a node share NICs, so they "
-            "share bandwidth fairly instead of fighting",
-       reads=("mooncake/quota.py",)),
     _O("MC_SHARED_QUOTA_PRIORITY", str, "foreground_get", tent=f"{_RDMA}/shared_quota_priority",
        doc="this engine's class in the shared quota (its weight): foreground_get (8), "
            "weight_loading (4), migration or checkpoint (2), prefetch (1), or a weight 1..65535",
        hint="give background traffic (prefetch, checkpoints) a lower class than foreground gets",
        reads=("mooncake/quota.py",)),
-    _O(f"{_RDMA}/workers/rail_topo_path", str, "", tent=f"{_RDMA}/workers/rail_topo_path",
-       owner="rdma", doc="TENT: rail topology JSON (allowed and preferred NIC pairs)",
-       hint="measured topology for path choice; python -m mooncake.transfer_engine_topology_dump",
-       pending="rail choice from a topology file is issue 9 item 3"),
-    _O("topology/cluster_topology_path", str, "", tent="topology/cluster_topology_path",
-       owner="rdma", doc="cluster-topology.json whose partition_matchings pick NIC pairs",
-       hint="partition_matchings gives the best device pair per NUMA pair ('0-1': src_dev, "
-            "dst_dev, bandwidth, latency)",
-       pending="partition_matchings is issue 9 items 2-3 (topology generate, choice per buffer)"),
     # ---- security --------------------------------------------------------------------------------
     _O("MC_CLUSTER_TOKEN", str, "", secret=True,
        doc="cluster token: every RPC and tcp data connection proves it (mutual HMAC handshake) "
@@ -470,31 +281,6 @@ OPTIONS: tuple[Option, ...] = (
     _O("MC_MAX_NOTIFY_BYTES", "size", 16 << 20, range=(1, 1 << 40), unit="bytes",
        doc="bytes of queued notifications at most (names and messages)",
        reads=("mooncake/engine.py",)),
-    # ---- SHM -------------------------------------------------------------------------------------
-    _O("transports/shm/enable", bool, True, tent="transports/shm/enable", owner="shm",
-       doc="TENT: enable the same-host shared-memory transport",
-       hint="enable for same-node transfers",
-       reads=("transports/shm.py",)),
-    _O("transports/shm/async_memcpy_threshold", int, 64,
-       tent="transports/shm/async_memcpy_threshold", range=(0, 1 << 20), unit="KiB",
-       owner="shm",
-       doc="KiB, TENT's unit (its copy transports read value x 1024): a call of at most this "
-           "many bytes is copied by the calling thread; a larger synchronous call is split "
-           "between the caller and the workers, a larger asynchronous one queued for them",
-       hint="larger values keep more transfers on the calling thread (lowest latency, one "
-            "core); 0 always involves the workers",
-       reads=("transports/shm.py", "transports/cxl.py")),
-    # ---- CXL ----------------------------------------------------------------------------------
-    _O("MC_CXL_DEV_PATH", str, "", owner="cxl", doc="DAX device (or file) of the CXL window",
-       hint="e.g. /dev/dax0.0",
-       reads=("transports/cxl.py",)),
-    _O("MC_CXL_DEV_SIZE", "size", None, range=(1, None), unit="bytes", owner="cxl",
-       doc="CXL window size (unset: /sys/bus/dax/devices/<dev>/size)",
-       hint="e.g. 68719476736 (64 GiB)",
-       reads=("transports/cxl.py",)),
-    _O("transports/cxl/enable", bool, True, tent="transports/cxl/enable", owner="cxl",
-       doc="TENT: enable the CXL transport",
-       reads=("transports/cxl.py",)),
     # ---- memory (store) ------------------------------------------------------------------------
     _O("MC_STORE_USE_HUGEPAGE", bool, False, owner="store",
        doc="back managed buffers with HugeTLB pages (fail if none)",
@@ -530,7 +316,7 @@ OPTIONS: tuple[Option, ...] = (
        reads=("mooncake/engine.py",)),
     _O("MC_TENT_CONF", str, "", owner="tent",
        doc="TENT JSON config: a file path, or inline JSON starting with '{'",
-       reads=('mooncake/config.py::o.name == "MC_TENT_CONF"',)),
+       reads=('mooncake/config.py::exact["MC_TENT_CONF"]',)),
 )
 
 #: Mooncake variables that mooncake deliberately does not read (vendor transports, Store-only,

@@ -21,6 +21,7 @@ __all__ = [
     "get_transport",
     "transport_names",
     "transport_status",
+    "transport_classes",
     "register_transport",
     "unregister_transport",
     "get_metadata",
@@ -158,6 +159,17 @@ def transport_status() -> list[PluginInfo]:
         rows.append(PluginInfo(name, _transports.target(name), _transports.distribution(name),
                                cls is not None, why))
     return rows
+
+
+def transport_classes() -> dict[str, type]:
+    """Every transport class that imports, by name, whether or not it can run here: what the
+    configuration table gathers options from."""
+    out = {}
+    for name in transport_names():
+        cls = _transports.load(name)
+        if isinstance(cls, type):
+            out[name] = cls
+    return out
 
 
 def register_transport(name: str, target: Any, clobber: bool = False) -> None:

@@ -9,11 +9,12 @@ transports call into ``mooncake`` and ``mooncake._core``, never the reverse.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mooncake.fields import Field
+from mooncake.options import Option
 
 if TYPE_CHECKING:
     from mooncake._core.batch import Slices
@@ -155,6 +156,19 @@ class Transport:
     #: transport reads them
     segment_fields: ClassVar[dict[str, Field]] = {}
     buffer_fields: ClassVar[dict[str, Field]] = {}
+    #: the configuration rows it reads (:class:`mooncake.options.Option`, ``owner`` = its
+    #: name): :func:`mooncake.config.all_options` gathers them through the registry
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: a bool option of its own that, when true, makes the engine install this transport only
+    #: (``MC_FORCE_TCP``)
+    forced_by: ClassVar[str] = ""
+
+    @classmethod
+    def check_config(cls, values: Mapping[str, Any], sources: Mapping[str, str],
+                     warn: Callable[[str], None]) -> None:
+        """Cross-check its options once every option is resolved: raise
+        :class:`~mooncake.errors.ConfigError` for an impossible combination, ``warn`` about a
+        suspicious one."""
 
     @classmethod
     def probe(cls) -> str | None:

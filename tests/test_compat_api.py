@@ -144,7 +144,8 @@ def test_cli_config_show_and_transports():
     row = opts["MC_SLICE_SIZE"] if isinstance(opts, dict) else next(
         o for o in opts if o["name"] == "MC_SLICE_SIZE")
     assert row["value"] == 131072 and row["source"] == "env:MC_SLICE_SIZE"
-    r = subprocess.run(["mooncake", "transports"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "mooncake", "transports"], capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0 and "tcp" in r.stdout
 
 

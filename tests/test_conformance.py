@@ -69,7 +69,7 @@ class TestCxl(Conformance):
 
     @pytest.fixture(scope="class")
     def transport_spec(self):
-        from transports import cxl
+        from mooncake.transports import cxl
 
         path = f"/dev/shm/mc_conformance_cxl_{os.getpid()}"
         with open(path, "wb") as f:

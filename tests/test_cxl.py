@@ -18,8 +18,8 @@ from mooncake.config import load_config
 from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
 from mooncake.segments import decode, host_identity
 from mooncake.transport import Region, TransportContext
-from transports import cxl
-from transports.cxl import CxlTransport
+from mooncake.transports import cxl
+from mooncake.transports.cxl import CxlTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -31,7 +31,7 @@ PEER = r"""
 import ctypes, json, os, sys, zlib
 from mooncake.segments import host_identity
 from mooncake.transport import Region, TransportContext
-from transports.cxl import CxlTransport
+from mooncake.transports.cxl import CxlTransport
 path, size = sys.argv[1], int(sys.argv[2])
 from mooncake.config import load_config
 cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_CXL_DEV_PATH": path,

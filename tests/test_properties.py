@@ -44,11 +44,10 @@ from mooncake._core.batch import (
     slice_requests,
 )
 from mooncake._core.regions import ALL, LOCAL_WRITE, READ_ONLY, RegionTable
-from mooncake.config import load_config, show
+from mooncake.config import all_options, load_config, show
 from mooncake.errors import ConfigError, MooncakeError, PeerUnreachable, ProtocolError
 from mooncake.fields import FieldError, check_fields
 from mooncake.metadata.base import DescriptorError, decode_descriptor, validate_descriptor
-from mooncake.options import OPTIONS
 from mooncake.rpc import (
     HEADER,
     MAGIC,
@@ -62,10 +61,10 @@ from mooncake.rpc import (
     recv_frame,
 )
 from mooncake.segments import SegmentCache, decode
-from transports.cxl import CxlTransport
-from transports.rdma import RdmaTransport
-from transports.shm import ShmTransport
-from transports.tcp import TcpTransport
+from mooncake.transports.cxl import CxlTransport
+from mooncake.transports.rdma import RdmaTransport
+from mooncake.transports.shm import ShmTransport
+from mooncake.transports.tcp import TcpTransport
 
 try:  # the cluster-token handshake (mooncake/auth.py), where this tree has it
     from mooncake import auth as _auth
@@ -871,8 +870,8 @@ def test_regression_buffer_ending_at_the_top_of_the_address_space(addr, length):
 
 # ======================================================================= 3. configuration
 
-ENV_OPTIONS = [o for o in OPTIONS if o.env and o.name != "MC_TENT_CONF"]
-TENT_OPTIONS = [o for o in OPTIONS if o.tent]
+ENV_OPTIONS = [o for o in all_options() if o.env and o.name != "MC_TENT_CONF"]
+TENT_OPTIONS = [o for o in all_options() if o.tent]
 
 
 def _load(**kw):
@@ -951,7 +950,7 @@ def _round_trips(opt, cfg, env: dict) -> None:
 
 @examples(5)
 @given(opt=st.sampled_from(ENV_OPTIONS), alias=st.integers(0, 3), raw=env_texts)
-@example(opt=OPTIONS[0], alias=0, raw="1\u212a")
+@example(opt=all_options()[0], alias=0, raw="1\u212a")
 def test_env_value_loads_or_raises_configerror_naming_it(opt, alias, raw):
     """Any string in any option's environment variable (its primary name or an alias) either
     loads, giving a value of the option's type inside its declared range that round-trips
@@ -968,7 +967,7 @@ def test_env_value_loads_or_raises_configerror_naming_it(opt, alias, raw):
     _round_trips(opt, cfg, env)
 
 
-SIZE_OPTIONS = [o for o in OPTIONS if o.type == "size"]
+SIZE_OPTIONS = [o for o in all_options() if o.type == "size"]
 size_units = st.one_of(st.sampled_from(["", "K", "M", "G", "T", "k", "m", "g", "t", "P", "E",
                                         *TRICKY_CHARS]), chars)
 size_shaped = st.builds(
@@ -980,7 +979,7 @@ size_shaped = st.builds(
 
 @examples(5)
 @given(opt=st.sampled_from(SIZE_OPTIONS), raw=size_shaped, tent=st.booleans())
-@example(opt=OPTIONS[0], raw="1\u212a", tent=False)
+@example(opt=all_options()[0], raw="1\u212a", tent=False)
 def test_size_text_loads_or_raises_configerror(opt, raw, tent):
     """Any size-shaped text (a number, a fraction, any unicode letter as the suffix, any
     "B"/"iB" ending) for a size option, in its env variable or its TENT key, loads as a whole
@@ -1061,7 +1060,7 @@ def test_tent_inline_text_loads_or_raises_configerror(text):
 
 
 @examples(3)
-@given(opt=st.sampled_from([o for o in OPTIONS if o.name != "MC_TENT_CONF"]),
+@given(opt=st.sampled_from([o for o in all_options() if o.name != "MC_TENT_CONF"]),
        value=st.one_of(json_values, env_texts))
 def test_argument_value_loads_or_raises_configerror(opt, value):
     """An explicit argument (``TransferEngine(**config)``) of any JSON-like Python value for

@@ -73,7 +73,7 @@ def roundtrip(eng, local, peer, n, lo, ro, seed):
 def test_rkeys_and_devices_published(eng, local):
     """What we publish is flat, typed and passes our own declared Field rows."""
     from mooncake.fields import check_fields
-    from transports.rdma import RdmaTransport
+    from mooncake.transports.rdma import RdmaTransport
 
     d = eng.describe()
     seg = d["transports"]["rdma"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mooncake.errors import ConfigError
-from transports.rdma_endpoints import EndpointStore
+from mooncake.transports.rdma_endpoints import EndpointStore
 
 
 def test_fifo_evicts_oldest_regardless_of_hits():
@@ -45,7 +45,7 @@ def test_store_rejects_bad_config(kw, what):
 
 def test_gid_selection_prefers_roce_v2_ipv4():
     V = pytest.importorskip("mooncake._core.verbs")
-    from transports.rdma import select_gid
+    from mooncake.transports.rdma import select_gid
 
     link_local = bytes.fromhex("fe800000000000000000000000000001")
     v4 = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
@@ -58,7 +58,7 @@ def test_gid_selection_prefers_roce_v2_ipv4():
 
 
 def test_probe_explains_why_rdma_cannot_run():
-    from transports.rdma import RdmaTransport, V
+    from mooncake.transports.rdma import RdmaTransport, V
 
     why = RdmaTransport.probe()
     if V is None:
@@ -70,7 +70,7 @@ def test_probe_explains_why_rdma_cannot_run():
 
 
 def test_engine_with_rdma_protocol_fails_loudly_without_device():
-    from transports.rdma import V
+    from mooncake.transports.rdma import V
 
     if V is not None and V.device_names():
         pytest.skip("this machine has an RDMA device")
@@ -140,7 +140,7 @@ def test_key_table_refuses_bad_rows_and_tracks_writability():
 def test_published_fields_are_declared_and_strict():
     pytest.importorskip("mooncake._core.verbs")
     from mooncake.fields import FieldError, check_fields
-    from transports.rdma import BUFFER_FIELDS, SEGMENT_FIELDS, RdmaTransport, peer_devices
+    from mooncake.transports.rdma import BUFFER_FIELDS, SEGMENT_FIELDS, RdmaTransport, peer_devices
 
     assert RdmaTransport.segment_fields is SEGMENT_FIELDS
     assert RdmaTransport.buffer_fields is BUFFER_FIELDS
@@ -163,7 +163,7 @@ def test_published_fields_are_declared_and_strict():
 def test_handshake_is_validated():
     pytest.importorskip("mooncake._core.verbs")
     from mooncake.fields import FieldError
-    from transports.rdma import _CONNECT_FIELDS, _HANDSHAKE_FIELDS, _check_handshake
+    from mooncake.transports.rdma import _CONNECT_FIELDS, _HANDSHAKE_FIELDS, _check_handshake
 
     ok = {"instance": "0" * 32, "gid": "1" * 32, "lid": 0, "mtu": 4096, "qpns": [17, 18],
           "psns": [0, 2**24 - 1]}

@@ -167,7 +167,7 @@ def rig(tmp_path_factory):
     target.register(tbuf)
     ctx = mp.get_context("forkserver")   # one interpreter start (TCG is slow), then forks
     ctx.set_forkserver_preload(["numpy", "pytest", "mooncake.engine", "mooncake.quota",
-                                "transports.rdma"])
+                                "mooncake.transports.rdma"])
     t0 = time.monotonic()
     procs: dict[str, _Proc] = {}
     try:

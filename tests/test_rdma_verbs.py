@@ -27,7 +27,7 @@ def test_device_port_and_gid(dev):
     assert port["state"] == V.PORT_ACTIVE and port["link_layer"] == V.LINK_LAYER_ETHERNET
     gid, gtype = dev.gid_entry(1, RXE_GID_INDEX)
     assert gtype == V.GID_TYPE_ROCE_V2 and gid[10:12] == b"\xff\xff"
-    from transports.rdma import select_gid
+    from mooncake.transports.rdma import select_gid
 
     rows = [(i, *e) for i in range(16) if (e := dev.gid_entry(1, i)) is not None]
     assert select_gid(rows, False) == RXE_GID_INDEX

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -197,6 +198,89 @@ def test_runtime_registration():
 
 def test_import_mooncake_loads_no_plugin():
     r = subprocess.run([sys.executable, "-c", "import sys, mooncake; "
-                        "print([m for m in sys.modules if m.startswith('transports')])"],
+                        "print([m for m in sys.modules if 'transports' in m])"],
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]"
+
+
+def test_builtin_transports_install_inside_the_namespace(tmp_path):
+    """The first-party transports import as ``mooncake.transports.*``; a folder named
+    ``transports`` elsewhere on the path (the current directory) cannot shadow them."""
+    (tmp_path / "transports").mkdir()
+    (tmp_path / "transports" / "__init__.py").write_text("raise SystemExit('shadowed')\n")
+    code = ("import json; from mooncake.registry import transport_status; "
+            "print(json.dumps({r.name: r.target for r in transport_status()}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    targets = json.loads(r.stdout)
+    assert {"tcp", "shm", "cxl", "rdma"} <= set(targets)
+    assert all(targets[n].startswith(f"mooncake.transports.{n}:") for n in ("tcp", "shm", "rdma"))
+
+
+PLUGIN_OPTS = textwrap.dedent('''
+    from mooncake.options import Option
+    from mooncake.transport import Transport
+
+    class Knobbed(Transport):
+        name = "knobbed"
+        options = (Option("MC_KNOBBED_DEPTH", int, 4, range=(1, 64), owner="knobbed",
+                          doc="queue depth of the knobbed transport",
+                          reads=("mooncake/transport.py",)),
+                   Option("MC_SLICE_SIZE", int, 1, owner="knobbed", doc="a clash",
+                          reads=("mooncake/transport.py",)))
+        forced_by = ""
+
+        @classmethod
+        def check_config(cls, v, src, warn):
+            if v["MC_KNOBBED_DEPTH"] > 32:
+                warn(f"MC_KNOBBED_DEPTH={v['MC_KNOBBED_DEPTH']} is deep")
+''')
+
+
+def test_a_plugin_declares_its_own_options(tmp_path, caplog):
+    """The configuration table gathers a transport's rows through the registry: a third-party
+    plugin's knob is parsed, range-checked, shown and cross-checked like a built-in one, and a
+    row that clashes with an existing one is ignored with a warning."""
+    import logging
+
+    from mooncake.config import all_options, load_config, show
+    from mooncake.errors import ConfigError
+
+    (tmp_path / "mc_knobbed.py").write_text(PLUGIN_OPTS)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        register_transport("knobbed", "mc_knobbed:Knobbed")
+        with caplog.at_level(logging.WARNING, logger="mooncake.config"):
+            rows = {o.name: o for o in all_options()}
+        assert rows["MC_KNOBBED_DEPTH"].owner == "knobbed"
+        assert rows["MC_SLICE_SIZE"].owner == "engine"  # the clash did not replace the row
+        assert any("knobbed" in r.getMessage() and "MC_SLICE_SIZE" in r.getMessage()
+                   for r in caplog.records)
+        cfg = load_config(env={"MC_KNOBBED_DEPTH": "40"})
+        assert cfg["MC_KNOBBED_DEPTH"] == 40 and cfg.source("MC_KNOBBED_DEPTH") == \
+            "env:MC_KNOBBED_DEPTH"
+        assert any("is deep" in n for n in cfg.notes)
+        with pytest.raises(ConfigError, match="MC_KNOBBED_DEPTH"):
+            load_config(env={"MC_KNOBBED_DEPTH": "65"})
+        assert "MC_KNOBBED_DEPTH" in show(env={})
+    finally:
+        unregister_transport("knobbed")
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mc_knobbed", None)
+    assert "MC_KNOBBED_DEPTH" not in {o.name for o in all_options()}
+
+
+def test_cli_exits_quietly_on_a_closed_pipe():
+    """``mooncake config show | head -1``: no traceback, 141 as a C tool killed by SIGPIPE."""
+    import fcntl
+
+    p = subprocess.Popen([sys.executable, "-m", "mooncake", "config", "show"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fcntl.fcntl(p.stdout, fcntl.F_SETPIPE_SZ, 4096)  # smaller than the output: the writer waits
+    assert os.read(p.stdout.fileno(), 64)  # a little of it, not a buffer's worth
+    time.sleep(0.5)  # the command fills the pipe and blocks, still writing
+    p.stdout.close()  # the reader goes away while the command is still writing
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 141
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err

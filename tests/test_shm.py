@@ -23,7 +23,7 @@ from mooncake.config import load_config
 from mooncake.rpc import RpcClient, RpcServer
 from mooncake.segments import decode, host_identity
 from mooncake.transport import Region, TransportContext
-from transports.shm import ShmTransport
+from mooncake.transports.shm import ShmTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPLETED, FAILED = 4, 6
@@ -36,6 +36,7 @@ READ, WRITE = 0, 1
 # the scripts of child processes; imports everything before a uid change).
 RPC = r"""
 import encodings.idna, socket  # noqa: E401  (lazy imports fail after dropping to nobody)
+import mooncake.config; mooncake.config.all_options()  # noqa: E702  (reads the entry points)
 from mooncake.rpc import RpcClient, RpcServer
 from mooncake.segments import host_identity
 from mooncake.transport import TransportContext
@@ -53,7 +54,7 @@ import numpy as np
 from mooncake.config import load_config  # before any uid change: stdlib lives under /root
 from mooncake.memory import allocate_shm
 from mooncake.transport import Region
-from transports.shm import ShmTransport
+from mooncake.transports.shm import ShmTransport
 args = sys.argv[1:]
 if "--uid" in args:
     uid = int(args[args.index("--uid") + 1])
@@ -286,7 +287,7 @@ import json, os, sys
 import numpy as np
 from mooncake._core.batch import Batch, slice_requests
 from mooncake.segments import decode
-from transports.shm import ShmTransport
+from mooncake.transports.shm import ShmTransport
 from mooncake.config import load_config
 cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4})
 raw = json.loads(sys.argv[1]); d = decode(raw["name"], raw); raddr = int(sys.argv[2])
@@ -341,7 +342,7 @@ import json, sys, zlib
 import numpy as np
 from mooncake._core.batch import Batch, slice_requests
 from mooncake.segments import decode
-from transports.shm import ShmTransport
+from mooncake.transports.shm import ShmTransport
 raw = json.loads(sys.argv[1]); d = decode(raw["name"], raw)
 i = int(sys.argv[2]); part = int(sys.argv[3])
 from mooncake.config import load_config

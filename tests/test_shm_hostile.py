@@ -27,7 +27,7 @@ from mooncake.errors import SegmentNotFound
 from mooncake.rpc import RpcClient, RpcServer
 from mooncake.segments import decode, host_identity
 from mooncake.transport import Region, TransportContext
-from transports.shm import NSLOTS, ShmTransport
+from mooncake.transports.shm import NSLOTS, ShmTransport
 
 COMPLETED, FAILED = 4, 6
 E_REFUSED, E_PEER, E_DENIED = 1000, 1001, 1007
@@ -55,7 +55,7 @@ import numpy as np
 from mooncake.config import load_config
 from mooncake.memory import allocate_shm
 from mooncake.transport import Region
-from transports.shm import ShmTransport
+from mooncake.transports.shm import ShmTransport
 cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2,
                    **json.loads(sys.argv[1])})
 ctx, srv = rpc_ctx(cfg)
@@ -132,7 +132,7 @@ import numpy as np
 from mooncake._core.batch import Batch, slice_requests
 from mooncake.config import load_config
 from mooncake.segments import decode
-from transports.shm import ShmTransport
+from mooncake.transports.shm import ShmTransport
 cfg = load_config({"MC_SLICE_SIZE": 65536, "MC_FRAGMENT_RATIO": 4, "MC_WORKERS_PER_CTX": 2})
 ctx, srv = rpc_ctx(cfg)
 t = ShmTransport(ctx)
@@ -529,7 +529,7 @@ def test_lanes_of_exited_initiators_are_reclaimed_and_exhaustion_is_a_reason(pee
     """Every lane of the peer's page taken: by processes that exited (an initiator reclaims
     one), then by live ones (shm says why it cannot reach the peer; the engine falls back)."""
     from mooncake._core import copy as kc
-    from transports.shm import NLANES, OFF_OWNERS
+    from mooncake.transports.shm import NLANES, OFF_OWNERS
 
     raddr = peer("array", n=MiB)
     raw = peer.raw()

@@ -45,6 +45,7 @@ from mooncake._core import batch as _batch
 from mooncake._core import copy as kc
 from mooncake.errors import ConfigError, InvalidAddress, TransportUnavailable
 from mooncake.fields import Field, FieldError, check_fields
+from mooncake.options import Option
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
 
 if TYPE_CHECKING:
@@ -55,6 +56,22 @@ __all__ = ["CxlTransport", "CxlWindow", "window", "DEFAULT_ALIGN"]
 DEFAULT_ALIGN = 2 << 20
 DAX_SYSFS = "/sys/bus/dax/devices"
 E_PEER = _batch.E_PEER
+
+
+#: the rows of the configuration table this transport reads
+OPTIONS: tuple[Option, ...] = (
+    # ---- CXL ----------------------------------------------------------------------------------
+    Option("MC_CXL_DEV_PATH", str, "", owner="cxl", doc="DAX device (or file) of the CXL window",
+           hint="e.g. /dev/dax0.0",
+           reads=("transports/cxl.py",)),
+    Option("MC_CXL_DEV_SIZE", "size", None, range=(1, None), unit="bytes", owner="cxl",
+           doc="CXL window size (unset: /sys/bus/dax/devices/<dev>/size)",
+           hint="e.g. 68719476736 (64 GiB)",
+           reads=("transports/cxl.py",)),
+    Option("transports/cxl/enable", bool, True, tent="transports/cxl/enable", owner="cxl",
+           doc="TENT: enable the CXL transport",
+           reads=("transports/cxl.py",)),
+)
 
 
 @dataclass(eq=False)
@@ -172,6 +189,7 @@ class CxlTransport(Transport):
     """Copies between local memory and registered ranges of the shared CXL window."""
 
     name: ClassVar[str] = "cxl"
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
     auto_priority: ClassVar[int] = 20
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu", "cxl"})
     segment_fields: ClassVar[dict[str, Field]] = {

@@ -41,6 +41,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,6 +50,7 @@ from mooncake import quota as _quota
 from mooncake._core import batch as _batch
 from mooncake.errors import ConfigError, MooncakeError, PeerUnreachable, TransportUnavailable
 from mooncake.fields import Field, FieldError, check_fields
+from mooncake.options import Option
 from mooncake.transport import (
     LOCAL_WRITE,
     REMOTE_READ,
@@ -58,7 +60,8 @@ from mooncake.transport import (
     Transport,
     TransportContext,
 )
-from transports.rdma_endpoints import EndpointStore
+from mooncake.transports.rdma_endpoints import EndpointStore
+from mooncake.transports.rdma_options import OPTIONS
 
 try:
     from mooncake._core import verbs as V
@@ -217,11 +220,35 @@ class RdmaTransport(Transport):
     """RDMA (RoCE/InfiniBand) transport on real verbs."""
 
     name: ClassVar[str] = "rdma"
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
     auto_priority: ClassVar[int] = 20
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu"})
     segment_fields: ClassVar[dict[str, Field]] = SEGMENT_FIELDS
     buffer_fields: ClassVar[dict[str, Field]] = BUFFER_FIELDS
 
+
+    @classmethod
+    def check_config(cls, v: Mapping[str, Any], src: Mapping[str, str],
+                     warn: Callable[[str], None]) -> None:
+        def at(name: str) -> str:
+            return f"{name}={v[name]} ({src[name]})"
+
+        # TENT: one lane knob; only values someone actually set are compared
+        lanes = {"transports/rdma/num_lanes": "num_lanes", "MC_WORKERS_PER_CTX": "num_workers",
+                 "MC_NUM_CQ_PER_CTX": "num_cq_list", "MC_NUM_QP_PER_EP": "qp_mul_factor"}
+        lanes = {n: f"{k}={v[n]} ({src[n]})" for n, k in lanes.items() if src[n] != "default"}
+        if len({v[n] for n in lanes}) > 1:
+            warn(f"inconsistent RDMA lanes: {', '.join(lanes.values())}; TENT wants one lane "
+                 "count: num_lanes = num_workers (MC_WORKERS_PER_CTX) = num_cq_list "
+                 "(MC_NUM_CQ_PER_CTX) = qp_mul_factor (MC_NUM_QP_PER_EP)")
+        outstanding = v["MC_NUM_QP_PER_EP"] * v["MC_MAX_WR"]
+        if v["MC_MAX_CQE_PER_CTX"] < outstanding:
+            warn(f"{at('MC_MAX_CQE_PER_CTX')} is below MC_NUM_QP_PER_EP * MC_MAX_WR = "
+                 f"{outstanding} (one endpoint's QPs can overflow the CQ); raise "
+                 "MC_MAX_CQE_PER_CTX")
+        if v["MC_ENABLE_DEST_DEVICE_AFFINITY"] and v["MC_ENABLE_HCA_PEER_AFFINITY"]:
+            warn("MC_ENABLE_DEST_DEVICE_AFFINITY and MC_ENABLE_HCA_PEER_AFFINITY exclude each "
+                 "other; MC_ENABLE_HCA_PEER_AFFINITY wins")
     @classmethod
     def probe(cls) -> str | None:
         if V is None:

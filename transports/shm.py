@@ -63,6 +63,7 @@ from mooncake._core import copy as kc
 from mooncake.errors import TransferTimeout, TransportUnavailable
 from mooncake.fields import Field, FieldError, check_fields
 from mooncake.memory import seal_memfd
+from mooncake.options import Option
 from mooncake.transport import Region, SegmentDesc, Transport, TransportContext
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ShmTransport", "ControlPage", "PROC_FD"]
 
-log = logging.getLogger("mooncake.transports.shm")
+log = logging.getLogger(__name__)
 
 E_PEER = _batch.E_PEER
 
@@ -93,6 +94,25 @@ assert 4 * NSLOTS <= LANE_SIZE
 
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
+
+
+#: the rows of the configuration table this transport reads
+OPTIONS: tuple[Option, ...] = (
+    # ---- SHM -------------------------------------------------------------------------------------
+    Option("transports/shm/enable", bool, True, tent="transports/shm/enable", owner="shm",
+           doc="TENT: enable the same-host shared-memory transport",
+           hint="enable for same-node transfers",
+           reads=("transports/shm.py",)),
+    Option("transports/shm/async_memcpy_threshold", int, 64,
+           tent="transports/shm/async_memcpy_threshold", range=(0, 1 << 20), unit="KiB",
+           owner="shm",
+           doc="KiB, TENT's unit (its copy transports read value x 1024): a call of at most this "
+               "many bytes is copied by the calling thread; a larger synchronous call is split "
+               "between the caller and the workers, a larger asynchronous one queued for them",
+           hint="larger values keep more transfers on the calling thread (lowest latency, one "
+                "core); 0 always involves the workers",
+           reads=("transports/shm.py", "transports/cxl.py")),
+)
 
 
 class _NotUsable(Exception):
@@ -325,6 +345,7 @@ class ShmTransport(Transport):
     """Same-host transport: mapped shm buffers and cross-memory attach, on the copy kernel."""
 
     name: ClassVar[str] = "shm"
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
     auto_priority: ClassVar[int] = 10
     same_host_only: ClassVar[bool] = True
     memory_kinds: ClassVar[frozenset[str]] = frozenset({"cpu", "cxl"})

@@ -15,7 +15,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
 from itertools import count
+from typing import Any
 
 from mooncake import quota as _quota
 from mooncake._core import batch as _batch
@@ -24,6 +26,7 @@ from mooncake._core.batch import Slices
 from mooncake.auth import ClusterAuth
 from mooncake.errors import AuthError, PeerUnreachable
 from mooncake.fields import Field
+from mooncake.options import KiB, MiB, Option
 from mooncake.rpc import Listener, port_candidates
 from mooncake.transport import SegmentDesc, Transport, TransportContext
 
@@ -40,6 +43,33 @@ AUTH_RETRY = 5.0
 MAX_FRAME = 1 << 30  # a request above this is a protocol violation, not a transfer
 #: a data connection that carries no request for this long is closed (the initiator reconnects)
 IDLE_TIMEOUT = 300.0
+
+
+#: the rows of the configuration table this transport reads
+OPTIONS: tuple[Option, ...] = (
+    # ---- TCP transport --------------------------------------------------------------------------
+    Option("MC_FORCE_TCP", bool, False, owner="tcp",
+           doc="install only the TCP transport (presence alone does not enable it here)",
+           hint="use TCP when there is no RDMA, or to force it",
+           reads=("mooncake/engine.py::cfg[cls.forced_by]", "transports/tcp.py")),
+    Option("MC_TCP_SLICE_SIZE", "size", MiB, range=(4 * KiB, 256 * MiB), unit="bytes", owner="tcp",
+           doc="slice size of the TCP transport (it does not use MC_SLICE_SIZE)",
+           reads=("transports/tcp.py",)),
+    Option("MC_TCP_LANES_PER_PEER", int, 4,
+           env=("MC_TCP_LANES_PER_PEER", "MC_TCP_MAX_CONNECTIONS_PER_PEER"),
+           deprecated=("MC_TCP_MAX_CONNECTIONS_PER_PEER",), range=(1, 16), owner="tcp",
+           doc="persistent TCP connections (lanes) per peer",
+           reads=("transports/tcp.py",)),
+    Option("MC_TCP_SPIN_US", int, 30, range=(0, 10000), unit="µs", owner="tcp",
+           doc="a synchronous TCP call polls its socket this long before sleeping, and a target's "
+               "serve loop polls as long for the next request after answering one, yielding the "
+               "CPU (0: never; never on a thread with one CPU)",
+           hint="lower sync latency for a little CPU; 0 on oversubscribed hosts",
+           reads=("transports/tcp.py",)),
+    Option("transports/tcp/enable", bool, True, tent="transports/tcp/enable", owner="tcp",
+           doc="TENT: enable the TCP transport",
+           reads=("mooncake/engine.py::transports/{name}/enable", "transports/tcp.py")),
+)
 
 
 class _Peer:
@@ -59,12 +89,22 @@ class TcpTransport(Transport):
 
     name = "tcp"
     auto_priority = 100
+    options = OPTIONS
+    forced_by = "MC_FORCE_TCP"
     segment_fields = {
         "host": Field("str", max_len=255, pattern=r"[A-Za-z0-9._:\-\[\]%]+"),
         "data_port": Field("int", 1, 65535),
         "version": Field("int", 1, 1),
     }
 
+
+    @classmethod
+    def check_config(cls, v: Mapping[str, Any], src: Mapping[str, str],
+                     warn: Callable[[str], None]) -> None:
+        if v["MC_FORCE_TCP"] and not v["transports/tcp/enable"]:
+            warn("MC_FORCE_TCP is on but transports/tcp/enable="
+                 f"{v['transports/tcp/enable']} ({src['transports/tcp/enable']}); no transport "
+                 "would remain")
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         cfg = ctx.config
