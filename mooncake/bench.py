@@ -10,7 +10,8 @@ Three modes:
 * ``loopback`` (the default without ``--segment_id``): start a target as a child process, run
   the initiator against it, stop the child.
 
-The result is one line (or ``--json``); a progress line on stderr updates once a second.
+The result is one line (or ``--json``); a progress bar on stderr (rich's, or without rich a
+plain line a second); ``--plot PATH.png`` draws the run: throughput over time, batch latency CDF.
 Throughput is in decimal units (GB = 1e9 bytes) unless ``--report_unit`` says otherwise.
 """
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput unit; GB = 1e9 bytes, Gb = 1e9 bits (default: GB)")
     add("report_precision", type=_precision, default=2, help="digits after the point (default: 2)")
     add("json", action="store_true", help="print the result (target: its address) as JSON")
+    add("plot", default=None, metavar="PATH.png",
+        help="also draw the run as a PNG: throughput over time and the batch latency CDF "
+             "(needs matplotlib: pip install 'mooncake[plot]')")
     add("progress", choices=("auto", "on", "off"), default="auto",
         help="per-second progress line on stderr (auto: on unless --json)")
     return p
@@ -136,6 +141,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 "`mooncake bench --mode target`)")
     if a.mode != "initiator" and a.segment_id:
         p.error(f"--segment_id is only for --mode initiator (this is --mode {a.mode})")
+    if a.plot is not None:
+        if a.mode == "target":
+            p.error("--plot is for a measuring run (--mode initiator or loopback), not a target")
+        from mooncake import plot
+        from mooncake.errors import ConfigError
+
+        try:
+            plot.require()
+            plot.check_path(a.plot)
+        except ConfigError as e:
+            p.error(str(e))
     need = a.block_size * a.batch_size * a.threads
     if a.mode != "target" and need > a.buffer_size:
         p.error(f"--buffer_size {a.buffer_size} is too small: block_size * batch_size * threads "
@@ -162,6 +178,8 @@ class Result:
     batches: int
     latencies_s: list[float] = field(default_factory=list)
     error: str = ""
+    #: when each batch completed, seconds after the start
+    completions_s: list[float] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
@@ -209,12 +227,17 @@ class Result:
 
 
 class _Progress:
-    """One stderr line per second: elapsed seconds and throughput so far."""
+    """A bar over the run's seconds (:class:`mooncake.console.Progress`: rich, or a plain
+    line per second), the throughput so far after it."""
 
-    def __init__(self, counter: list[int], unit: str, precision: int, enabled: bool) -> None:
+    def __init__(self, counter: list[int], duration: float, unit: str, precision: int,
+                 enabled: bool) -> None:
+        from mooncake.console import Progress, have_rich
+
         self.counter, self.unit, self.precision = counter, unit, precision
+        self.bar = Progress(duration, "bench", enabled, seconds=True)
+        self.period = 0.25 if have_rich() else 1.0
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
         self.stop = threading.Event()
         self.t0 = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="mc-bench-progress", daemon=True)
@@ -222,33 +245,37 @@ class _Progress:
     def start(self) -> None:
         self.t0 = time.monotonic()
         if self.enabled:
+            self.bar.__enter__()
             self.thread.start()
 
     def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            self._show()
+
+    def _show(self) -> None:
         per, bits = UNITS[self.unit]
-        while not self.stop.wait(1.0):
-            dt = time.monotonic() - self.t0
-            rate = self.counter[0] * (8 if bits else 1) / per / dt
-            msg = f"{dt:5.1f} s  {rate:.{self.precision}f} {self.unit}/s"
-            sys.stderr.write(f"\r{msg}   " if self.tty else msg + "\n")
-            sys.stderr.flush()
+        dt = time.monotonic() - self.t0
+        rate = self.counter[0] * (8 if bits else 1) / per / dt
+        self.bar.update(dt, f"{rate:.{self.precision}f} {self.unit}/s")
 
     def close(self) -> None:
         self.stop.set()
         if self.thread.is_alive():
             self.thread.join()
-            if self.tty:
-                sys.stderr.write("\r" + " " * 40 + "\r")
-                sys.stderr.flush()
+            if self.bar.uses_rich:  # the bar's last state: the whole run
+                self._show()
+            self.bar.__exit__(None, None, None)
 
 
-def run_initiator(a: argparse.Namespace, segment: str, progress: bool) -> Result:
-    """Run the transfer loop against ``segment``; raises :class:`MooncakeError` on setup
-    failure."""
+def run_initiator(a: argparse.Namespace, segment: str, progress: bool,
+                  config: Mapping[str, Any] | None = None) -> Result:
+    """Run the transfer loop against ``segment`` on an engine started with ``config`` (option
+    names to values, over the environment); raises :class:`MooncakeError` on setup failure."""
     from mooncake.engine import TransferEngine
     from mooncake.errors import MooncakeError
 
-    eng = TransferEngine(a.local_server_name, a.metadata_server, a.protocol, a.device_name)
+    eng = TransferEngine(a.local_server_name, a.metadata_server, a.protocol, a.device_name,
+                         **dict(config or {}))
     try:
         local = eng.allocate(a.buffer_size)
         _touch(local.addr, a.block_size * a.batch_size * a.threads)
@@ -274,6 +301,7 @@ def run_initiator(a: argparse.Namespace, segment: str, progress: bool) -> Result
         counter = [0]
         lock = threading.Lock()
         lats: list[list[float]] = [[] for _ in range(a.threads)]
+        ends: list[list[float]] = [[] for _ in range(a.threads)]
         done = [0] * a.threads
         errors: list[str] = []
         stop = threading.Event()
@@ -282,7 +310,7 @@ def run_initiator(a: argparse.Namespace, segment: str, progress: bool) -> Result
 
         def worker(t: int) -> None:
             loc, rem, lens = plans[t]
-            mine = lats[t]
+            mine, fin = lats[t], ends[t]
             go.wait()
             end = t0 + a.duration
             try:
@@ -293,7 +321,9 @@ def run_initiator(a: argparse.Namespace, segment: str, progress: bool) -> Result
                         b.wait()
                     finally:
                         b.close()
-                    mine.append(time.perf_counter() - s)
+                    e = time.perf_counter()
+                    mine.append(e - s)
+                    fin.append(e)
                     done[t] += 1
                     with lock:
                         counter[0] += nbytes
@@ -307,8 +337,9 @@ def run_initiator(a: argparse.Namespace, segment: str, progress: bool) -> Result
                    for t in range(a.threads)]
         for w in workers:
             w.start()
-        prog = _Progress(counter, a.report_unit, a.report_precision, progress)
+        prog = _Progress(counter, a.duration, a.report_unit, a.report_precision, progress)
         t0 = time.monotonic()
+        p0 = time.perf_counter()
         go.wait()
         prog.start()
         try:
@@ -326,7 +357,7 @@ def run_initiator(a: argparse.Namespace, segment: str, progress: bool) -> Result
             proto = f"auto:{eng.explain(segment)['chosen']}"
         return Result(a.operation, proto, segment, a.block_size, a.batch_size, a.threads, elapsed,
                       sum(done) * nbytes, sum(done), [x for lt in lats for x in lt],
-                      "; ".join(errors))
+                      "; ".join(errors), sorted(x - p0 for f in ends for x in f))
     finally:
         eng.close()
 
@@ -433,12 +464,20 @@ def stop_target(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def _report(a: argparse.Namespace, r: Result, extra: dict[str, Any]) -> int:
+    if a.plot is not None:
+        from mooncake import plot
+
+        plot.bench_run(r.completions_s, r.latencies_s, r.block_size * r.batch_size, r.elapsed_s,
+                       f"mooncake bench: {r.line(a.report_unit, a.report_precision)}", a.plot)
+        extra = {**extra, "plot": os.path.abspath(a.plot)}
     if a.json:
         d = r.as_dict(a.report_unit)
         d.update(extra)
         print(json.dumps(d))
     else:
         print(r.line(a.report_unit, a.report_precision))
+        if a.plot is not None:
+            print(f"plot: {extra['plot']}")
         if r.error:
             print(f"error: {r.error}", file=sys.stderr)
     return 1 if r.error else 0

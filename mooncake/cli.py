@@ -1,4 +1,4 @@
-"""The ``mooncake`` command: ``config show``, ``transports``, ``doctor``, ``bench``,
+"""The ``mooncake`` command: ``config show``, ``transports``, ``doctor``, ``bench``, ``tune``,
 ``metadata-server``."""
 
 from __future__ import annotations
@@ -62,6 +62,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(args.rest)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from mooncake import tune
+
+    return tune.main(args.rest)
+
+
 def _metadata_server(args: argparse.Namespace) -> int:
     from mooncake.metadata import http_server
 
@@ -108,15 +114,17 @@ def _main(argv: list[str] | None) -> int:
                                       "pages, memlock, sysctls, token); --peer tests a peer")
     add_arguments(d)
     d.set_defaults(fn=_doctor)
+    passthrough = {"bench": _bench, "tune": _tune, "metadata-server": _metadata_server}
     for name, fn, hlp in (("bench", _bench, "transfer benchmark (see `mooncake bench -h`)"),
+                          ("tune", _tune, "sweep slice size x workers x batch size, write the "
+                                          "best config (see `mooncake tune -h`)"),
                           ("metadata-server", _metadata_server, "HTTP metadata server")):
         b = sub.add_parser(name, help=hlp, add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
         b.set_defaults(fn=fn)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("bench", "metadata-server"):  # REMAINDER drops leading --flags
-        fn = _bench if argv[0] == "bench" else _metadata_server
-        return fn(argparse.Namespace(rest=argv[1:]))
+    if argv and argv[0] in passthrough:  # REMAINDER drops leading --flags
+        return passthrough[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -12,8 +12,10 @@ import sys
 import time
 
 import pytest
+from png import png_size
 
 from mooncake.bench import parse_args, parse_size
+from mooncake.plot import SIZE
 
 SMALL = ["--buffer_size", "8M", "--batch_size", "16", "--threads", "2"]
 RESULT_LINE = re.compile(r"^(read|write) tcp block=(\d+) batch=(\d+) threads=(\d+): "
@@ -58,6 +60,26 @@ def test_loopback_json_read_and_child_reaped():
     assert d["target_exit"] == 0  # SIGTERM: clean exit
     assert gone(d["target_pid"])
     assert not glob.glob(f"/dev/shm/mooncake_{d['target_pid']}_*")
+
+
+def test_json_and_plot_together(tmp_path):
+    png = tmp_path / "run.png"
+    r = bench("--duration", "0.5", "--operation", "write", "--json", "--plot", str(png), *SMALL)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)  # stdout is the one JSON document, nothing else
+    assert d["plot"] == str(png) and d["batches"] > 0 and d["error"] is None
+    assert png_size(png) == SIZE
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path):
+    hide = tmp_path / "hide" / "matplotlib"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    r = subprocess.run([sys.executable, "-m", "mooncake", "bench", "--plot",
+                        str(tmp_path / "x.png")], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(hide.parent)})
+    assert r.returncode == 2
+    assert "pip install 'mooncake[plot]'" in r.stderr and not (tmp_path / "x.png").exists()
 
 
 def _start_target(*extra: str) -> tuple[subprocess.Popen, str]:
@@ -140,6 +162,9 @@ def test_auto_protocol_names_the_chosen_transport():
     (["--mode", "initiator"], "needs --segment_id"),
     (["--mode", "target", "--segment_id", "127.0.0.1:1"], "only for --mode initiator"),
     (["--buffer_size", "1M", "--block_size", "1M", "--batch_size", "2"], "is too small"),
+    (["--plot", "run.svg"], "allowed: a path ending in .png"),
+    (["--plot", "/nonexistent/dir/run.png"], "does not exist"),
+    (["--mode", "target", "--plot", "run.png"], "--plot is for a measuring run"),
 ])
 def test_bad_flags_name_the_problem(args, message):
     r = bench(*args)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -65,6 +67,48 @@ def test_bad_addresses_are_config_errors() -> None:
                        ("http", "http://h:99999/metadata"), ("etcd", "h:"), ("etcd", ",")):
         with pytest.raises(ConfigError):
             make_store(kind, addr)
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=servers.REPO)
+
+
+_BLOCKED = """
+import sys
+sys.modules["redis"] = None  # as if redis-py were not installed
+from mooncake.errors import ConfigError
+from mooncake.metadata.base import MetadataContext
+from mooncake.metadata.redis import RedisMetadata
+from mooncake.registry import get_metadata
+assert get_metadata("redis") is RedisMetadata  # the plugin itself still loads
+try:
+    RedisMetadata({address!r}, MetadataContext(config={{}}, rpc_call=None))
+except ConfigError as e:
+    print("ConfigError:", e)
+"""
+
+
+def test_redis_store_without_redis_py_is_a_config_error_naming_the_extra() -> None:
+    with running("redis") as srv:  # a live server: only the missing library can fail it
+        out = _python(_BLOCKED.format(address=srv.address))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ConfigError:"), out.stdout
+    assert "pip install 'mooncake[redis]'" in out.stdout and "redis-py" in out.stdout
+
+
+def test_redis_py_is_imported_only_when_a_store_is_made() -> None:
+    with running("redis") as srv:
+        out = _python(
+            "import sys\nimport mooncake.metadata.redis, mooncake.registry\n"
+            "mooncake.registry.get_metadata('redis')\n"
+            "print('before', 'redis' in sys.modules)\n"
+            "from mooncake.metadata.base import MetadataContext\n"
+            f"s = mooncake.metadata.redis.RedisMetadata({srv.address!r}, "
+            "MetadataContext(config={}, rpc_call=None))\n"
+            "print('after', 'redis' in sys.modules)\ns.close()\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["before", "False", "after", "True"]
 
 
 def _etcd(srv: servers.Server, path: str, body: dict) -> dict:

@@ -44,7 +44,6 @@ from mooncake.engine import TransferEngine
 from mooncake.errors import AuthError, ConfigError
 from mooncake.metadata.base import MetadataAuthError
 from mooncake.metadata.http_server import OWNER_HEADER, TTL_HEADER, MetadataServer
-from mooncake.metadata.redis import RespConnection
 
 TOKEN = "t0k3n-" + secrets.token_hex(12)
 
@@ -518,21 +517,19 @@ def test_etcd_tls_with_client_certificates_and_auth(tls: servers.TlsFiles) -> No
 
 def _client_users(srv: servers.Server, password: str, tls: servers.TlsFiles | None = None
                   ) -> list[str]:
-    """The ACL user of every connection the server has now (CLIENT LIST, as ``alice``)."""
-    ctx = None
+    """The ACL user of every connection the server has now (CLIENT LIST, as ``alice``, with
+    redis-py: a client other than ours)."""
+    redis = pytest.importorskip("redis")
+    kw = {}
     if tls is not None:
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=str(tls.ca))
-        ctx.load_cert_chain(str(tls.client_cert), str(tls.client_key))
-    c = RespConnection(srv.host, srv.port, 5, ctx or False)
+        kw = {"ssl": True, "ssl_ca_certs": str(tls.ca), "ssl_certfile": str(tls.client_cert),
+              "ssl_keyfile": str(tls.client_key)}
+    c = redis.Redis(host=srv.host, port=srv.port, username="alice", password=password,
+                    socket_timeout=5, **kw)
     try:
-        c.call("AUTH", "alice", password)
-        listing = c.call("CLIENT", "LIST").decode()
+        return [entry.get("user", "") for entry in c.client_list()]
     finally:
         c.close()
-    return [f.split("=", 1)[1] for line in listing.splitlines() for f in line.split()
-            if f.startswith("user=")]
 
 
 def test_redis_acl_engines_resolve_and_wrong_credentials_are_typed() -> None:

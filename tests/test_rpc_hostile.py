@@ -39,8 +39,8 @@ from mooncake.rpc import HEADER, MAGIC, REPLY, Listener, RpcServer
 
 hog = []
 if mode == "rpc":
-    kw = {k: opts[k] for k in ("frame_timeout", "idle_timeout", "workers", "max_connections")
-          if k in opts}
+    kw = {k: opts[k] for k in ("frame_timeout", "idle_timeout", "workers", "max_connections",
+                               "handshake_timeout") if k in opts}
     srv = RpcServer("127.0.0.1", [0], opts.get("max_length", 1 << 20), **kw)
     srv.add_handler("echo", lambda a: a)
     srv.add_handler("big", lambda a: "x" * int(a["n"]))
@@ -347,7 +347,10 @@ def test_1100_idle_connections_do_not_lock_out_a_peer(children, client, cap):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip("the hard fd limit is too low for a 1,100-connection client")
-    srv = children("rpc", nofile=1024, max_connections=cap)
+    # handshakes left pending are reaped after handshake_timeout: on a slow host the idler may
+    # take longer than that to open its connections, so give it time enough to reach the limit
+    srv = children("rpc", nofile=1024, max_connections=cap, handshake_timeout=60.0,
+                   frame_timeout=60.0)
     idler = children("idler", port=srv.port, n=1100)
     assert idler.stats()["held"] == 1100
     assert client.call(srv.segment, "echo", {"real": "peer"}, timeout=HANG) == {"real": "peer"}

@@ -2,7 +2,12 @@
 
 Speaks etcd's JSON gRPC-gateway (``/v3/kv/put``, ``/v3/kv/range``, ``/v3/kv/deleterange``,
 ``/v3/lease/grant``, ``/v3/lease/keepalive``, ``/v3/lease/revoke``; keys and values base64) with
-the standard library, so no etcd client package is needed.  All our keys hang on one lease of
+the standard library's ``http.client``.  ``etcd3gw``, the maintained client of the same gateway,
+was measured against it and is not used: it has no authentication (no token, no
+``/v3/auth/authenticate``), one endpoint per client, per-read timeouts only (a server that drips
+its reply holds a call for hours) and one exception for most HTTP statuses; and it costs
+1.8-2x per request (README "Metadata clients", ``bench/test_bench_metadata.py``).
+All our keys hang on one lease of
 ``MC_METADATA_TTL`` seconds, kept alive every TTL/3; when etcd reports the lease gone (it expired
 during an outage, or etcd came back empty) a new lease is granted and every key written again.
 Several endpoints may be given, comma-separated: ``etcd://h1:2379,h2:2379``.

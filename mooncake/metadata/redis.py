@@ -1,27 +1,30 @@
 """``redis://[user:password@]host:port[/db]``: segment descriptors in Redis (``rediss://``: TLS).
 
-A small RESP2 client on the standard library (no ``redis`` package needed).  Credentials and the
-database come from the URL or, as in Mooncake, from ``MC_REDIS_USERNAME``, ``MC_REDIS_PASSWORD``
-and ``MC_REDIS_DB_INDEX`` (0–255).  Keys are written with ``SET key value PX ttl`` and kept alive
-by ``PEXPIRE`` every TTL/3; a key Redis no longer holds (it restarted, or the key expired during
-an outage) is written again.
+A client on redis-py (the ``redis`` package, ≥ 5: ``pip install 'mooncake[redis]'``), imported
+when a store is made; without it the store raises a :class:`~mooncake.errors.ConfigError` naming
+that command.  Credentials and the database come from the URL or, as in Mooncake, from
+``MC_REDIS_USERNAME``, ``MC_REDIS_PASSWORD`` and ``MC_REDIS_DB_INDEX`` (0–255).  Keys are
+written with ``SET key value PX ttl`` and kept alive by ``PEXPIRE`` every TTL/3 (one pipeline);
+a key Redis no longer holds (it restarted, or the key expired during an outage) is written again.
 
-Every new connection logs in first (``AUTH [user] password``, then ``SELECT db``).  ``rediss://``
-connects over TLS verified against ``MC_REDIS_CA_FILE`` (default: the system CAs), presenting
-``MC_REDIS_CERT_FILE``/``MC_REDIS_KEY_FILE`` to servers that check clients
-(``tls-auth-clients``).  A refused login (``WRONGPASS``/``NOAUTH``/``NOPERM``) or a certificate
-that does not verify raises :class:`~mooncake.metadata.base.MetadataAuthError` naming the
-options to set.
+Every new connection logs in first (redis-py sends ``AUTH [user] password``, then ``SELECT
+db``).  ``rediss://`` connects over TLS verified against ``MC_REDIS_CA_FILE`` (default: the
+system CAs) and the host name, presenting ``MC_REDIS_CERT_FILE``/``MC_REDIS_KEY_FILE`` to
+servers that check clients (``tls-auth-clients``).  A refused login (``WRONGPASS``/``NOAUTH``/
+``NOPERM``) or a certificate that does not verify raises
+:class:`~mooncake.metadata.base.MetadataAuthError` naming the options to set; a server that
+cannot be reached is a :class:`~mooncake.errors.PeerUnreachable`.  Each call (a command or a
+pipeline, with every reply) has a whole-call deadline of ``timeout`` seconds, however slowly
+the server drips its answer (redis-py's own socket timeout bounds each read, not the call).
 """
 
 from __future__ import annotations
 
-import io
 import socket
 import ssl
-import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from mooncake.errors import ConfigError, PeerUnreachable
@@ -32,97 +35,102 @@ from mooncake.metadata.base import (
     tls_context,
     tls_refusal,
 )
-from mooncake.rpc import DeadlineReader
 
-__all__ = ["RedisMetadata", "RespError", "RespConnection"]
+__all__ = ["RedisMetadata", "INSTALL_HINT"]
 
-_MAX_BULK = 512 << 20
+#: what to run when redis-py is missing
+INSTALL_HINT = "pip install 'mooncake[redis]'"
+
+T = TypeVar("T")
+_CLASSES: tuple[Any, type, type] | None = None
 
 
-class RespError(Exception):
-    """An error reply (``-ERR ...``) from the server."""
+def _redis_py() -> tuple[Any, type, type]:
+    """(the ``redis`` module, our connection class, our TLS connection class), imported once."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    try:
+        import redis
+        from redis.connection import Connection, SSLConnection
+    except ImportError as e:
+        raise ConfigError(f"the redis metadata store needs redis-py (the 'redis' package, "
+                          f">= 5): {INSTALL_HINT} ({e})") from None
+    major = str(getattr(redis, "__version__", "0")).split(".", 1)[0]
+    if not major.isdigit() or int(major) < 5:
+        raise ConfigError(f"the redis metadata store needs redis-py >= 5, found "
+                          f"{getattr(redis, '__version__', '?')}: {INSTALL_HINT}")
+
+    class _Deadline:
+        """A connection whose every call (send, then all its replies) ends by one deadline."""
+
+        mc_deadline: float | None = None
+
+        def _connect(self) -> Any:
+            return _DeadlineSocket(super()._connect(), self)  # type: ignore[misc]
+
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            self.mc_deadline = time.monotonic() + float(self.socket_timeout)  # type: ignore
+            super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    plain = type("MooncakeRedisConnection", (_Deadline, Connection), {})
+    tls = type("MooncakeRedisSSLConnection", (_Deadline, SSLConnection), {})
+    _CLASSES = (redis, plain, tls)
+    return _CLASSES
 
 
-class RespConnection:
-    """One RESP2 connection: ``call(*args)`` and ``pipeline([...])``; not thread-safe.
+class _DeadlineSocket:
+    """A socket (plain or TLS) whose blocking reads end at its connection's call deadline.
 
-    Each pipeline has a whole-call deadline of ``timeout`` seconds: sending and every reply,
-    however slowly the server drips them (past it, TimeoutError)."""
+    redis-py sets the socket timeout to ``socket_timeout`` for ordinary reads and to other
+    values for polls (``can_read``: 0); only the ordinary reads are clamped."""
 
-    def __init__(self, host: str, port: int, timeout: float, tls: bool | ssl.SSLContext = False
-                 ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tls:
-            ctx = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
-            try:
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-            except BaseException:
-                sock.close()
-                raise
-        self.sock = sock
-        self.timeout = timeout
-        self._reader = DeadlineReader(sock)
-        self.rfile = io.BufferedReader(self._reader)
+    __slots__ = ("_sock", "_conn", "_timeout")
 
-    @staticmethod
-    def _encode(args: tuple[Any, ...]) -> bytes:
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        return b"".join(out)
+    def __init__(self, sock: socket.socket, conn: Any) -> None:
+        self._sock = sock
+        self._conn = conn
+        self._timeout = sock.gettimeout()
 
-    def _line(self) -> bytes:
-        line = self.rfile.readline(1 << 16)
-        if not line.endswith(b"\r\n"):
-            raise ConnectionError("redis connection closed" if not line else
-                                  "malformed RESP line")
-        return line[:-2]
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._sock.settimeout(value)
 
-    def _reply(self) -> Any:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            return RespError(rest.decode(errors="replace"))
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            if n > _MAX_BULK:
-                raise ConnectionError(f"RESP bulk reply of {n} bytes is too large")
-            data = self.rfile.read(n + 2)
-            if len(data) != n + 2:
-                raise ConnectionError("redis connection closed mid-reply")
-            return data[:-2]
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._reply() for _ in range(n)]
-        raise ConnectionError(f"malformed RESP reply {line[:40]!r}")
+    def gettimeout(self) -> float | None:
+        return self._timeout
 
-    def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send all, read all; error replies come back as :class:`RespError` values."""
-        self._reader.deadline = time.monotonic() + self.timeout
-        self.sock.settimeout(self.timeout)
-        self.sock.sendall(b"".join(self._encode(c) for c in commands))
-        return [self._reply() for _ in commands]
+    def _arm(self) -> None:
+        deadline = self._conn.mc_deadline
+        if deadline is None or self._timeout is None or self._timeout != \
+                self._conn.socket_timeout:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete reply within {self._conn.socket_timeout:g} s")
+        self._sock.settimeout(min(left, self._timeout))
 
-    def call(self, *args: Any) -> Any:
-        r = self.pipeline([args])[0]
-        if isinstance(r, RespError):
-            raise r
-        return r
+    def recv(self, *args: Any) -> bytes:
+        self._arm()
+        return self._sock.recv(*args)
 
-    def close(self) -> None:
-        try:
-            self.rfile.close()
-            self.sock.close()
-        except OSError:
-            pass
+    def recv_into(self, *args: Any) -> int:
+        self._arm()
+        return self._sock.recv_into(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _ssl_cause(e: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a redis-py error (it wraps the socket's), if any."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 8:
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
 
 
 class RedisMetadata(LeasedStore):
@@ -156,125 +164,120 @@ class RedisMetadata(LeasedStore):
                               "must be an integer in 0..255")
         self.where = f"{u.scheme} at {self._host}:{self._port}/{self.db}" if self._tls else \
             f"redis at {self._host}:{self._port}/{self.db}"
-        self._ssl: ssl.SSLContext | None = None
         self._have_cert = bool(self.option("MC_REDIS_CERT_FILE", ""))
-        if self._tls:
-            self._ssl = tls_context(self, "MC_REDIS_CA_FILE", "MC_REDIS_CERT_FILE",
-                                    "MC_REDIS_KEY_FILE")
         self.timeout = max(1.0, min(10.0, self.ttl / 3 if self.ttl > 0 else 10.0))
-        self._conn: RespConnection | None = None
-        self._io = threading.Lock()
+        redis, plain, tls = _redis_py()
+        self._errors = redis.exceptions
+        kw: dict[str, Any] = {}
+        if self._tls:
+            # loads the files once here, so that an unreadable one is a ConfigError naming it
+            tls_context(self, "MC_REDIS_CA_FILE", "MC_REDIS_CERT_FILE", "MC_REDIS_KEY_FILE")
+            kw = {"ssl_ca_certs": str(self.option("MC_REDIS_CA_FILE", "") or "") or None,
+                  "ssl_certfile": str(self.option("MC_REDIS_CERT_FILE", "") or "") or None,
+                  "ssl_keyfile": str(self.option("MC_REDIS_KEY_FILE", "") or "") or None,
+                  "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        pool = redis.ConnectionPool(
+            connection_class=tls if self._tls else plain, host=self._host, port=self._port,
+            db=self.db, username=self.username or None, password=self.password or None,
+            socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+            # a connection the server dropped (it restarted) is retried once, at once; a
+            # timeout is not (the deadline is the caller's)
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            **kw)
+        self._redis = redis.Redis(connection_pool=pool)
         self.connect()
 
-    # -- transport -----------------------------------------------------------------------
     def __repr__(self) -> str:  # no password
         return f"<RedisMetadata {self.where} user={self.username or '-'}>"
 
-    def _tls_refusal(self, e: BaseException) -> MetadataAuthError | None:
-        return tls_refusal(self.where, e, "MC_REDIS_CA_FILE", "MC_REDIS_CERT_FILE",
-                           self._have_cert)
-
-    def _open(self) -> RespConnection:
+    # -- errors --------------------------------------------------------------------------
+    def _run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` with redis-py's errors turned into ours: refusals into
+        :class:`MetadataAuthError`, a dead or slow server into ``OSError`` (the base class
+        reports it as unreachable), an error reply into :class:`PeerUnreachable`."""
+        E = self._errors
         try:
-            c = RespConnection(self._host, self._port, self.timeout, self._ssl or False)
-        except OSError as e:
-            refusal = self._tls_refusal(e)
-            if refusal is not None:
-                raise refusal from None
-            raise
-        try:
-            if self.password:
-                args = ("AUTH", self.username, self.password) if self.username else \
-                    ("AUTH", self.password)
-                c.call(*args)
-            if self.db:
-                c.call("SELECT", self.db)
-        except RespError as e:
-            c.close()
-            raise MetadataAuthError(f"{self.where} refused the login: {e} (set "
-                                    "MC_REDIS_USERNAME, MC_REDIS_PASSWORD, MC_REDIS_DB_INDEX)"
-                                    ) from None
-        except OSError as e:
-            c.close()
-            # TLS 1.3: a server that rejects our client certificate says so on the first read
-            refusal = self._tls_refusal(e)
-            if refusal is not None:
-                raise refusal from None
-            raise
-        except BaseException:
-            c.close()
-            raise
-        return c
+            return fn()
+        except (E.AuthenticationError, E.NoPermissionError) as e:
+            raise self._refused(e) from None
+        except E.ConnectionError as e:  # also TLS handshakes and first reads under TLS
+            cause = _ssl_cause(e)
+            if cause is not None:
+                refusal = tls_refusal(self.where, cause, "MC_REDIS_CA_FILE",
+                                      "MC_REDIS_CERT_FILE", self._have_cert)
+                if refusal is not None:
+                    raise refusal from None
+            raise ConnectionError(str(e) or type(e).__name__) from None
+        except E.TimeoutError as e:
+            raise TimeoutError(f"{e} (within {self.timeout:g} s)") from None
+        except E.ResponseError as e:
+            if "DB index" in str(e):
+                raise MetadataAuthError(f"{self.where} refused the database: {e} (set "
+                                        "MC_REDIS_DB_INDEX)") from None
+            raise PeerUnreachable(f"{self.where} answered an error: {e}") from None
+        except E.RedisError as e:
+            raise PeerUnreachable(f"{self.where}: {type(e).__name__}: {e}") from None
 
-    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        with self._io:
-            for attempt in (0, 1):  # a connection the server dropped: reconnect once
-                reused = self._conn is not None
-                if self._conn is None:
-                    self._conn = self._open()
-                try:
-                    out = self._conn.pipeline(commands)
-                    break
-                except (OSError, ValueError) as e:
-                    self._conn.close()
-                    self._conn = None
-                    refusal = self._tls_refusal(e) if self._tls else None
-                    if refusal is not None:
-                        raise refusal from None
-                    if attempt == 0 and reused and not isinstance(e, TimeoutError):
-                        continue
-                    if isinstance(e, OSError):
-                        raise
-                    raise ConnectionError(f"bad reply from redis: {e}") from None
-        for r in out:
-            if isinstance(r, RespError):
-                if str(r).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-                    raise MetadataAuthError(f"{self.where} refused: {r} (set "
-                                            "MC_REDIS_USERNAME, MC_REDIS_PASSWORD)")
-                raise PeerUnreachable(f"{self.where} answered an error: {r}")
-        return out
+    def _refused(self, e: Exception) -> MetadataAuthError:
+        code = getattr(e, "status_code", None)  # redis-py strips the code from the message
+        if not code:
+            text = str(e).lower()
+            code = "NOPERM" if isinstance(e, self._errors.NoPermissionError) else \
+                "NOAUTH" if "required" in text else "WRONGPASS" if "invalid" in text else "ERR"
+        return MetadataAuthError(f"{self.where} refused the login: {code} {e} (set "
+                                 "MC_REDIS_USERNAME, MC_REDIS_PASSWORD)")
 
-    def _set(self, key: str, value: bytes) -> tuple[Any, ...]:
+    def _set(self, pipe: Any, key: str, value: bytes) -> None:
         if self.ttl > 0:
-            return ("SET", key, value, "PX", max(1, int(self.ttl * 1000)))
-        return ("SET", key, value)
+            pipe.set(key, value, px=max(1, int(self.ttl * 1000)))
+        else:
+            pipe.set(key, value)
 
     # -- LeasedStore hooks ---------------------------------------------------------------
     def _ping(self) -> None:
-        self._pipeline([("PING",)])
+        self._run(self._redis.ping)
 
     def _put(self, key: str, value: bytes) -> None:
-        self._pipeline([self._set(key, value)])
+        px = max(1, int(self.ttl * 1000)) if self.ttl > 0 else None
+        self._run(lambda: self._redis.set(key, value, px=px))
 
     def _get(self, key: str) -> bytes | None:
-        return self._pipeline([("GET", key)])[0]
+        return self._run(lambda: self._redis.get(key))
 
     def _delete(self, key: str) -> None:
-        self._pipeline([("DEL", key)])
+        self._run(lambda: self._redis.delete(key))
 
     def _refresh(self, items: dict[str, bytes]) -> None:
         if self.ttl <= 0:
             return
         keys = list(items)
         ms = max(1, int(self.ttl * 1000))
-        alive = self._pipeline([("PEXPIRE", k, ms) for k in keys])
-        lost = [k for k, ok in zip(keys, alive, strict=True) if ok != 1]
+
+        def pexpire_all() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            for k in keys:
+                pipe.pexpire(k, ms)
+            return pipe.execute()
+
+        alive = self._run(pexpire_all)
+        lost = [k for k, ok in zip(keys, alive, strict=True) if not ok]
         if lost:
-            self._pipeline([self._set(k, items[k]) for k in lost])
+            def put_lost() -> None:
+                pipe = self._redis.pipeline(transaction=False)
+                for k in lost:
+                    self._set(pipe, k, items[k])
+                pipe.execute()
+
+            self._run(put_lost)
 
     def _close(self) -> None:
-        with self._io:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._redis.connection_pool.disconnect()
 
     def list_keys(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (for tools and tests)."""
         pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
-        cursor, keys = b"0", set()
-        while True:
-            cursor, batch = self._pipeline([("SCAN", cursor, "MATCH", pattern,
-                                             "COUNT", 1000)])[0]
-            keys.update(k.decode() for k in batch)
-            if cursor in (b"0", 0):
-                return sorted(keys)
+        return self._run(lambda: sorted({k.decode() for k in
+                                         self._redis.scan_iter(match=pattern, count=1000)}))
