@@ -42,6 +42,7 @@ from mooncake.errors import (
 )
 from mooncake.memory import ManagedBuffer, allocate_shm, buffer_info
 from mooncake.metadata.base import MetadataContext, parse_metadata_server
+from mooncake.metrics import EngineMeters
 from mooncake.registry import get_metadata, get_transport, transport_classes, transport_names
 from mooncake.rpc import RpcClient, RpcServer, port_candidates
 from mooncake.segments import SegmentCache, host_identity
@@ -106,7 +107,9 @@ class TransferEngine(MooncakeAPI):
         self._routes: dict[str, tuple[Transport, dict]] = {}
         self._warned: set[str] = set()
         self._kinds: set[str] = set()  # memory kinds registered here ("cpu", "cuda", ...)
-        self._bytes = 0
+        #: transfer counters, kept in C per (transport, peer) (mooncake.metrics)
+        self.meters = EngineMeters()
+        self._metrics_server = None
         self._timeout = float(cfg["MC_TRANSFER_TIMEOUT"])
         # TENT's per-request deadline, when configured
         self._default_deadline = cfg["transports/rdma/max_timeout_ns"] / 1e9 \
@@ -143,6 +146,10 @@ class TransferEngine(MooncakeAPI):
             self._segments.schemas = {n: (t.segment_fields, t.buffer_fields)
                                       for n, t in self.transports.items()}
             self._started = True
+            if cfg["MC_METRICS_PORT"]:
+                from mooncake.metrics import start_exporter
+
+                self._metrics_server = start_exporter(self, bind, cfg["MC_METRICS_PORT"])
             self._publish()
         except BaseException:
             self._shutdown()
@@ -199,6 +206,9 @@ class TransferEngine(MooncakeAPI):
         self._shutdown()
 
     def _shutdown(self) -> None:
+        if getattr(self, "_metrics_server", None) is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         regions = list(getattr(self, "_regions", {}).values())
         for r in regions:
             r.handle.revoke()
@@ -529,9 +539,10 @@ class TransferEngine(MooncakeAPI):
             t = self._route(peer)
             self._check_kinds(t, entry, (la,), (ra,), (n,))
             core = _core.Batch(1)
+            meter = self.meters.get(t.name, peer.name)  # the kernel counts each task there
             try:
                 slices = _core.slice_one(core, opc, la, ra, n, t.slice_size, t.fragment_ratio,
-                                         self.regions)
+                                         self.regions, meter)
             except _core.SliceError as e:
                 raise InvalidAddress(str(e)) from None
             total = n
@@ -561,9 +572,10 @@ class TransferEngine(MooncakeAPI):
             t = self._route(peer)
             self._check_kinds(t, entry, local, remote, length)
             core = _core.Batch(cnt[0])
+            meter = self.meters.get(t.name, peer.name)
             try:
                 slices = _core.slice_requests(core, opc, local, remote, length, t.slice_size,
-                                              t.fragment_ratio, self.regions)
+                                              t.fragment_ratio, self.regions, meter=meter)
             except _core.SliceError as e:
                 raise InvalidAddress(str(e)) from None
             total = int(length.sum())
@@ -572,6 +584,7 @@ class TransferEngine(MooncakeAPI):
                 self._timeout + total / 1e9
         if expired:  # past its deadline before it started: every task ends TIMEOUT, untouched
             core.cancel(_core.E_TIMEOUT)
+            meter.count_infeasible()
         core.total_bytes = total
         core.priority = weight
         return peer, t, core, slices, tmo
@@ -603,6 +616,8 @@ class TransferEngine(MooncakeAPI):
             if isinstance(e, TransferTimeout) or not codes & {E_PEER, E_REFUSED}:
                 raise
             used = self._segments.cached(segment)
+            route = self._routes.get(segment)
+            failed = getattr(e, "transport", None) or (route and route[0].name)
             if E_PEER in codes:
                 self._forget_peer(segment)
             try:  # is it back (restarted), or did it re-register that memory?
@@ -615,25 +630,33 @@ class TransferEngine(MooncakeAPI):
             log.info("segment %s: %s; retrying once on a fresh descriptor", segment,
                      "connection lost" if E_PEER in codes else "range refused by a stale "
                      "descriptor")
-            return self._transfer(segment, op, local, remote, length, timeout, deadline,
-                                  priority)
+            try:
+                return self._transfer(segment, op, local, remote, length, timeout, deadline,
+                                      priority)
+            finally:  # the fresh route may be another transport: a failover
+                now = self._routes.get(segment)
+                self.meters.failover(failed, now and now[0].name)
 
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                   length: Sequence[int], timeout: float | None,
                   deadline: float | None = None, priority: str | int | None = None) -> None:
-        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout,
-                                                    deadline, priority)
+        try:
+            peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length,
+                                                        timeout, deadline, priority)
+        except MooncakeError:
+            self._count_refused(op, length)
+            raise
         in_time = t.transfer(peer, slices, tmo)
         if in_time and core.first_not_completed() < 0:
-            self._bytes += core.total_bytes
             return
         if not in_time:
             settle(core, t, peer)
         b = TransferBatch(core, peer, t, 0.0)
         try:
             b.wait()
-        except MooncakeError:
+        except MooncakeError as e:
             self._after_failure(peer, b)
+            e.transport = t.name  # type: ignore[attr-defined]  # a retry elsewhere: a failover
             raise
 
     def _check_kinds(self, t: Transport, entry, local, remote, length) -> None:
@@ -658,8 +681,12 @@ class TransferEngine(MooncakeAPI):
         """Start a batch and return at once; ``wait()`` it, ``await`` it or poll its status.
         ``timeout``/``deadline``/``priority`` as for :meth:`transfer`: past the deadline the
         batch's unfinished tasks end TIMEOUT, and no byte of them lands afterwards."""
-        peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length, timeout,
-                                                    deadline, priority)
+        try:
+            peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length,
+                                                        timeout, deadline, priority)
+        except MooncakeError:
+            self._count_refused(op, length)
+            raise
         b = TransferBatch(core, peer, t, tmo, on_close=self._forget_batch)
         try:
             t.submit(peer, slices)
@@ -683,7 +710,17 @@ class TransferEngine(MooncakeAPI):
     def _forget_batch(self, b: TransferBatch) -> None:
         with self._lock:
             self._batches.pop(getattr(b, "id", None), None)
-        self._bytes += sum(st[1] for st in b.core.statuses())
+
+    def _count_refused(self, op: Any, length: Any) -> None:
+        """Requests the validator refused: failures of no transport (``unspec``), like TENT."""
+        if not self._started or self._closed:
+            return
+        try:
+            opc = OPS[op]
+            n = len(length)
+        except (KeyError, TypeError):
+            return
+        self.meters.reject(opc, max(n, 1))
 
     def _forget_peer(self, segment: str) -> None:
         """A lane or RPC failure: the cached descriptor, route and RPC connections are stale."""
@@ -768,6 +805,17 @@ class TransferEngine(MooncakeAPI):
         out["transports"] = list(self.transports)
         return out
 
+    def metrics(self) -> dict:
+        """The transfer counters, read from the kernel's meters (:mod:`mooncake.metrics`):
+        ``transports`` → transport → ``read``/``write`` → ``bytes``, ``requests``,
+        ``failures``, ``inflight``, ``inflight_bytes``, log2 ``latency_ns``/``size`` buckets;
+        ``peers`` → peer → transport → opcode → bytes/requests/failures; ``failovers``;
+        ``deadline_infeasible``.  Requests the validator refused count under ``unspec``.
+        After :meth:`close` it still answers (the final counts)."""
+        if getattr(self, "meters", None) is None:
+            self._check_started()
+        return self.meters.snapshot(tuple(getattr(self, "transports", ())))
+
     def _metric_loop(self) -> None:
         """MC_TE_METRIC: one throughput line every MC_TE_METRIC_INTERVAL_SECONDS, on the
         ``mooncake.metrics`` logger, which MC_LOG_LEVEL does not filter (see
@@ -776,12 +824,12 @@ class TransferEngine(MooncakeAPI):
 
         out = metric_logger()
         interval = float(self.config["MC_TE_METRIC_INTERVAL_SECONDS"])
-        last, since = self._bytes, time.monotonic()
+        last, since = self.meters.total_bytes(), time.monotonic()
         while not self._closed:
             time.sleep(interval)
             if self._closed:
                 break
-            now, t = self._bytes, time.monotonic()
+            now, t = self.meters.total_bytes(), time.monotonic()
             out.info("throughput %.3f GB/s over %gs (%s, %d bytes in total)",
                      (now - last) / max(t - since, 1e-9) / 1e9, round(t - since, 3),
                      self.segment_name, now)

@@ -314,6 +314,10 @@ CORE_OPTIONS: tuple[Option, ...] = (
     _O("MC_TE_METRIC_INTERVAL_SECONDS", float, 5.0, range=(0, DAY), min_exclusive=True,
        unit="s", doc="period of the throughput log",
        reads=("mooncake/engine.py",)),
+    _O("MC_METRICS_PORT", int, 0, range=(0, 65535),
+       doc="serve Prometheus /metrics (TENT's tent_* names) and /health on this port of the "
+           "engine's bind address; 0 = off; needs the metrics extra (prometheus_client)",
+       reads=("mooncake/engine.py",)),
     _O("MC_TENT_CONF", str, "", owner="tent",
        doc="TENT JSON config: a file path, or inline JSON starting with '{'",
        reads=('mooncake/config.py::exact["MC_TENT_CONF"]',)),

@@ -18,6 +18,29 @@ cdef extern from "mc_errors.h" nogil:
         MC_E_CANCELED
         MC_E_AUTH
 
+cdef extern from "mc_metrics.h" nogil:
+    enum:
+        MC_M_BUCKETS
+    ctypedef struct mc_meter_op_t:
+        uint64_t armed
+        uint64_t armed_bytes
+        uint64_t bytes
+        uint64_t failures
+        uint64_t failed_bytes
+        uint64_t lat_sum_ns
+        uint64_t lat[64]
+        uint64_t size[64]
+    ctypedef struct mc_meter_t:
+        uint64_t infeasible
+        mc_meter_op_t op[2]
+    mc_meter_t *mc_meter_new()
+    void mc_meter_unref(mc_meter_t *m)
+    void mc_meter_add(uint64_t *p, uint64_t v)
+    void mc_meter_arm(mc_meter_t *m, unsigned op, uint64_t n, uint64_t nbytes)
+    uint64_t mc_meter_load(const uint64_t *p)
+    unsigned mc_meter_bucket(uint64_t v)
+
+
 cdef extern from "mc_batch.h" nogil:
     enum:
         MC_WAITING
@@ -35,6 +58,7 @@ cdef extern from "mc_batch.h" nogil:
     void mc_batch_ref(mc_batch_t *b)
     void mc_batch_unref(mc_batch_t *b)
     void mc_task_arm(mc_batch_t *b, uint32_t t, int64_t n)
+    void mc_task_arm_req(mc_batch_t *b, uint32_t t, int64_t n, uint8_t op, uint64_t len)
     void mc_task_pin(mc_batch_t *b, uint32_t t, mc_reg_t *r)
     void mc_batch_cancel(mc_batch_t *b, int32_t err)
     int32_t mc_slice_live(mc_batch_t *b, uint32_t t)
@@ -45,6 +69,11 @@ cdef extern from "mc_batch.h" nogil:
     int64_t mc_open_tasks(mc_batch_t *b)
     int mc_batch_wait(mc_batch_t *b, double timeout_s, double spin_s)
     double mc_now()
+    int mc_batch_meter(mc_batch_t *b, mc_meter_t *m)
+
+cdef class Meter:
+    """Transfer counters of one (transport, peer) of an engine (mc_metrics.h)."""
+    cdef mc_meter_t *m
 
 
 cdef class Batch:

@@ -123,6 +123,74 @@ cdef class Batch:
         return rc == 0
 
 
+#: log2 buckets per histogram of a :class:`Meter`: bucket ``i`` counts values ``v <= 2**i``
+#: (bucket 0: ``v <= 1``)
+METER_BUCKETS = MC_M_BUCKETS
+_OPS = ("read", "write")
+
+
+cdef class Meter:
+    """Transfer counters in C (mc_metrics.h): the engine keeps one per (transport, peer).
+
+    A batch sliced with ``meter=`` counts its requests here: in flight from then on, and once
+    more when each ends, by whichever kernel module reports its last slice, without the GIL.
+    Batches keep the block alive until they are freed."""
+
+    def __cinit__(self):
+        self.m = mc_meter_new()
+        if self.m == NULL:
+            raise MemoryError("cannot allocate a meter")
+
+    def __dealloc__(self):
+        if self.m != NULL:
+            mc_meter_unref(self.m)
+            self.m = NULL
+
+    def count_infeasible(self):
+        """A batch whose deadline had already passed when it was submitted."""
+        mc_meter_add(&self.m.infeasible, 1)
+
+    def reject(self, uint8_t op, uint64_t n=1):
+        """``n`` requests of opcode ``op`` that failed before any transport took them (the
+        engine's validator refused them): requests and failures, no bytes."""
+        mc_meter_arm(self.m, op & 1, n, 0)
+        mc_meter_add(&self.m.op[op & 1].failures, n)
+
+    def snapshot(self):
+        """``{"read": {...}, "write": {...}, "infeasible": n}``; per opcode ``bytes``,
+        ``requests``, ``completed``, ``failures``, ``inflight``, ``inflight_bytes``,
+        ``latency_sum_ns`` and the log2 buckets ``latency_ns`` and ``size`` (lists of
+        :data:`METER_BUCKETS` counts, not cumulative).  What ended is read before what was
+        armed, so ``inflight`` is never negative."""
+        cdef mc_meter_op_t *o
+        cdef int k, i
+        out = {}
+        for k in range(2):
+            o = &self.m.op[k]
+            lat = [mc_meter_load(&o.lat[i]) for i in range(MC_M_BUCKETS)]
+            size = [mc_meter_load(&o.size[i]) for i in range(MC_M_BUCKETS)]
+            nbytes = mc_meter_load(&o.bytes)
+            fails = mc_meter_load(&o.failures)
+            failed_bytes = mc_meter_load(&o.failed_bytes)
+            lat_sum = mc_meter_load(&o.lat_sum_ns)
+            ok = sum(lat)
+            armed_bytes = mc_meter_load(&o.armed_bytes)
+            armed = mc_meter_load(&o.armed)
+            out[_OPS[k]] = {
+                "bytes": nbytes, "requests": ok + fails, "completed": ok, "failures": fails,
+                "inflight": max(0, armed - ok - fails),
+                "inflight_bytes": max(0, armed_bytes - nbytes - failed_bytes),
+                "latency_sum_ns": lat_sum, "latency_ns": lat, "size": size,
+            }
+        out["infeasible"] = mc_meter_load(&self.m.infeasible)
+        return out
+
+
+def meter_bucket(uint64_t v):
+    """The log2 bucket a :class:`Meter` counts ``v`` (ns or bytes) in."""
+    return mc_meter_bucket(v)
+
+
 cdef class Slices:
     """Slices of one batch as C arrays: task index, opcode, local/remote address, length.
 
@@ -194,13 +262,15 @@ cdef inline int32_t _pin(Batch batch, RegionTable regions, uint32_t task, uint8_
 
 
 def slice_requests(Batch batch not None, op, local, remote, length, uint64_t slice_size,
-                   uint64_t fragment_ratio, RegionTable regions=None, uint32_t first_task=0):
+                   uint64_t fragment_ratio, RegionTable regions=None, uint32_t first_task=0,
+                   Meter meter=None):
     """Cut requests into slices and arm the batch's tasks.
 
     ``op`` is one opcode (0 READ, 1 WRITE) or a sequence; ``local``, ``remote``, ``length`` are
     equal-length sequences (lists or NumPy arrays).  A request's tail of at most
     ``slice_size / fragment_ratio`` bytes merges into its previous slice.  Request ``i`` is task
-    ``first_task + i``.
+    ``first_task + i``.  With ``meter``, the batch's requests are counted there (once per batch:
+    call it with the batch's last requests).
     """
     cdef const uint64_t[:] lv = _u64(local)
     cdef const uint64_t[:] rv = _u64(remote)
@@ -245,7 +315,8 @@ def slice_requests(Batch batch not None, op, local, remote, length, uint64_t sli
     with nogil:
         for i in range(nreq):
             cnt = _count(nv[i], slice_size, frag)
-            mc_task_arm(batch.b, <uint32_t>(first_task + i), cnt)
+            mc_task_arm_req(batch.b, <uint32_t>(first_task + i), cnt,
+                            opv[i] if many_ops else op_one, nv[i])
             off = 0
             for j in range(cnt):
                 ln = slice_size if j < cnt - 1 else nv[i] - off
@@ -256,6 +327,8 @@ def slice_requests(Batch batch not None, op, local, remote, length, uint64_t sli
                 s.length[k] = ln
                 off += ln
                 k += 1
+    if meter is not None and mc_batch_meter(batch.b, meter.m) != 0:
+        raise ValueError("the batch already has a meter")
     return s
 
 
@@ -271,7 +344,7 @@ def _u8(x):
 
 def slice_one(Batch batch not None, uint8_t op, uint64_t local, uint64_t remote,
               uint64_t length, uint64_t slice_size, uint64_t fragment_ratio,
-              RegionTable regions=None):
+              RegionTable regions=None, Meter meter=None):
     """:func:`slice_requests` for a single request (task 0), without array conversions."""
     if slice_size == 0 or slice_size > MAX_SLICE:
         raise ValueError("slice_size must be in 1..2**48, got %d" % slice_size)
@@ -285,7 +358,7 @@ def slice_one(Batch batch not None, uint8_t op, uint64_t local, uint64_t remote,
     cdef Slices s = Slices.__new__(Slices)
     s.batch = batch
     s._alloc(cnt)
-    mc_task_arm(batch.b, 0, cnt)
+    mc_task_arm_req(batch.b, 0, cnt, op, length)
     cdef uint64_t off = 0, ln
     for j in range(cnt):
         ln = slice_size if j < cnt - 1 else length - off
@@ -295,4 +368,6 @@ def slice_one(Batch batch not None, uint8_t op, uint64_t local, uint64_t remote,
         s.remote[j] = remote + off
         s.length[j] = ln
         off += ln
+    if meter is not None and mc_batch_meter(batch.b, meter.m) != 0:
+        raise ValueError("the batch already has a meter")
     return s

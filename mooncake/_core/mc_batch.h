@@ -25,6 +25,7 @@
 #include <time.h>
 
 #include "mc_errors.h"
+#include "mc_metrics.h"
 #include "mc_regions.h"
 
 /* Mooncake's TransferStatusEnum order. */
@@ -38,6 +39,8 @@ typedef struct {
     _Atomic int32_t error;     /* first error, 0 if none */
     int64_t total;             /* slices submitted */
     mc_reg_t *lreg;            /* the pinned local region, released with the last slice */
+    uint64_t len;              /* the request's length (mc_task_arm_req), for the meter */
+    uint8_t op;                /* its opcode: 0 READ, 1 WRITE */
 } mc_task_t;
 
 typedef struct {
@@ -45,6 +48,8 @@ typedef struct {
     _Atomic int64_t open_tasks;
     _Atomic int32_t cancel;    /* 0, or why every slice not yet touched must stop */
     uint32_t ntasks;
+    mc_meter_t *meter;         /* where its tasks are counted when they end (NULL: nowhere) */
+    uint64_t t0_ns;            /* when it was handed to the transport (mc_batch_meter) */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     mc_task_t tasks[];
@@ -70,8 +75,12 @@ static inline void mc_batch_ref(mc_batch_t *b) { atomic_fetch_add(&b->refs, 1); 
 static inline void mc_batch_unref(mc_batch_t *b) {
     if (atomic_fetch_sub(&b->refs, 1) == 1) {
         for (uint32_t t = 0; t < b->ntasks; t++) {   /* tasks never armed or never finished */
-            if (b->tasks[t].lreg) mc_reg_release(b->tasks[t].lreg);
+            mc_task_t *k = &b->tasks[t];
+            if (k->lreg) mc_reg_release(k->lreg);
+            if (b->meter && k->total > 0 && atomic_load(&k->pending) > 0)
+                mc_meter_done(b->meter, k->op, k->len, MC_E_CANCELED, 0);  /* abandoned */
         }
+        if (b->meter) mc_meter_unref(b->meter);
         pthread_mutex_destroy(&b->mu);
         pthread_cond_destroy(&b->cv);
         free(b);
@@ -98,6 +107,33 @@ static inline void mc_task_arm(mc_batch_t *b, uint32_t t, int64_t n) {
     atomic_store(&k->pending, n);
     if (n > 0) atomic_fetch_add(&b->open_tasks, 1);
     else mc_task_unpin(k);
+}
+
+/* mc_task_arm for request `t` of opcode `op` and `len` bytes (what its meter counts). */
+static inline void mc_task_arm_req(mc_batch_t *b, uint32_t t, int64_t n, uint8_t op,
+                                   uint64_t len) {
+    b->tasks[t].op = op;
+    b->tasks[t].len = len;
+    mc_task_arm(b, t, n);
+}
+
+/* Count the batch's armed tasks in meter `m` from now on (once, after slicing, before any slice
+ * is posted): their requests and bytes are in flight, each is counted again when it ends. */
+static inline int mc_batch_meter(mc_batch_t *b, mc_meter_t *m) {
+    if (b->meter) return -1;
+    uint64_t n[2] = {0, 0}, bytes[2] = {0, 0};
+    for (uint32_t t = 0; t < b->ntasks; t++) {
+        mc_task_t *k = &b->tasks[t];
+        if (k->total <= 0) continue;
+        n[k->op & 1]++;
+        bytes[k->op & 1] += k->len;
+    }
+    mc_meter_ref(m);
+    b->meter = m;
+    b->t0_ns = mc_now_ns();
+    mc_meter_arm(m, 0, n[0], bytes[0]);
+    mc_meter_arm(m, 1, n[1], bytes[1]);
+    return 0;
 }
 
 /* Stop the batch: slices not touched yet end with `err` (first reason wins). */
@@ -131,6 +167,9 @@ static inline void mc_slice_done(mc_batch_t *b, uint32_t t, int64_t nbytes, int3
     }
     if (atomic_fetch_sub(&k->pending, 1) == 1) {
         mc_task_unpin(k);      /* before anyone can see the task finished */
+        if (b->meter)          /* counted before a waiter can return */
+            mc_meter_done(b->meter, k->op, k->len, atomic_load(&k->error),
+                          mc_now_ns() - b->t0_ns);
         if (atomic_fetch_sub(&b->open_tasks, 1) == 1) mc_batch_wake(b);
     }
 }
