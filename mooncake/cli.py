@@ -46,6 +46,8 @@ def _transports(args: argparse.Namespace) -> int:
     print(f"{'name':<{w}}  {'distribution':<14} {'available':<9}  reason / target")
     for r in rows:
         why = r.reason if not r.available else r.target
+        if r.detail:
+            why = f"{why} [{r.detail}]"
         print(f"{r.name:<{w}}  {r.distribution:<14} {'yes' if r.available else 'no':<9}  {why}")
     return 0
 

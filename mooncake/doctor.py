@@ -791,7 +791,8 @@ def _check_transports(c: _Ctx, used: list[T.RdmaDevice]) -> None:
     if used and rdma is not None and not rdma.available:
         c.add("transports.rdma", "warn", "rdma", f"RDMA devices exist but the rdma transport "
               f"is unavailable: {rdma.reason}", row=_THROUGHPUT,
-              fix="install rdma-core's headers (libibverbs-dev) and rebuild the kernels")
+              fix="install rdma-core's runtime library (Debian/Ubuntu: libibverbs1 "
+                  "ibverbs-providers; RHEL/Fedora: libibverbs); no rebuild is needed")
 
 
 # ---- --peer --------------------------------------------------------------------------------------

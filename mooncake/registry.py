@@ -42,6 +42,9 @@ class PluginInfo:
     distribution: str
     available: bool
     reason: str
+    #: what the transport says about how it was built and what it found (its optional
+    #: ``describe()`` classmethod), shown whether or not it is available
+    detail: str = ""
 
 
 class _Group:
@@ -157,8 +160,19 @@ def transport_status() -> list[PluginInfo]:
     for name in transport_names():
         cls, why = _probe(name)
         rows.append(PluginInfo(name, _transports.target(name), _transports.distribution(name),
-                               cls is not None, why))
+                               cls is not None, why, _detail(name)))
     return rows
+
+
+def _detail(name: str) -> str:
+    cls = _transports.load(name)
+    describe = getattr(cls, "describe", None) if isinstance(cls, type) else None
+    if describe is None:
+        return ""
+    try:
+        return str(describe())
+    except Exception as e:
+        return f"describe failed: {_reason(e)}"
 
 
 def transport_classes() -> dict[str, type]:

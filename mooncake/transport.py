@@ -171,6 +171,12 @@ class Transport:
         suspicious one."""
 
     @classmethod
+    def describe(cls) -> str:
+        """How it was built and what it found here, for ``mooncake transports`` (whether or not
+        it can run)."""
+        return ""
+
+    @classmethod
     def probe(cls) -> str | None:
         """Why this transport cannot run on this machine, or None when it can."""
         return None

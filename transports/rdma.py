@@ -66,7 +66,7 @@ from mooncake.transports.rdma_options import OPTIONS
 try:
     from mooncake._core import verbs as V
     from mooncake._core import verbs_kernel as K
-except ImportError:  # built without libibverbs: probe() says so
+except ImportError:  # the verbs kernels are not built (MOONCAKE_EXT left them out)
     V = K = None  # type: ignore[assignment]
 
 _E_PEER = _batch.E_PEER
@@ -252,18 +252,32 @@ class RdmaTransport(Transport):
     @classmethod
     def probe(cls) -> str | None:
         if V is None:
-            return "unavailable: built without libibverbs"
+            return "unavailable: the verbs kernels are not built (python setup.py build_ext)"
+        if V.library_error():
+            return f"unavailable: {V.library_error()}"
         if not V.device_names():
             return "no RDMA device (ibv_get_device_list found none)"
         return None
+
+    @classmethod
+    def describe(cls) -> str:
+        """How the verbs layer was built and loaded, and how many devices it sees."""
+        if V is None:
+            return "verbs kernels not built"
+        lib = V.library()
+        head = f"verbs declarations: {V.DECLARATIONS}; {lib['soname']}"
+        if lib["error"]:
+            return f"{head}: not loaded"
+        return f"{head}: loaded from {lib['path']}; devices: {len(V.device_names())}"
 
     #: seconds between two probes of the GID table (MC_AUTO_GID_MAX_RETRIES)
     GID_RETRY_DELAY_S: ClassVar[float] = 0.5
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        if V is None:
-            raise TransportUnavailable("rdma transport unavailable: built without libibverbs")
+        why = self.probe() if V is None or V.library_error() else None
+        if why:
+            raise TransportUnavailable(f"rdma transport {why}")
         g = self._cfg
         self.port = int(g("MC_IB_PORT"))
         self.num_cq = int(g("MC_NUM_CQ_PER_CTX"))

@@ -1,16 +1,23 @@
 # cython: language_level=3
-"""libibverbs, declared from ``infiniband/verbs.h`` (rdma-core >= v32), only what mooncake uses.
+"""libibverbs, declared from mooncake's own ``mc_ibv.h`` (the rdma-core ABI subset we use).
 
-Structs list only the members we touch; Cython emits the real C type names, so the layout is the
-header's.  ``ibv_post_send``/``ibv_poll_cq``/``ibv_req_notify_cq`` are ``static inline`` in the
-header (they dispatch through ``context->ops``) and ``ibv_reg_mr``/``ibv_query_port`` are macros:
-all are callable from here as declared.
+No rdma-core header is involved: ``mc_ibv.h`` mirrors the layouts, and every library function
+goes through a table that ``mc_ibv_load`` fills from ``libibverbs.so.1`` at import (dlopen).
+Structs list only the members we touch; Cython emits the C type names, so the layout is the
+header's.  The Cython names are libibverbs'; the C names are the header's ``mc_ibv_*`` calls
+(the data-path four go straight to ``context->ops``, as verbs.h's inlines do).  Call nothing
+but the loader before ``mc_ibv_loaded()`` is true.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
-cdef extern from "infiniband/verbs.h" nogil:
+cdef extern from "mc_ibv.h" nogil:
+    int mc_ibv_load(const char *soname, char *err, size_t errlen)
+    bint mc_ibv_loaded()
+    const char *mc_ibv_loaded_path()
+    const char *MC_IBV_SONAME
+
     cdef struct ibv_device:
         pass
 
@@ -286,33 +293,38 @@ cdef extern from "infiniband/verbs.h" nogil:
         uint32_t byte_len
         uint32_t qp_num
 
-    ibv_device **ibv_get_device_list(int *num_devices)
-    void ibv_free_device_list(ibv_device **list)
-    const char *ibv_get_device_name(ibv_device *device)
-    ibv_context *ibv_open_device(ibv_device *device)
-    int ibv_close_device(ibv_context *context)
-    int ibv_query_device(ibv_context *context, ibv_device_attr *device_attr)
-    int ibv_query_port(ibv_context *context, uint8_t port_num, ibv_port_attr *port_attr)
-    int ibv_query_gid(ibv_context *context, uint8_t port_num, int index, ibv_gid *gid)
-    int ibv_query_gid_ex(ibv_context *context, uint32_t port_num, uint32_t gid_index,
-                         ibv_gid_entry *entry, uint32_t flags)
-    ibv_pd *ibv_alloc_pd(ibv_context *context)
-    int ibv_dealloc_pd(ibv_pd *pd)
-    ibv_mr *ibv_reg_mr(ibv_pd *pd, void *addr, size_t length, int access)
-    int ibv_dereg_mr(ibv_mr *mr)
-    ibv_comp_channel *ibv_create_comp_channel(ibv_context *context)
-    int ibv_destroy_comp_channel(ibv_comp_channel *channel)
-    ibv_cq *ibv_create_cq(ibv_context *context, int cqe, void *cq_context,
-                          ibv_comp_channel *channel, int comp_vector)
-    int ibv_destroy_cq(ibv_cq *cq)
-    int ibv_req_notify_cq(ibv_cq *cq, int solicited_only)
-    int ibv_get_cq_event(ibv_comp_channel *channel, ibv_cq **cq, void **cq_context)
-    void ibv_ack_cq_events(ibv_cq *cq, unsigned int nevents)
-    int ibv_poll_cq(ibv_cq *cq, int num_entries, ibv_wc *wc)
-    ibv_qp *ibv_create_qp(ibv_pd *pd, ibv_qp_init_attr *qp_init_attr)
-    int ibv_modify_qp(ibv_qp *qp, ibv_qp_attr *attr, int attr_mask)
-    int ibv_query_qp(ibv_qp *qp, ibv_qp_attr *attr, int attr_mask, ibv_qp_init_attr *init_attr)
-    int ibv_destroy_qp(ibv_qp *qp)
-    int ibv_post_send(ibv_qp *qp, ibv_send_wr *wr, ibv_send_wr **bad_wr)
-    int ibv_post_recv(ibv_qp *qp, ibv_recv_wr *wr, ibv_recv_wr **bad_wr)
-    const char *ibv_wc_status_str(ibv_wc_status status)
+    ibv_device **ibv_get_device_list "mc_ibv_get_device_list"(int *num_devices)
+    void ibv_free_device_list "mc_ibv_free_device_list"(ibv_device **list)
+    const char *ibv_get_device_name "mc_ibv_get_device_name"(ibv_device *device)
+    ibv_context *ibv_open_device "mc_ibv_open_device"(ibv_device *device)
+    int ibv_close_device "mc_ibv_close_device"(ibv_context *context)
+    int ibv_query_device "mc_ibv_query_device"(ibv_context *context, ibv_device_attr *device_attr)
+    int ibv_query_port "mc_ibv_query_port"(ibv_context *context, uint8_t port_num,
+                                           ibv_port_attr *port_attr)
+    int ibv_query_gid "mc_ibv_query_gid"(ibv_context *context, uint8_t port_num, int index,
+                                         ibv_gid *gid)
+    int ibv_query_gid_ex "mc_ibv_query_gid_ex"(ibv_context *context, uint32_t port_num,
+                                               uint32_t gid_index, ibv_gid_entry *entry,
+                                               uint32_t flags)
+    ibv_pd *ibv_alloc_pd "mc_ibv_alloc_pd"(ibv_context *context)
+    int ibv_dealloc_pd "mc_ibv_dealloc_pd"(ibv_pd *pd)
+    ibv_mr *ibv_reg_mr "mc_ibv_reg_mr"(ibv_pd *pd, void *addr, size_t length, int access)
+    int ibv_dereg_mr "mc_ibv_dereg_mr"(ibv_mr *mr)
+    ibv_comp_channel *ibv_create_comp_channel "mc_ibv_create_comp_channel"(ibv_context *context)
+    int ibv_destroy_comp_channel "mc_ibv_destroy_comp_channel"(ibv_comp_channel *channel)
+    ibv_cq *ibv_create_cq "mc_ibv_create_cq"(ibv_context *context, int cqe, void *cq_context,
+                                             ibv_comp_channel *channel, int comp_vector)
+    int ibv_destroy_cq "mc_ibv_destroy_cq"(ibv_cq *cq)
+    int ibv_req_notify_cq "mc_ibv_req_notify_cq"(ibv_cq *cq, int solicited_only)
+    int ibv_get_cq_event "mc_ibv_get_cq_event"(ibv_comp_channel *channel, ibv_cq **cq,
+                                               void **cq_context)
+    void ibv_ack_cq_events "mc_ibv_ack_cq_events"(ibv_cq *cq, unsigned int nevents)
+    int ibv_poll_cq "mc_ibv_poll_cq"(ibv_cq *cq, int num_entries, ibv_wc *wc)
+    ibv_qp *ibv_create_qp "mc_ibv_create_qp"(ibv_pd *pd, ibv_qp_init_attr *qp_init_attr)
+    int ibv_modify_qp "mc_ibv_modify_qp"(ibv_qp *qp, ibv_qp_attr *attr, int attr_mask)
+    int ibv_query_qp "mc_ibv_query_qp"(ibv_qp *qp, ibv_qp_attr *attr, int attr_mask,
+                                       ibv_qp_init_attr *init_attr)
+    int ibv_destroy_qp "mc_ibv_destroy_qp"(ibv_qp *qp)
+    int ibv_post_send "mc_ibv_post_send"(ibv_qp *qp, ibv_send_wr *wr, ibv_send_wr **bad_wr)
+    int ibv_post_recv "mc_ibv_post_recv"(ibv_qp *qp, ibv_recv_wr *wr, ibv_recv_wr **bad_wr)
+    const char *ibv_wc_status_str "mc_ibv_wc_status_str"(ibv_wc_status status)

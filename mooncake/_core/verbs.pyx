@@ -6,7 +6,15 @@ destruction runs children first.  Errors raise ``OSError(errno, "<verb> on <devi
 with the errno read right after the failing verb.  Typed arguments refuse None, and a closed MR
 or QP raises ValueError instead of handing the provider a NULL.
 The data path (posting and polling without the GIL) is in ``verbs_kernel``.
+
+Built from mooncake's own declarations (``mc_ibv.h``), never rdma-core's headers: the library is
+opened at import (``dlopen`` of ``libibverbs.so.1``, or of ``$MOONCAKE_IBVERBS``: a soname or a
+path, for a private rdma-core build and for tests that point it at a missing library).  Without
+it the module still imports: :func:`library` says why, and every verb raises
+``OSError(ELIBACC)`` with that reason instead of touching an empty table.
 """
+
+import os
 
 cimport cython
 from libc.errno cimport errno
@@ -14,6 +22,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset, strerror
 
 from mooncake._core.libibverbs cimport (
+    MC_IBV_SONAME,
     IBV_ACCESS_LOCAL_WRITE,
     IBV_ACCESS_RELAXED_ORDERING,
     IBV_ACCESS_REMOTE_READ,
@@ -95,6 +104,9 @@ from mooncake._core.libibverbs cimport (
     ibv_wc_status,
     ibv_wc_status_str,
     ibv_wr_opcode,
+    mc_ibv_load,
+    mc_ibv_loaded,
+    mc_ibv_loaded_path,
 )
 
 cdef extern from "fcntl.h" nogil:
@@ -103,6 +115,36 @@ cdef extern from "fcntl.h" nogil:
         F_GETFL
         F_SETFL
         O_NONBLOCK
+
+#: where the verbs declarations come from (no rdma-core header is used to build)
+DECLARATIONS = "shipped (mooncake/_core/mc_ibv.h, rdma-core's IBVERBS_1.1 ABI)"
+#: the environment variable naming the library to open instead of libibverbs.so.1
+LIBRARY_ENV = "MOONCAKE_IBVERBS"
+
+cdef char _load_err[1024]
+_SONAME = os.environ.get(LIBRARY_ENV) or MC_IBV_SONAME.decode()
+_LOAD_ERROR = None
+if mc_ibv_load(_SONAME.encode(), _load_err, sizeof(_load_err)) != 0:
+    _LOAD_ERROR = _load_err.decode(errors="replace")
+
+
+def library():
+    """The loader's outcome: ``soname`` asked for, ``path`` it was loaded from (None when it
+    was not), ``error`` (None, or why the library or one of its functions is missing)."""
+    path = mc_ibv_loaded_path().decode(errors="replace") if mc_ibv_loaded() else None
+    return {"soname": _SONAME, "path": path, "error": _LOAD_ERROR}
+
+
+def library_error():
+    """Why libibverbs could not be used, or None when it was loaded."""
+    return _LOAD_ERROR
+
+
+cdef int _need_library() except -1:
+    if not mc_ibv_loaded():
+        raise OSError(79, f"libibverbs unavailable: {_LOAD_ERROR}")  # ELIBACC
+    return 0
+
 
 ACCESS_LOCAL_WRITE = IBV_ACCESS_LOCAL_WRITE
 ACCESS_REMOTE_WRITE = IBV_ACCESS_REMOTE_WRITE
@@ -134,6 +176,7 @@ MTU_BYTES = {v: k for k, v in MTU_ENUM.items()}
 
 def wc_status_str(int status):
     """libibverbs' name of a work-completion status."""
+    _need_library()
     return ibv_wc_status_str(<ibv_wc_status>status).decode()
 
 
@@ -148,6 +191,7 @@ cdef _err(str what, int e):
 def device_names():
     """Names of the RDMA devices libibverbs sees (``[]`` without an RDMA subsystem)."""
     cdef int n = 0, i
+    _need_library()
     cdef ibv_device **lst = ibv_get_device_list(&n)
     if lst == NULL:
         return []
@@ -162,10 +206,12 @@ cdef class Device:
 
     def __cinit__(self, str name not None):
         cdef int n = 0, i, e, rc
-        cdef ibv_device **lst = ibv_get_device_list(&n)
+        cdef ibv_device **lst
         cdef ibv_device_attr a
-        e = errno
         self.name = name
+        _need_library()
+        lst = ibv_get_device_list(&n)
+        e = errno
         if lst == NULL:
             raise _err(f"ibv_get_device_list (looking for {name!r})", e)
         try:

@@ -83,6 +83,8 @@ from mooncake._core.libibverbs cimport (
     ibv_sge,
     ibv_wc,
     ibv_wr_opcode,
+    mc_ibv_load,
+    mc_ibv_loaded,
 )
 from mooncake._core.quota cimport (
     Table,
@@ -93,6 +95,13 @@ from mooncake._core.quota cimport (
     mc_quota_wait_ns,
 )
 from mooncake._core.verbs cimport CQ, QP
+
+from mooncake._core import verbs as _verbs
+
+# this module's own table of libibverbs functions (the sleep path calls ibv_get_cq_event and
+# ibv_ack_cq_events), from the library verbs.pyx opened: dlopen hands back the same handle
+cdef char _load_err[1024]
+mc_ibv_load(_verbs.library()["soname"].encode(), _load_err, sizeof(_load_err))
 
 cdef extern from "mc_quota.h" nogil:
     uint64_t MC_QUOTA_QUANTUM
@@ -842,6 +851,9 @@ cdef class CQSlot:
     def __cinit__(self, CQ cq not None):
         if cq.cq == NULL:
             raise ValueError("the CQ is destroyed")
+        if not mc_ibv_loaded():  # a CQ exists, so verbs loaded it: never seen in practice
+            raise OSError(79, f"libibverbs unavailable to verbs_kernel: "
+                              f"{_load_err.decode(errors='replace')}")
         self.cq = cq
         memset(&self.c, 0, sizeof(vcq))
         self.c.cq = cq.cq
