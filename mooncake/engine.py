@@ -69,6 +69,10 @@ class TransferEngine(MooncakeAPI):
     ``MC_SLICE_SIZE=...``) and win over the environment.
     """
 
+    #: seconds a route chosen while a preferred transport could not reach the peer is kept
+    #: before the preferred one is asked again (a failover is not forever)
+    ROUTE_RECHECK_S: float = 5.0
+
     def __init__(self, local_hostname: str | None = None, metadata: str = "P2PHANDSHAKE",
                  protocol: str = "auto", device_name: str = "", **config: Any) -> None:
         self._started = False
@@ -455,13 +459,19 @@ class TransferEngine(MooncakeAPI):
 
     def _route(self, peer: SegmentDesc) -> Transport:
         hit = self._routes.get(peer.name)
-        if hit is not None and hit[1].get("ts") == peer.timestamp:
+        if hit is not None and hit[1].get("ts") == peer.timestamp and \
+                hit[1]["until"] > time.monotonic():
             return hit[0]
         info = self.explain_desc(peer)
         chosen = info["chosen"]
         if chosen is None:
             raise TransportUnavailable(info["reason"])
         log.debug("segment %s via %s (%s)", peer.name, chosen, info["candidates"])
+        if hit is not None and hit[0].name != chosen:  # a failover, or back after one
+            why = "; ".join(f"{c['transport']}: {c['reason']}" for c in info["candidates"]
+                            if not c["reachable"])
+            log.warning("segment %s: now via %s instead of %s (%s)", peer.name, chosen,
+                        hit[0].name, why or "it is preferred again")
         if peer.host_id == self.host_id and peer.name not in self._warned:
             for c in info["candidates"]:  # a same-host path that should have worked did not
                 t = self.transports[c["transport"]]
@@ -472,12 +482,24 @@ class TransferEngine(MooncakeAPI):
                     log.warning("segment %s is on this host but %s cannot reach it (%s); "
                                 "using %s", peer.name, c["transport"], c["reason"], chosen)
         t = self.transports[chosen]
-        self._routes[peer.name] = (t, {"ts": peer.timestamp})
+        # a route chosen while a preferred transport could not reach the peer (every RDMA
+        # rail paused...) is looked at again after ROUTE_RECHECK_S: back once it can
+        fallback = any(not c["reachable"] and c["priority"] < t.auto_priority
+                       for c in info["candidates"])
+        until = time.monotonic() + self.ROUTE_RECHECK_S if fallback else float("inf")
+        self._routes[peer.name] = (t, {"ts": peer.timestamp, "until": until})
         return t
 
-    def explain(self, segment: str) -> dict:
-        """Which transport a transfer to ``segment`` uses, and why each other one does not."""
-        return self.explain_desc(self._peer(segment).desc)
+    def explain(self, segment: str, local: int | None = None, remote: int | None = None) -> dict:
+        """Which transport a transfer to ``segment`` uses, why each other one does not, and
+        (``path``) how the chosen one would move a transfer from ``local`` to ``remote``
+        (addresses; default: the first registered buffer on each side): e.g. the NIC pairs
+        rdma stripes over and why."""
+        out = self.explain_desc(self._peer(segment).desc)
+        chosen = self.transports.get(out["chosen"] or "")
+        if chosen is not None:
+            out["path"] = chosen.explain(self._peer(segment).desc, local, remote)
+        return out
 
     def explain_desc(self, peer: SegmentDesc) -> dict:
         cands = []

@@ -42,11 +42,16 @@ A switch is counted by its upstream port: below a root port, ports alternate ups
 switch).  Between a NUMA node (its CPUs and memory) and a device: ``PHB`` on the device's node,
 ``SYS`` elsewhere.  A device whose NUMA node is unknown (``numa_node`` -1) counts as node 0 on
 a single-node machine; on several nodes it is treated as remote (``SYS``).
+
+:func:`load_cluster_topology` reads TENT's ``cluster-topology.json`` (``partition_matchings``
+per NUMA pair, what ``mooncake topology generate`` measures and writes), checked as data from a
+stranger.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -54,9 +59,12 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mooncake.errors import ConfigError
+
 __all__ = ["Gid", "Port", "RdmaDevice", "NumaNode", "Gpu", "PciDevice", "Topology",
            "discover", "path_class", "select_gid", "iboe_mtu", "parse_cpulist", "PATH_CLASSES",
-           "relaxed_ordering", "pcie_devctl_relaxed_ordering"]
+           "relaxed_ordering", "pcie_devctl_relaxed_ordering", "Matching",
+           "load_cluster_topology", "parse_cluster_topology"]
 
 #: NCCL's path classes, nearest first
 PATH_CLASSES = ("PIX", "PXB", "PHB", "NODE", "SYS")
@@ -747,3 +755,217 @@ class Topology:
             "numa_nic": {str(k): v for k, v in self.numa_nic_matrix().items()},
             "notes": list(self.notes),
         }
+
+
+# ---- cluster-topology.json (TENT's partition_matchings) ------------------------------------------
+
+#: what :func:`load_cluster_topology` accepts (data from a stranger: every size is bounded)
+MAX_CLUSTER_TOPOLOGY_BYTES = 16 << 20
+MAX_MATCHINGS = 1 << 16  # entries in one file, endpoints included
+MAX_NUMA_NODE = 1023  # Linux: MAX_NUMNODES is at most 1024
+MAX_BANDWIDTH_MBPS = 1e8  # 100 TB/s
+MAX_LATENCY_US = 1e9  # 1000 s
+_NIC_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_PARTITION = re.compile(r"(-1|[0-9]{1,4})-(-1|[0-9]{1,4})(_extra)?")
+_MATCHING_KEYS = ("src_dev", "dst_dev", "src_numa", "dst_numa", "bandwidth", "latency")
+_RECORD_KEYS = ("src_host", "dst_host", "endpoints", "partition_matchings")
+
+
+@dataclass(frozen=True)
+class Matching:
+    """One measured NIC pair of a ``cluster-topology.json`` partition."""
+
+    src_dev: str
+    dst_dev: str
+    src_numa: int
+    dst_numa: int
+    #: MB/s (decimal: 1e6 bytes)
+    bandwidth: float
+    #: microseconds
+    latency: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _MATCHING_KEYS}
+
+
+def _cerr(where: str, what: str) -> ConfigError:
+    """``where``: the JSON path of what is wrong (``""``: the document)."""
+    return ConfigError(f"{where}: {what}" if where else what)
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _matching(e: Any, where: str) -> Matching:
+    if not isinstance(e, dict):
+        raise _cerr(where, f"is {type(e).__name__}; allowed: an object with "
+                           f"{', '.join(_MATCHING_KEYS)}")
+    missing = [k for k in _MATCHING_KEYS if k not in e]
+    extra = sorted(set(e) - set(_MATCHING_KEYS))
+    if missing or extra:
+        what = "; ".join(([f"lacks {', '.join(missing)}"] if missing else []) +
+                         ([f"has unknown key(s) {', '.join(map(repr, extra))}"] if extra else []))
+        raise _cerr(where, f"{what}; allowed keys: {', '.join(_MATCHING_KEYS)}")
+    for k in ("src_dev", "dst_dev"):
+        if not isinstance(e[k], str) or not _NIC_NAME.fullmatch(e[k]):
+            raise _cerr(_at(where, k), f"{e[k]!r:.80} is not a NIC name; allowed: 1-64 of "
+                                        "A-Z a-z 0-9 _ . : -")
+    for k in ("src_numa", "dst_numa"):
+        v = e[k]
+        if type(v) is not int or not -1 <= v <= MAX_NUMA_NODE:
+            raise _cerr(_at(where, k), f"{v!r:.40} is not allowed; allowed: an integer "
+                                        f"-1 (unknown) .. {MAX_NUMA_NODE}")
+    nums = {}
+    for k, hi, unit in (("bandwidth", MAX_BANDWIDTH_MBPS, "MB/s"),
+                        ("latency", MAX_LATENCY_US, "microseconds")):
+        v = e[k]
+        if type(v) not in (int, float):
+            raise _cerr(_at(where, k), f"{v!r:.40} is {type(v).__name__}; allowed: a number "
+                                        f"of {unit}")
+        if not 0 < v <= hi:  # also NaN
+            sign = "negative" if v < 0 else "zero" if v == 0 else "too large" if v > hi \
+                else "not a number"
+            raise _cerr(_at(where, k), f"{v!r} is {sign}; allowed: 0 < {k} <= {hi:g} {unit}")
+        nums[k] = float(v)
+    return Matching(e["src_dev"], e["dst_dev"], e["src_numa"], e["dst_numa"], **nums)
+
+
+def _record(doc: dict, where: str, budget: list[int]) -> dict[tuple[int, int], list[Matching]]:
+    extra = sorted(set(doc) - set(_RECORD_KEYS))
+    if extra:
+        raise _cerr(where, f"unknown key(s) {', '.join(map(repr, extra))}; allowed: "
+                           f"{', '.join(_RECORD_KEYS)}")
+    for k in ("src_host", "dst_host"):
+        if k in doc and (not isinstance(doc[k], str) or len(doc[k]) > 256):
+            raise _cerr(_at(where, k), "allowed: a string of at most 256 characters")
+
+    def entries(v: Any, at: str) -> list[Matching]:
+        if not isinstance(v, list):
+            raise _cerr(at, f"is {type(v).__name__}; allowed: a list of matchings")
+        budget[0] -= len(v)
+        if budget[0] < 0:
+            raise _cerr(at, f"too many matchings; allowed: at most {MAX_MATCHINGS} in a file")
+        return [_matching(e, f"{at}[{i}]") for i, e in enumerate(v)]
+
+    if "endpoints" in doc:
+        entries(doc["endpoints"], _at(where, "endpoints"))
+    pm = doc.get("partition_matchings")
+    if not isinstance(pm, dict) or not pm:
+        raise _cerr(_at(where, "partition_matchings"),
+                    "missing or empty; allowed: an object {\"SRC-DST\": [matchings]}, "
+                    "SRC and DST NUMA nodes (-1: unknown)")
+    main: dict[tuple[int, int], list[Matching]] = {}
+    extras: dict[tuple[int, int], list[Matching]] = {}
+    for key, v in pm.items():
+        at = f"{_at(where, 'partition_matchings')}[{key!r:.40}]"
+        m = _PARTITION.fullmatch(key)
+        if not m:
+            raise _cerr(at, "is not a partition key; allowed: \"SRC-DST\" or "
+                            "\"SRC-DST_extra\" (NUMA nodes, -1 unknown), e.g. \"0-1\"")
+        part = (int(m[1]), int(m[2]))
+        if max(part) > MAX_NUMA_NODE:
+            raise _cerr(at, f"NUMA node {max(part)} is not allowed; allowed: -1 (unknown) "
+                            f".. {MAX_NUMA_NODE}")
+        got = entries(v, at)
+        if not got:
+            raise _cerr(at, "is empty; allowed: at least one matching")
+        for i, x in enumerate(got):
+            if (x.src_numa, x.dst_numa) != part:
+                raise _cerr(f"{at}[{i}]", f"is {x.src_numa}-{x.dst_numa} (src_numa-dst_numa), "
+                                          f"not its partition {part[0]}-{part[1]}")
+        (extras if m[3] else main)[part] = got
+    out: dict[tuple[int, int], list[Matching]] = {}
+    for part in list(main) + [p for p in extras if p not in main]:
+        rows = main.get(part, []) + extras.get(part, [])
+        pairs = [(x.src_dev, x.dst_dev) for x in rows]
+        dup = next((p for i, p in enumerate(pairs) if p in pairs[:i]), None)
+        if dup:
+            raise _cerr(_at(where, "partition_matchings"),
+                        f"partition {part[0]}-{part[1]} lists {dup[0]}->{dup[1]} twice")
+        out[part] = rows
+    return out
+
+
+def parse_cluster_topology(doc: Any, label: str = "cluster topology", *,
+                           src_host: str | None = None, dst_host: str | None = None
+                           ) -> dict[tuple[int, int], list[Matching]]:
+    """:func:`load_cluster_topology` of an already decoded document; errors start with
+    ``label``."""
+    try:
+        return _document(doc, src_host, dst_host)
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}") from None
+
+
+def _document(doc: Any, src_host: str | None, dst_host: str | None
+              ) -> dict[tuple[int, int], list[Matching]]:
+    if isinstance(doc, dict):
+        return _record(doc, "", [MAX_MATCHINGS])
+    if not isinstance(doc, list) or not doc:
+        raise _cerr("", f"the document is {type(doc).__name__}; allowed: an object with "
+                        "partition_matchings, or a non-empty list of such records (one per "
+                        "host pair, with src_host/dst_host)")
+    budget = [MAX_MATCHINGS]
+    recs = []
+    for i, r in enumerate(doc):
+        if not isinstance(r, dict):
+            raise _cerr(f"[{i}]", f"is {type(r).__name__}; allowed: an object with "
+                                  "partition_matchings")
+        recs.append((r, _record(r, f"[{i}]", budget)))
+    chosen = [(r, m) for r, m in recs
+              if (src_host is None or r.get("src_host") == src_host)
+              and (dst_host is None or r.get("dst_host") == dst_host)]
+    if len(chosen) != 1:
+        hosts = ", ".join(f"{r.get('src_host')}->{r.get('dst_host')}" for r, _ in recs)
+        raise _cerr("", f"{len(chosen)} of its {len(recs)} host pairs match src_host="
+                        f"{src_host} dst_host={dst_host}; allowed: exactly one (it has "
+                        f"{hosts:.300})")
+    return chosen[0][1]
+
+
+def load_cluster_topology(path: str, *, src_host: str | None = None,
+                          dst_host: str | None = None) -> dict[tuple[int, int], list[Matching]]:
+    """TENT's ``cluster-topology.json`` (``topology/cluster_topology_path``): ``{(src NUMA
+    node, dst NUMA node): [Matching, ...]}``, each list in the file's order (best first, as
+    ``mooncake topology generate`` writes it), a partition's ``"S-D_extra"`` matchings after
+    its ``"S-D"`` ones.
+
+    Two shapes load: the seed's ``{"partition_matchings": {"0-1": [...]}}`` (optionally with
+    ``src_host``, ``dst_host``, ``endpoints``), and Mooncake's generator output, a list of
+    such records, one per host pair (``src_host``/``dst_host`` pick one when it holds
+    several).  Checked as data from a stranger, a :class:`~mooncake.errors.ConfigError` naming
+    the first thing wrong: the file at most 16 MiB of UTF-8 JSON (no NaN, no duplicate keys),
+    partition keys ``S-D`` (NUMA nodes -1..1023), each matching exactly ``src_dev``,
+    ``dst_dev`` (NIC names), ``src_numa``, ``dst_numa`` (its partition's), ``bandwidth`` (MB/s)
+    and ``latency`` (µs), both positive and bounded, no pair twice in a partition."""
+    where = f"cluster topology {path}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CLUSTER_TOPOLOGY_BYTES + 1)
+    except OSError as e:
+        raise _cerr(where, f"cannot read it: {e.strerror or e}") from None
+    if len(raw) > MAX_CLUSTER_TOPOLOGY_BYTES:
+        raise _cerr(where, f"too large; allowed: at most {MAX_CLUSTER_TOPOLOGY_BYTES} bytes")
+
+    def no_dups(pairs: list[tuple[str, Any]]) -> dict:
+        d: dict = {}
+        for k, v in pairs:
+            if k in d:
+                raise ValueError(f"key {k!r:.40} appears twice in one object")
+            d[k] = v
+        return d
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dups,
+                         parse_constant=no_constant)
+    except UnicodeDecodeError as e:
+        raise _cerr(where, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise _cerr(where, "nested too deeply to be a cluster topology") from None
+    except ValueError as e:
+        raise _cerr(where, f"not JSON: {str(e)[:160]}") from None
+    return parse_cluster_topology(doc, where, src_host=src_host, dst_host=dst_host)

@@ -204,6 +204,12 @@ class Transport:
         """None when this transport can move data to/from ``peer``, else the reason why not."""
         return None if self.name in peer.transports else f"peer does not publish {self.name!r}"
 
+    def explain(self, peer: SegmentDesc, local: int | None = None,
+                remote: int | None = None) -> dict:
+        """How a transfer from ``local`` to ``remote`` would travel to ``peer`` (the NICs or
+        lanes it would use and the rule that chose them); {} when there is nothing to say."""
+        return {}
+
     def submit(self, peer: SegmentDesc, slices: Slices) -> None:
         """Start moving ``slices``; report every slice through the batch table.  Must not block
         for long; must report every slice exactly once (failures included)."""

@@ -440,8 +440,10 @@ def test_lane_consistency_note():
     conf["transports"]["rdma"]["endpoint"]["qp_mul_factor"] = 8
     assert quiet(env={"MC_TENT_CONF": json.dumps(conf)}).notes == []
     assert quiet({"transports/rdma/num_lanes": 6})["transports/rdma/num_lanes"] == 6
-    with pytest.warns(ConfigWarning, match="num_lanes=6"):
+    # num_lanes with a legacy knob that disagrees: refused, as TENT refuses the install
+    with pytest.raises(ConfigError, match=r"num_lanes=6 .*MC_WORKERS_PER_CTX|num_workers=4"):
         load_config({"num_lanes": 6, "workers_per_ctx": 4}, env={})
+    assert quiet({"num_lanes": 6, "workers_per_ctx": 6})["MC_WORKERS_PER_CTX"] == 6
 
 
 def test_cq_depth_note():

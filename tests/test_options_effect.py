@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import mooncake.config as C
@@ -89,8 +90,10 @@ def clean_env(monkeypatch):
 MODULES = sorted(p.relative_to(ROOT).as_posix() for p in
                  [*ROOT.glob("mooncake/**/*.py"), *ROOT.glob("transports/**/*.py")]
                  if "testing" not in p.parts
-                 # the table itself, and the tools that judge or write settings (doctor, tune)
-                 and p.name not in ("config.py", "options.py", "doctor.py", "tune.py"))
+                 # the table itself, and the tools that judge or write settings (doctor, tune,
+                 # topology generate)
+                 and p.name not in ("config.py", "options.py", "doctor.py", "tune.py",
+                                    "topology_cli.py"))
 
 
 def _source(rel: str) -> str:
@@ -386,8 +389,9 @@ class _FakeQP:
     def to_init(self, *a):
         self.calls.append(("init", a))
 
-    def to_rtr(self, *a):
+    def to_rtr(self, *a, **k):
         self.calls.append(("rtr", a))
+        self.rtr_kw = k
 
     def to_rts(self, *a, **k):
         self.calls.append(("rts", a, k))
@@ -431,6 +435,10 @@ class _FakeV:
     def __init__(self, devs):
         self.devs = {d.name: d for d in devs}
         self.mrs = []
+
+    @staticmethod
+    def library_error():  # libibverbs.so.1 "loaded"
+        return ""
 
     def device_names(self):
         return list(self.devs)
@@ -492,8 +500,9 @@ class _FakeK:
     def reap_graves(self):
         pass
 
-    def submit(self, slices, ltab, lcol, rtab, cols, eps, rr):
+    def submit(self, slices, ltab, lcol, rtab, cols, eps, rr, lcols=None):
         self.submits.append((list(cols), list(eps)))
+        self.lcols = list(lcols) if lcols is not None else None
 
 
 class _FakeEp:
@@ -520,8 +529,12 @@ class _FakeEp:
 
 
 class _Slices:
-    def __init__(self):
+    def __init__(self, local=0x1000, remote=0x2000):
         self.failed = None
+        self.local, self.remote = local, remote
+
+    def __iter__(self):  # one slice: (task, op, local, remote, length)
+        yield (0, 1, self.local, self.remote, 4096)
 
     def fail_all(self, err):
         self.failed = err
@@ -633,7 +646,7 @@ def test_max_mr_size_refuses_larger_registrations_and_is_clamped(rdma):
     from mooncake.transport import Region
 
     t = rdma(start=True, MC_MAX_MR_SIZE="1M")
-    assert t.register(Region(0x10000, 1 << 20)) == {"rkey0": 1}
+    assert t.register(Region(0x10000, 1 << 20)) == {"rkey0": 1, "numa": -1}  # not mapped here
     with pytest.raises(MooncakeError, match="MC_MAX_MR_SIZE=1048576"):
         t.register(Region(0x20000, (1 << 20) + 1))
     assert len(t.fv.mrs) == 1
@@ -802,6 +815,182 @@ def test_hca_peer_affinity_falls_back_loudly(rdma, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="mooncake.transports.rdma"):
         assert _submit_cols(t, monkeypatch, ("p0", "p1")) == [0, 1]
     assert any("MC_NIC_PEER_AFFINITY maps l0 to px" in r.getMessage() for r in caplog.records)
+
+
+# ---- issue 9: the NIC pairs a buffer goes through ---------------------------------------------
+
+
+def _connecting(t, monkeypatch):
+    def connect(d, peer, inst, pdev):
+        ep = _FakeEp(users=0)
+        t._install(d, (peer, inst, pdev), ep)
+        return ep
+
+    monkeypatch.setattr(t, "_connect", connect)
+
+
+def _numa_peer(pdevs, dev_nodes, buf_node, addr=0x2000):
+    """A peer publishing each NIC's NUMA node and one buffer on ``buf_node``."""
+    peer = _peer(pdevs)
+    peer.transports["rdma"].update({f"numa{i}": n for i, n in enumerate(dev_nodes)})
+    peer.buffers = [SimpleNamespace(addr=addr, length=1 << 20, writable=True,
+                                    transports={"rdma": {"rkey0": 1, "numa": buf_node}})]
+    return peer
+
+
+def _local_buffer(t):
+    """A registered, touched buffer of this process, and its NUMA node (from the kernel)."""
+    from mooncake import numa
+    from mooncake.transport import Region
+
+    buf = np.ones(1 << 20, np.uint8)
+    t.register(Region(buf.ctypes.data, buf.nbytes))
+    return buf, numa.node_of(buf.ctypes.data, buf.nbytes)
+
+
+def test_buffer_numa_node_picks_the_local_nics_on_it(rdma, monkeypatch):
+    """A buffer's pages on node N go through the NICs on node N only (both of them: one
+    submit stripes over every pair); with no NIC on that node, every NIC, said so."""
+    t = rdma(devs=("l0", "l1", "l2"))
+    _connecting(t, monkeypatch)
+    buf, node = _local_buffer(t)
+    assert node is not None  # this host's kernel says where the pages are
+    t.devs[0].numa, t.devs[1].numa, t.devs[2].numa = node + 1, node, node
+    t.submit(_peer(("p0",)), _Slices(buf.ctypes.data))
+    assert t.fk.lcols == [1, 2] and t.fk.submits[-1][0] == [0, 0]
+    why = t.explain(_peer(("p0",)), buf.ctypes.data)
+    assert why["local_numa"] == node and why["pairs"] == ["l1->p0", "l2->p0"]
+    assert f"the NICs on the local buffer's node {node}" in why["rule"]
+    for d in t.devs:
+        d.numa = node + 1
+    t.submit(_peer(("p0",)), _Slices(buf.ctypes.data))
+    assert t.fk.lcols == [0, 1, 2]
+    assert f"none on the local buffer's node {node}" in t.explain(
+        _peer(("p0",)), buf.ctypes.data)["rule"]
+
+
+def test_dest_affinity_picks_the_peer_nic_near_the_remote_buffer(rdma, monkeypatch):
+    t = rdma(devs=("l0",), MC_ENABLE_DEST_DEVICE_AFFINITY=True)
+    _connecting(t, monkeypatch)
+    t.submit(_numa_peer(("p0", "p1", "p2"), (0, 1, 1), 1), _Slices())
+    assert t.fk.submits[-1][0] == [1, 2]  # the peer NICs on the remote buffer's node 1
+    t.submit(_numa_peer(("p0", "l0"), (0, 0), 7), _Slices())
+    assert t.fk.submits[-1][0] == [1]  # none on node 7: the NIC of the same name, said so
+    assert "no peer NIC on it" in t.explain(_numa_peer(("p0", "l0"), (0, 0), 7))["rule"]
+    off = rdma(devs=("l0",))
+    _connecting(off, monkeypatch)
+    off.submit(_numa_peer(("p0", "p1", "p2"), (0, 1, 1), 1), _Slices())
+    assert off.fk.submits[-1][0] == [0, 1, 2]
+
+
+def test_rail_topo_path_direct_pairs_override(rdma, monkeypatch, tmp_path):
+    f = tmp_path / "rails.json"
+    f.write_text(json.dumps({"all": [{"local": "l0", "remote": "p0"},
+                                     {"local": "l1", "remote": "p1"}],
+                             "direct": [{"local": "l1", "remote": "p1"}]}))
+    t = rdma(devs=("l0", "l1"), **{"transports/rdma/workers/rail_topo_path": str(f)})
+    _connecting(t, monkeypatch)
+    t.submit(_peer(("p0", "p1")), _Slices())
+    assert t.fk.lcols == [1] and t.fk.submits[-1][0] == [1]
+    assert t.explain(_peer(("p0", "p1")))["rule"] == "rail_topo_path direct pairs"
+    for bad in ('{"all": [{"local": "l0"}]}', '[]', '{"direct": 5}', "{", '{"x": []}'):
+        f.write_text(bad)
+        with pytest.raises(ConfigError, match="rail_topo_path"):
+            rdma(devs=("l0",), **{"transports/rdma/workers/rail_topo_path": str(f)})
+
+
+def test_partition_matchings_pick_the_measured_pair(rdma, monkeypatch, tmp_path):
+    """topology/cluster_topology_path: the pairs listed for (local buffer node, remote buffer
+    node) win over the NUMA rule; a partition the file lacks falls back to it, said so."""
+    t0 = rdma(devs=("l0",))
+    buf0, node = _local_buffer(t0)  # where this host puts a fresh buffer's pages
+    m = {"src_numa": node, "dst_numa": 1, "bandwidth": 21926.19, "latency": 7.95}
+    f = tmp_path / "cluster-topology.json"
+    f.write_text(json.dumps({"partition_matchings": {f"{node}-1": [
+        dict(m, src_dev="l1", dst_dev="p1"), dict(m, src_dev="l0", dst_dev="p0")]}}))
+    t = rdma(devs=("l0", "l1"), **{"topology/cluster_topology_path": str(f)})
+    _connecting(t, monkeypatch)
+    buf, _ = _local_buffer(t)
+    t.submit(_numa_peer(("p0", "p1"), (0, 1), 1), _Slices(buf.ctypes.data))
+    assert t.fk.lcols == [1, 0] and t.fk.submits[-1][0] == [1, 0]
+    why = t.explain(_numa_peer(("p0", "p1"), (0, 1), 1), buf.ctypes.data)
+    assert why["rule"] == f"cluster topology partition {node}-1"
+    assert why["pairs"] == ["l1->p1", "l0->p0"]
+    other = t.explain(_numa_peer(("p0", "p1"), (0, 1), 3), buf.ctypes.data)
+    assert "partition" not in other["rule"] and len(other["pairs"]) == 4
+    f.write_text('{"partition_matchings": {"0-1": [{"src_dev": 5}]}}')
+    with pytest.raises(ConfigError):
+        rdma(devs=("l0",), **{"topology/cluster_topology_path": str(f)})
+
+
+def test_service_level_and_traffic_class_reach_every_qp(rdma):
+    remote = {"gid": "00" * 16, "lid": 0, "mtu": 4096, "qpns": [5], "psns": [9]}
+    t = rdma(MC_IB_SL=3, MC_IB_TC=96)
+    qp = _FakeQP()
+    t._bring_up(t.devs[0], [qp], remote, [3])
+    assert qp.rtr_kw == {"service_level": 3} and qp.calls[0][1][-1] == 96
+    unset = rdma()
+    qp = _FakeQP()
+    unset._bring_up(unset.devs[0], [qp], remote, [3])
+    assert qp.rtr_kw == {"service_level": 0} and qp.calls[0][1][-1] == 0
+
+
+def test_num_lanes_sets_workers_qps_and_cqs(rdma):
+    t = rdma(start=True, **{"transports/rdma/num_lanes": 3})
+    assert t.workers_per_ctx == t.qp_per_ep == 3
+    assert len(t.devs[0].workers) == 3 and len(t.devs[0].slots) == 3
+    with pytest.raises(ConfigError, match="inconsistent RDMA lanes.*MC_NUM_QP_PER_EP"):
+        rdma(**{"transports/rdma/num_lanes": 3, "MC_NUM_QP_PER_EP": 2})
+
+
+def test_rail_monitor_pauses_after_three_errors_in_ten_seconds(rdma, monkeypatch):
+    """TENT's rail monitor: 3 errors on one NIC pair within 10 s pause it; fewer, or spread
+    wider, do not; a rail that failed again pauses twice as long (MC_RDMA_RAIL_PAUSE_SECONDS
+    first), at most 300 s; one that carries work again starts over."""
+    t = rdma(devs=("l0",), MC_RDMA_RAIL_PAUSE_SECONDS=100)
+    rail = ("l0", "peer:2", "a" * 32, "p0")
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    t._rail_error(*rail, "x")
+    t._rail_error(*rail, "x")
+    assert rail not in t._paused_rails
+    clock[0] += 11  # the first two fell out of the window
+    t._rail_error(*rail, "x")
+    assert rail not in t._paused_rails
+    t._rail_error(*rail, "x")
+    t._rail_error(*rail, "y")
+    until, why = t._paused_rails[rail]
+    assert until - clock[0] == 100 and "3 errors within 10s, the last: y" in why
+    pauses = []
+    for _ in range(4):
+        t._pause_rail(*rail, "again")
+        pauses.append(t._paused_rails[rail][0] - clock[0])
+    assert pauses == [200, 300, 300, 300]  # doubling, capped
+    t._rail_ok(*rail)
+    t._pause_rail(*rail, "after recovery")
+    assert t._paused_rails[rail][0] - clock[0] == 100
+
+
+def test_an_errored_endpoint_counts_against_its_rail(rdma, monkeypatch):
+    t = rdma(devs=("l0",))
+    _connecting(t, monkeypatch)
+    key = ("peer:2", "a" * 32, "p0")
+    bad = _FakeEp(users=0)
+    bad.healthy = 1  # one of its two QPs went to error
+    t._install(t.devs[0], key, bad)
+    t._endpoint(t.devs[0], *key)
+    assert len(t._rail_errors[("l0", *key)]) == 1
+
+
+def test_every_rail_paused_leaves_the_peer_to_another_transport(rdma):
+    t = rdma(devs=("l0", "l1"))
+    peer = _peer(("p0",))
+    assert t.can_reach(peer) is None
+    t._pause_rail("l0", "peer:2", "a" * 32, "p0", "down")
+    assert t.can_reach(peer) is None  # l1 -> p0 still works
+    t._pause_rail("l1", "peer:2", "a" * 32, "p0", "down too")
+    why = t.can_reach(peer)
+    assert why.startswith("every RDMA rail to peer:2 is paused") and "down" in why
 
 
 def test_nic_peer_affinity_syntax():

@@ -25,6 +25,20 @@ or whose CQ fails, is skipped for ``MC_RDMA_RAIL_PAUSE_SECONDS``; a peer found g
 handshake RPC fails) is not reconnected to for ``MC_CONN_PAUSE_TTL_MS``.  With
 ``MC_ENABLE_HCA_PEER_AFFINITY`` the peer NICs come from ``MC_NIC_PEER_AFFINITY``.
 
+Rails (issue 9): every submit stripes its slices over NIC pairs (``MC_PATH_ROUNDROBIN``:
+in turn, else at random), chosen per buffer: a ``rail_topo_path``'s direct pairs; else the
+``topology/cluster_topology_path`` partition_matchings for (local buffer's NUMA node, remote
+buffer's node); else the local NICs on the local buffer's node (``move_pages``; every NIC when
+none is there or the node is unknown) towards the peer NICs ``MC_NIC_PEER_AFFINITY`` maps, or
+with ``MC_ENABLE_DEST_DEVICE_AFFINITY`` those on the remote buffer's node (the peer publishes
+``numa<i>`` per NIC and ``numa`` per buffer).  :meth:`RdmaTransport.explain` says which and why.
+Workers run pinned to their NIC's NUMA node CPUs; TENT's ``num_lanes`` sets workers = QPs per
+endpoint = CQs per device (a disagreeing explicit knob is refused).  Rail monitor: 3 errors on a
+NIC pair within 10 s pause it, each repeated pause twice as long (``MC_RDMA_RAIL_PAUSE_SECONDS``
+first, at most 300 s), a completion clears it; with every rail to a peer paused ``can_reach``
+says so and the engine moves the peer to the next transport (tcp) until a rail is back.
+``MC_IB_SL``/``MC_IB_TC`` go on every QP's address vector.
+
 Shared bandwidth quota (TENT's ``shared_quota_shm_path``, :mod:`mooncake.quota`): the first
 transfer through a local device joins this engine's slot on the device's NIC
 (:func:`~mooncake.quota.nic_key_for_rdma`: a RoCE port shares the entry of its netdev with the
@@ -35,18 +49,24 @@ slot left: the device runs unregulated (a warning, once per NIC).  Slots go back
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import re
 import threading
 import time
 import uuid
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mooncake import numa as _numa
 from mooncake import quota as _quota
+from mooncake import topology as _topo
 from mooncake._core import batch as _batch
 from mooncake.errors import ConfigError, MooncakeError, PeerUnreachable, TransportUnavailable
 from mooncake.fields import Field, FieldError, check_fields
@@ -82,10 +102,13 @@ _SOFT_VENDOR = 0xFFFFFF  # rxe/siw report this vendor id: no PCIe, relaxed order
 MAX_DEVICES = 16
 #: QPs one endpoint may have (the handshake's lists are at most this long)
 MAX_QPS = 255
+#: NIC pairs one submit stripes over (the kernel's MAX_PATHS)
+MAX_PATHS = 64
 _DEV_NAME = r"[A-Za-z0-9_.:-]{1,64}"
 _HEX32 = r"[0-9a-f]{32}"
 _MTUS = (256, 512, 1024, 2048, 4096)
 _U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
 _U24 = (1 << 24) - 1
 #: seconds between two tries to join a quota table that had no slot left for a device's NIC
 QUOTA_RETRY_S = 5.0
@@ -95,7 +118,8 @@ def _dev_fields(i: int) -> dict[str, Field]:
     req = i == 0
     return {f"dev{i}": Field("str", max_len=64, pattern=_DEV_NAME, required=req),
             f"gid{i}": Field("str", max_len=32, pattern=_HEX32, required=req),
-            f"lid{i}": Field("int", 0, 0xFFFF, required=req)}
+            f"lid{i}": Field("int", 0, 0xFFFF, required=req),
+            f"numa{i}": Field("int", -1, 1023, required=False)}
 
 
 #: what ``start`` publishes per segment: the instance (changes when the process restarts) and
@@ -107,7 +131,8 @@ SEGMENT_FIELDS: dict[str, Field] = {
 }
 #: what ``register`` publishes per buffer: one rkey per device, in the segment's device order
 BUFFER_FIELDS: dict[str, Field] = {
-    f"rkey{i}": Field("int", 0, _U32, required=i == 0) for i in range(MAX_DEVICES)}
+    **{f"rkey{i}": Field("int", 0, _U32, required=i == 0) for i in range(MAX_DEVICES)},
+    "numa": Field("int", -1, 1023, required=False)}
 #: the scalar fields of an ``rdma.connect`` request and reply (the lists are checked apart)
 _HANDSHAKE_FIELDS: dict[str, Field] = {
     "instance": Field("str", max_len=32, pattern=_HEX32),
@@ -161,6 +186,56 @@ def parse_nic_affinity(text: str) -> dict[str, list[str]]:
     return out
 
 
+def _read_rail_topo(path: str) -> dict[str, list[tuple[str, str]]]:
+    """TENT's ``rail_topo_path`` file: ``{"all": [{"local": NIC, "remote": NIC}, ...],
+    "direct": [...]}`` (the pairs allowed; the preferred pairing) as lists of name pairs;
+    ConfigError naming what is wrong.  An empty path: no file ({})."""
+    if not path:
+        return {}
+    where = f"transports/rdma/workers/rail_topo_path={path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: cannot read it: {e}") from None
+    if not isinstance(doc, dict) or not set(doc) <= {"all", "direct"} or not doc:
+        raise ConfigError(f"{where}: must be an object with the lists \"all\" and/or "
+                          "\"direct\"")
+    out: dict[str, list[tuple[str, str]]] = {"all": [], "direct": []}
+    for key, rows in doc.items():
+        if not isinstance(rows, list) or len(rows) > MAX_DEVICES * MAX_DEVICES:
+            raise ConfigError(f"{where}: {key!r} must be a list of at most "
+                              f"{MAX_DEVICES * MAX_DEVICES} pairs")
+        for r in rows:
+            ok = isinstance(r, dict) and set(r) == {"local", "remote"} and all(
+                isinstance(r[k], str) and re.fullmatch(_DEV_NAME, r[k]) for k in r)
+            if not ok:
+                raise ConfigError(f"{where}: {key!r} holds {r!r}; allowed: "
+                                  "{\"local\": NIC name, \"remote\": NIC name}")
+            out[key].append((r["local"], r["remote"]))
+    return out
+
+
+def _node_cpus() -> dict[int, set[int]]:
+    """NUMA node -> the CPUs of it this process may run on (empty without NUMA info)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        return {n.id: set(n.cpus) & allowed for n in _topo.discover("/", verbs=False).numa_nodes}
+    except Exception:  # no sysfs: workers float, as before
+        return {}
+
+
+def _run_pinned(worker: Any, cpus: set[int], dev: str) -> None:
+    """A worker thread's body: pinned to ``cpus`` (its NIC's NUMA node, when this process may
+    use some of them), then the kernel's post/poll loop."""
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)  # this thread only
+        except OSError as e:
+            log.debug("rdma: %s worker not pinned: %s", dev, e)
+    worker.run()
+
+
 def peer_devices(info: Any) -> list[str] | None:
     """The device names a peer's segment publishes (in rkey order), or None when its RDMA
     fields are missing or incomplete."""
@@ -204,12 +279,13 @@ class _Dev:
     workers: list = field(default_factory=list)
     threads: list = field(default_factory=list)
     store: EndpointStore | None = None
-    ltab: Any = None
     ep_seq: int = 0
     #: this engine's shared-quota slot on the device's NIC (None: not joined, or no room)
     qslot: Any = None
     #: no quota slot before this time.monotonic() (the table was full)
     qretry: float = 0.0
+    #: the NUMA node of its PCI device (-1: unknown)
+    numa: int = -1
 
     @property
     def name(self) -> str:
@@ -234,9 +310,17 @@ class RdmaTransport(Transport):
             return f"{name}={v[name]} ({src[name]})"
 
         # TENT: one lane knob; only values someone actually set are compared
-        lanes = {"transports/rdma/num_lanes": "num_lanes", "MC_WORKERS_PER_CTX": "num_workers",
+        lane = "transports/rdma/num_lanes"
+        knobs = {lane: "num_lanes", "MC_WORKERS_PER_CTX": "num_workers",
                  "MC_NUM_CQ_PER_CTX": "num_cq_list", "MC_NUM_QP_PER_EP": "qp_mul_factor"}
-        lanes = {n: f"{k}={v[n]} ({src[n]})" for n, k in lanes.items() if src[n] != "default"}
+        lanes = {n: f"{k}={v[n]} ({n if n != lane else src[n]}" +
+                 (f", {src[n]})" if n != lane else ")")
+                 for n, k in knobs.items() if src[n] != "default"}
+        if lane in lanes and len({v[n] for n in lanes}) > 1:  # TENT refuses this install
+            other = [lanes[n] for n in lanes if n != lane and v[n] != v[lane]]
+            raise ConfigError(f"inconsistent RDMA lanes: {lanes[lane]} sets workers = QPs per "
+                              f"endpoint = CQs per device, but {', '.join(other)}; allowed: "
+                              f"drop those, or set them to {v[lane]} too")
         if len({v[n] for n in lanes}) > 1:
             warn(f"inconsistent RDMA lanes: {', '.join(lanes.values())}; TENT wants one lane "
                  "count: num_lanes = num_workers (MC_WORKERS_PER_CTX) = num_cq_list "
@@ -272,6 +356,11 @@ class RdmaTransport(Transport):
 
     #: seconds between two probes of the GID table (MC_AUTO_GID_MAX_RETRIES)
     GID_RETRY_DELAY_S: ClassVar[float] = 0.5
+    #: the rail monitor (TENT's defaults): this many errors on one NIC pair within the window
+    #: pause it; each repeated pause doubles, up to the cap
+    RAIL_ERROR_THRESHOLD: ClassVar[int] = 3
+    RAIL_ERROR_WINDOW_S: ClassVar[float] = 10.0
+    RAIL_MAX_COOLDOWN_S: ClassVar[float] = 300.0
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
@@ -284,6 +373,9 @@ class RdmaTransport(Transport):
         self.num_chan = int(g("MC_NUM_COMP_CHANNELS_PER_CTX"))
         self.workers_per_ctx = int(g("MC_WORKERS_PER_CTX"))
         self.qp_per_ep = int(g("MC_NUM_QP_PER_EP"))
+        lanes = g("transports/rdma/num_lanes")
+        if lanes is not None:  # TENT's lanes: workers = QPs per endpoint = CQs per device
+            self.workers_per_ctx = self.qp_per_ep = self.num_cq = int(lanes)
         self.max_ep = int(g("MC_MAX_EP_PER_CTX"))
         self.store_type = str(g("MC_ENDPOINT_STORE_TYPE")).upper()
         self.retry_cnt = int(g("MC_RETRY_CNT"))
@@ -297,6 +389,19 @@ class RdmaTransport(Transport):
         self.gid_index_cfg = int(g("MC_GID_INDEX"))
         tc = int(g("MC_IB_TC"))
         self.tc = 0 if tc < 0 else tc
+        sl = int(g("MC_IB_SL"))
+        self.sl = 0 if sl < 0 else sl
+        #: TENT's rail_topo_path ({"all": [...], "direct": [...]} pairs of NIC names) and
+        #: topology/cluster_topology_path (partition_matchings per NUMA pair), read at start
+        self.rail_topo = _read_rail_topo(str(g("transports/rdma/workers/rail_topo_path")))
+        cpath = str(g("topology/cluster_topology_path"))
+        self.matchings = _topo.load_cluster_topology(cpath) if cpath else {}
+        #: region start -> (length, NUMA node or None while its pages are not yet placed)
+        self._region_numa: dict[int, list] = {}
+        self._region_starts: list[int] = []
+        self._rnodes: dict[tuple, list] = {}
+        #: the last path choice per peer, for explain()
+        self._last_choice: dict[str, dict] = {}
         self.relaxed = int(g("MC_IB_PCI_RELAXED_ORDERING"))
         self.parallel_reg = int(g("MC_ENABLE_PARALLEL_REG_MR"))
         self.dest_affinity = bool(g("MC_ENABLE_DEST_DEVICE_AFFINITY"))
@@ -337,6 +442,7 @@ class RdmaTransport(Transport):
         self._ep_ids = 0
         self._rr = 0
         self._hub = None
+        self.ltab: Any = None
         self._repair_thread: threading.Thread | None = None
         self._closing = False
         self._started = False
@@ -352,6 +458,9 @@ class RdmaTransport(Transport):
         #: (local dev, peer segment, peer instance, peer dev) -> (until, why): NIC pairs
         #: cooling down (MC_RDMA_RAIL_PAUSE_SECONDS)
         self._paused_rails: dict[tuple, tuple[float, str]] = {}
+        #: NIC pair -> recent error times / how many times in a row it was paused
+        self._rail_errors: dict[tuple, deque] = {}
+        self._rail_level: dict[tuple, int] = {}
         #: (peer segment, instance) -> (until, why): peers not to reconnect to yet
         #: (MC_CONN_PAUSE_TTL_MS)
         self._paused_peers: dict[tuple, tuple[float, str]] = {}
@@ -437,7 +546,6 @@ class RdmaTransport(Transport):
             mine = [s for i, s in enumerate(d.slots) if i % self.workers_per_ctx == w]
             d.workers.append(K.Worker(mine, self._hub, self.retry_cnt, grace=self.grace))
         d.store = EndpointStore(self.max_ep, self.store_type)
-        d.ltab = K.KeyTable([], 1)
         return d
 
     def _auto_gid(self, dev: Any, name: str, port: dict, ll_ib: bool) -> int:
@@ -476,9 +584,20 @@ class RdmaTransport(Transport):
             names = names[:MAX_DEVICES]
         self._hub = K.Hub()
         self.devs = [self._open(i, n) for i, n in enumerate(names)]
+        try:  # where each NIC sits (its PCI device's NUMA node; rxe: its netdev's)
+            found = {x.name: x.numa_node for x in _topo.discover("/", verbs=False).rdma_devices}
+        except Exception as e:  # a sysfs we cannot read costs the NUMA choice, nothing else
+            log.warning("rdma: NIC NUMA nodes unknown (%s): every NIC serves every buffer", e)
+            found = {}
         for d in self.devs:
+            d.numa = int(found.get(d.name, -1))
+        self._rebuild_ltabs()
+        cpus = _node_cpus()
+        for d in self.devs:
+            mine = cpus.get(d.numa, set())
             for i, w in enumerate(d.workers):
-                t = threading.Thread(target=w.run, name=f"mc-rdma-{d.name}-w{i}", daemon=True)
+                t = threading.Thread(target=_run_pinned, args=(w, mine, d.name),
+                                     name=f"mc-rdma-{d.name}-w{i}", daemon=True)
                 t.start()
                 d.threads.append(t)
         self._repair_thread = threading.Thread(target=self._repair_loop, name="mc-rdma-repair",
@@ -492,6 +611,7 @@ class RdmaTransport(Transport):
             out[f"dev{i}"] = d.name
             out[f"gid{i}"] = d.gid.hex()
             out[f"lid{i}"] = d.lid
+            out[f"numa{i}"] = d.numa
         check_fields(out, SEGMENT_FIELDS, "rdma segment fields")  # what we publish is strict
         return out
 
@@ -527,10 +647,15 @@ class RdmaTransport(Transport):
                 mrs = list(ex.map(reg, self.devs))
         else:
             mrs = [reg(d) for d in self.devs]
+        node = _numa.node_of(region.addr, region.length)
         with self._lock:
             self._mrs[region.addr] = mrs
             self._rebuild_ltabs()
-        return {f"rkey{i}": m.rkey for i, m in enumerate(mrs)}
+            self._region_numa[region.addr] = [region.length, node]
+            self._region_starts = sorted(self._region_numa)
+        out = {f"rkey{i}": m.rkey for i, m in enumerate(mrs)}
+        out["numa"] = -1 if node is None else node
+        return out
 
     def unregister(self, region: Region) -> None:
         """Deregister the region's MRs.  The engine has waited for every task pinning the
@@ -540,20 +665,32 @@ class RdmaTransport(Transport):
         with self._lock:
             mrs = self._mrs.pop(region.addr, None)
             self._rebuild_ltabs()  # new submits no longer find the lkey
+            self._region_numa.pop(region.addr, None)
+            self._region_starts = sorted(self._region_numa)
         for m in mrs or []:
             m.close()
 
     def _rebuild_ltabs(self) -> None:
-        for d in self.devs:
-            d.ltab = K.KeyTable([(m[d.index].addr, m[d.index].length, [m[d.index].lkey])
-                                 for m in self._mrs.values()], 1)
+        """One local key table, a column per device (a region has an MR on each): a submit's
+        paths may start at any of them."""
+        self.ltab = K.KeyTable([(m[0].addr, m[0].length, [x.lkey for x in m])
+                                for m in self._mrs.values()], max(1, len(self.devs)))
 
     def can_reach(self, peer: SegmentDesc) -> str | None:
         info = peer.transports.get(self.name)
-        if not info or peer_devices(info) is None:
+        pdevs = peer_devices(info)
+        if not info or pdevs is None:
             return f"peer {peer.name} publishes no RDMA devices"
         if not self.devs:
             return "rdma transport not started"
+        if self._paused_rails or self._paused_peers:  # every rail down: another transport
+            now, inst, why = time.monotonic(), info.get("instance", ""), ""
+            for d in self.devs:
+                for pdev in pdevs:
+                    why = self._paused(d.name, peer.name, inst, pdev, now)
+                    if why is None:
+                        return None
+            return f"every RDMA rail to {peer.name} is paused (the last: {why})"
         return None
 
     # ------------------------------------------------------------------ endpoints
@@ -571,7 +708,8 @@ class RdmaTransport(Transport):
         mtu = min(d.mtu, int(remote["mtu"]))
         for qp, rqpn, rpsn, mpsn in zip(qps, remote["qpns"], remote["psns"], my_psns,
                                                strict=True):
-            qp.to_rtr(rqpn, gid, int(remote["lid"]), rpsn, mtu, d.port, d.gid_index, self.tc)
+            qp.to_rtr(rqpn, gid, int(remote["lid"]), rpsn, mtu, d.port, d.gid_index, self.tc,
+                      service_level=self.sl)
             qp.to_rts(mpsn, self.send_timeout)  # TENT's endpoint/send_timeout (ACK timeout)
 
     def _make_ep(self, d: _Dev, qps: list, slot: Any, worker: Any, key: tuple) -> Any:
@@ -676,6 +814,8 @@ class RdmaTransport(Transport):
         with self._lock:
             ep = d.store.get(key)
             if ep is not None and ep.healthy == len(ep.qps) and not ep.aborted:
+                if ep.completions:
+                    self._rail_ok(d.name, peer_name, inst, pdev)
                 return ep
             lock = self._key_locks.setdefault((d.index, key), threading.Lock())
         with lock:
@@ -685,6 +825,9 @@ class RdmaTransport(Transport):
                     return ep
                 if ep is not None:
                     self._retire([d.store.remove(key, ep)])
+                    if ep.healthy != len(ep.qps):  # a QP went to error: a failed completion
+                        self._rail_error(d.name, peer_name, inst, pdev,
+                                         f"{len(ep.qps) - ep.healthy} of its QPs failed")
             why = self._paused(d.name, peer_name, inst, pdev, time.monotonic())
             if why:
                 raise PeerUnreachable(f"rdma: not connecting {d.name} -> {peer_name} ({pdev}): "
@@ -693,12 +836,43 @@ class RdmaTransport(Transport):
 
     # ------------------------------------------------------------------ pauses
     def _pause_rail(self, dev: str, peer: str, inst: str, pdev: str, why: str) -> None:
-        """MC_RDMA_RAIL_PAUSE_SECONDS: leave the NIC pair ``dev -> peer/pdev`` alone a while."""
-        until = time.monotonic() + self.rail_pause_s
+        """Leave the NIC pair ``dev -> peer/pdev`` alone a while: MC_RDMA_RAIL_PAUSE_SECONDS
+        the first time, twice as long each time it fails again before it carried work, at most
+        RAIL_MAX_COOLDOWN_S (TENT's rail monitor)."""
+        key = (dev, peer, inst, pdev)
         with self._lock:
-            self._paused_rails[(dev, peer, inst, pdev)] = (until, why)
-        log.warning("rdma: rail %s -> %s (%s) paused for %gs (MC_RDMA_RAIL_PAUSE_SECONDS): %s",
-                    dev, peer, pdev, self.rail_pause_s, why)
+            level = self._rail_level.get(key, 0)
+            pause = min(self.rail_pause_s * 2 ** level,
+                        max(self.RAIL_MAX_COOLDOWN_S, self.rail_pause_s))
+            self._rail_level[key] = level + 1
+            self._rail_errors.pop(key, None)
+            self._paused_rails[key] = (time.monotonic() + pause, why)
+        log.warning("rdma: rail %s -> %s (%s) paused for %gs (MC_RDMA_RAIL_PAUSE_SECONDS, "
+                    "doubled per repeated failure): %s", dev, peer, pdev, pause, why)
+
+    def _rail_error(self, dev: str, peer: str, inst: str, pdev: str, why: str) -> None:
+        """Count an error on a NIC pair: RAIL_ERROR_THRESHOLD of them within
+        RAIL_ERROR_WINDOW_S pause it (TENT's defaults: 3 in 10 s)."""
+        key, now = (dev, peer, inst, pdev), time.monotonic()
+        with self._lock:
+            q = self._rail_errors.setdefault(key, deque())
+            q.append(now)
+            while q and q[0] < now - self.RAIL_ERROR_WINDOW_S:
+                q.popleft()
+            n = len(q)
+        log.info("rdma: rail %s -> %s (%s): error %d of %d allowed in %gs: %s", dev, peer, pdev,
+                 n, self.RAIL_ERROR_THRESHOLD, self.RAIL_ERROR_WINDOW_S, why)
+        if n >= self.RAIL_ERROR_THRESHOLD:
+            self._pause_rail(dev, peer, inst, pdev,
+                             f"{n} errors within {self.RAIL_ERROR_WINDOW_S:g}s, the last: {why}")
+
+    def _rail_ok(self, dev: str, peer: str, inst: str, pdev: str) -> None:
+        """The NIC pair completed work: forget its errors and its cooldown doubling."""
+        key = (dev, peer, inst, pdev)
+        if key in self._rail_level or key in self._rail_errors:
+            with self._lock:
+                self._rail_level.pop(key, None)
+                self._rail_errors.pop(key, None)
 
     def _pause_peer(self, peer: str, inst: str, why: str) -> None:
         """MC_CONN_PAUSE_TTL_MS: do not reconnect to a torn-down peer for a while (0: off)."""
@@ -726,22 +900,124 @@ class RdmaTransport(Transport):
                 return f"paused for {hit[0] - now:.1f}s more ({knob}): {hit[1]}"
         return None
 
-    def _cols(self, d: _Dev, pdevs: list[str], peer: str) -> list[int]:
-        """The peer devices (indices in ``pdevs``) that ``d`` sends to."""
+    def _cols(self, d: _Dev, pdevs: list[str], peer: str, info: dict,
+              rnode: int | None) -> tuple[list[int], str]:
+        """The peer devices (indices in ``pdevs``) that ``d`` sends to, and the rule."""
         if self.hca_affinity:
             want = self.peer_affinity.get(d.name)
             if want:
                 cols = [pdevs.index(x) for x in want if x in pdevs]
                 if cols:
-                    return cols
+                    return cols, "MC_NIC_PEER_AFFINITY"
                 if (d.name, peer) not in self._affinity_warned:
                     self._affinity_warned.add((d.name, peer))
                     log.warning("rdma: MC_NIC_PEER_AFFINITY maps %s to %s but %s publishes %s: "
                                 "using every NIC", d.name, ",".join(want), peer,
                                 ",".join(pdevs))
-        elif self.dest_affinity and d.name in pdevs:
-            return [pdevs.index(d.name)]
-        return list(range(len(pdevs)))
+                return list(range(len(pdevs))), "every peer NIC (MC_NIC_PEER_AFFINITY names " \
+                    "none it publishes)"
+        elif self.dest_affinity:
+            if rnode is not None:  # the peer NICs on the remote buffer's NUMA node
+                near = [c for c in range(len(pdevs)) if info.get(f"numa{c}") == rnode]
+                if near:
+                    return near, f"MC_ENABLE_DEST_DEVICE_AFFINITY: peer NICs on the remote " \
+                        f"buffer's node {rnode}"
+            if d.name in pdevs:
+                return [pdevs.index(d.name)], "MC_ENABLE_DEST_DEVICE_AFFINITY: the peer NIC " \
+                    "of the same name (the remote buffer's node is " + \
+                    ("unknown)" if rnode is None else f"{rnode}, no peer NIC on it)")
+            return list(range(len(pdevs))), "every peer NIC (MC_ENABLE_DEST_DEVICE_AFFINITY " \
+                "found no NIC near the remote buffer nor one of the same name)"
+        return list(range(len(pdevs))), "every peer NIC"
+
+    def _local_node(self, addr: int, length: int) -> int | None:
+        """The NUMA node of the registered region holding ``addr`` (asked once its pages are
+        placed)."""
+        starts = self._region_starts
+        k = bisect_right(starts, addr) - 1
+        if k < 0:
+            return None
+        ent = self._region_numa.get(starts[k])
+        if ent is None or addr >= starts[k] + ent[0]:
+            return None
+        if ent[1] is None:  # registered before its pages were touched: ask now
+            ent[1] = _numa.node_of(addr, length)
+        return ent[1]
+
+    def _remote_node(self, peer: SegmentDesc, addr: int) -> int | None:
+        """The NUMA node the peer published for the buffer holding ``addr``."""
+        ck = (peer.name, id(peer), peer.timestamp, len(peer.buffers))
+        rows = self._rnodes.get(ck)
+        if rows is None:
+            rows = sorted((b.addr, b.length, (b.transports.get(self.name) or {}).get("numa", -1))
+                          for b in peer.buffers)
+            if len(self._rnodes) > 256:
+                self._rnodes.clear()
+            self._rnodes[ck] = rows
+        k = bisect_right(rows, (addr, _U64, 0)) - 1
+        if k < 0 or addr >= rows[k][0] + rows[k][1] or rows[k][2] < 0:
+            return None
+        return rows[k][2]
+
+    def _paths(self, peer: SegmentDesc, info: dict, pdevs: list[str], laddr: int, llen: int,
+               raddr: int) -> tuple[list[tuple[_Dev, int]], dict]:
+        """The NIC pairs ``(local device, peer device column)`` one submit stripes over, and
+        why (what :meth:`explain` shows).  A rail_topo_path's direct pairs, else the cluster
+        topology's partition_matchings for the (local buffer node, remote buffer node), else
+        the NICs on the local buffer's node towards the peer NICs :meth:`_cols` picks."""
+        lnode = self._local_node(laddr, llen)
+        rnode = self._remote_node(peer, raddr) if (self.dest_affinity or self.matchings) \
+            else None
+        names = {d.name: d for d in self.devs}
+        pairs: list[tuple[_Dev, int]] = []
+        rule = ""
+        if self.rail_topo:
+            allowed = self.rail_topo["direct"] or self.rail_topo["all"]
+            pairs = [(names[a], pdevs.index(b)) for a, b in allowed if a in names and b in pdevs]
+            rule = "rail_topo_path " + ("direct pairs" if self.rail_topo["direct"] else "pairs")
+        elif self.matchings and lnode is not None and rnode is not None:
+            for m in self.matchings.get((lnode, rnode), ()):
+                if m.src_dev in names and m.dst_dev in pdevs:
+                    pairs.append((names[m.src_dev], pdevs.index(m.dst_dev)))
+            if pairs:
+                rule = f"cluster topology partition {lnode}-{rnode}"
+        if not pairs:
+            near = [d for d in self.devs if lnode is not None and d.numa == lnode]
+            local = near or self.devs
+            why_local = (f"the NICs on the local buffer's node {lnode}" if near else
+                         "every NIC (the local buffer's node is unknown)" if lnode is None else
+                         f"every NIC (none on the local buffer's node {lnode})")
+            col_rules = set()
+            for d in local:
+                cols, why = self._cols(d, pdevs, peer.name, info, rnode)
+                col_rules.add(why)
+                pairs.extend((d, c) for c in cols)
+            rule = f"{why_local}, towards {'; '.join(sorted(col_rules))}"
+        choice = {"local_numa": lnode, "remote_numa": rnode, "rule": rule,
+                  "pairs": [f"{d.name}->{pdevs[c]}" for d, c in pairs]}
+        return pairs[:MAX_PATHS], choice
+
+    def explain(self, peer: SegmentDesc, local: int | None = None,
+                remote: int | None = None) -> dict:
+        """The NIC pairs a transfer from ``local`` to ``remote`` (addresses; default: the first
+        registered buffer on each side) would stripe over, the rule that chose them, and the
+        rails paused now with why."""
+        info = peer.transports.get(self.name) or {}
+        pdevs = peer_devices(info)
+        if not pdevs or not self.devs:
+            return {"pairs": [], "rule": self.can_reach(peer) or "no devices"}
+        if local is None:
+            local = self._region_starts[0] if self._region_starts else 0
+        if remote is None:
+            remote = peer.buffers[0].addr if peer.buffers else 0
+        pairs, choice = self._paths(peer, info, pdevs, local, 1, remote)
+        now, inst = time.monotonic(), info.get("instance", "")
+        choice["paused"] = {f"{d.name}->{pdevs[c]}": why for d, c in pairs
+                            if (why := self._paused(d.name, peer.name, inst, pdevs[c], now))}
+        choice["devices"] = {d.name: {"numa": d.numa} for d in self.devs}
+        choice["peer_devices"] = {n: {"numa": info.get(f"numa{i}", -1)}
+                                  for i, n in enumerate(pdevs)}
+        return choice
 
     # ------------------------------------------------------------------ data path
     def _remote_table(self, peer: SegmentDesc, pdevs: list[str]) -> Any:
@@ -774,45 +1050,41 @@ class RdmaTransport(Transport):
             slices.fail_all(_E_PEER)
             return
         inst = info.get("instance", "")
-        with self._lock:
-            self._rr += 1
-            start = self._rr
-        # the next device in turn, skipping NIC pairs that are cooling down
-        n, now = len(self.devs), time.monotonic()
-        d, cols, why = self.devs[start % n], [], None
-        for i in range(n):
-            cand = self.devs[(start + i) % n]
-            cols = []
-            for c in self._cols(cand, pdevs, peer.name):
-                w = self._paused(cand.name, peer.name, inst, pdevs[c], now)
-                if w is None:
-                    cols.append(c)
-                else:
-                    why = w
-            if cols:
-                d = cand
-                break
-        eps, used = [], []
-        for c in cols:
+        first = next(iter(slices), None)
+        if first is None:
+            return
+        pairs, choice = self._paths(peer, info, pdevs, first[2], first[4], first[3])
+        self._last_choice[peer.name] = choice
+        eps, cols, lcols, used, why = [], [], [], set(), None
+        now = time.monotonic()
+        for d, c in pairs:  # every pair not cooling down that connects: a path
+            w = self._paused(d.name, peer.name, inst, pdevs[c], now)
+            if w is not None:
+                why = w
+                continue
             try:
                 eps.append(self._endpoint(d, peer.name, inst, pdevs[c]))
-                used.append(c)
             except Exception as e:  # the other rails may still work
                 why = str(e)
+                continue
+            cols.append(c)
+            lcols.append(d.index)
+            used.add(d.index)
         if not eps:  # every slice must be reported, failures included
-            (log.warning if cols else log.debug)("rdma: no endpoint to %s: %s", peer.name, why)
+            (log.warning if pairs else log.debug)("rdma: no endpoint to %s: %s", peer.name, why)
             slices.fail_all(_E_PEER)
             return
-        cols = used
-        if self.quota.table is not None and d.qslot is None:
-            self._join_quota(d)
+        if self.quota.table is not None:
+            for k in used:
+                if self.devs[k].qslot is None:
+                    self._join_quota(self.devs[k])
         try:
             rtab = self._remote_table(peer, pdevs)
         except Exception as e:
             log.warning("rdma: cannot use segment %s: %s", peer.name, e)
             slices.fail_all(_E_PEER)
             return
-        K.submit(slices, d.ltab, 0, rtab, cols, eps, self.roundrobin)
+        K.submit(slices, self.ltab, 0, rtab, cols, eps, self.roundrobin, lcols)
 
     def _join_quota(self, d: _Dev) -> None:
         """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;

@@ -98,8 +98,10 @@ OPTIONS: tuple[Option, ...] = (
             "switches need a matching QoS policy",
        reads=("transports/rdma.py",)),
     _O("MC_IB_SL", int, -1, tent=f"{_RDMA}/endpoint/service_level", range=(0, 15),
-       special=((-1, "unset"),), owner="rdma", doc="service level of QPs",
-       pending="needs ah_attr.sl in mooncake/_core/verbs.pyx QP.to_rtr; QoS is issue 9 item 6"),
+       special=((-1, "unset"),), owner="rdma",
+       doc="service level (IB SL) on every QP's address vector (unset: 0)",
+       hint="map transfer-engine traffic to its own lane/queue on IB fabrics with QoS",
+       reads=("transports/rdma.py",)),
     _O("MC_IB_PCI_RELAXED_ORDERING", int, 0, choices=(0, 1, 2), owner="rdma",
        doc="PCIe relaxed ordering of MRs: 0 off, 1 on if supported, 2 auto "
            "(Mooncake's code defaults to 1, its tuning guide to 0)",
@@ -110,7 +112,8 @@ OPTIONS: tuple[Option, ...] = (
        doc="endpoint cache eviction policy", hint="FIFO suits uniform access patterns",
        reads=("transports/rdma.py",)),
     _O("MC_ENABLE_DEST_DEVICE_AFFINITY", bool, False, owner="rdma",
-       doc="prefer the peer NIC with the same name as the local one",
+       doc="send to the peer NICs on the remote buffer's NUMA node (the peer publishes each "
+           "NIC's and each buffer's node); else the peer NIC of the same name",
        hint="enable for NUMA-aware transfers: prefer the device on the target memory's NUMA "
             "node",
        reads=("transports/rdma.py",)),
@@ -142,8 +145,7 @@ OPTIONS: tuple[Option, ...] = (
        doc="TENT: one knob for workers = QPs per endpoint = CQs per device (unset: the three "
            "knobs decide)",
        hint="per NIC: 200G 4-6, 400G 6-8, 2x200G bond 6-8; 8x200G: 8-16 (1-2 per NIC)",
-       pending="lanes are issue 9 item 4; today only the config's consistency check reads it "
-               "(set num_workers, num_cq_list and qp_mul_factor instead)"),
+       reads=("transports/rdma.py",)),
     _O(f"{_RDMA}/workers/grace_period_ns", int, 5_000_000, tent=f"{_RDMA}/workers/grace_period_ns",
        range=(0, 10**11), unit="ns", owner="rdma",
        reads=("transports/shm.py", "transports/cxl.py", "transports/rdma.py",
@@ -174,10 +176,10 @@ OPTIONS: tuple[Option, ...] = (
     _O(f"{_RDMA}/workers/rail_topo_path", str, "", tent=f"{_RDMA}/workers/rail_topo_path",
        owner="rdma", doc="TENT: rail topology JSON (allowed and preferred NIC pairs)",
        hint="measured topology for path choice; python -m mooncake.transfer_engine_topology_dump",
-       pending="rail choice from a topology file is issue 9 item 3"),
+       reads=("transports/rdma.py",)),
     _O("topology/cluster_topology_path", str, "", tent="topology/cluster_topology_path",
        owner="rdma", doc="cluster-topology.json whose partition_matchings pick NIC pairs",
        hint="partition_matchings gives the best device pair per NUMA pair ('0-1': src_dev, "
-            "dst_dev, bandwidth, latency)",
-       pending="partition_matchings is issue 9 items 2-3 (topology generate, choice per buffer)"),
+            "dst_dev, bandwidth, latency); mooncake topology generate writes one",
+       reads=("transports/rdma.py",)),
 )

@@ -492,6 +492,25 @@ cdef class QP:
                        rc if rc > 0 else e)
         return a.qp_state
 
+    def path(self):
+        """The address vector the QP sends with, as the provider reports it
+        (``ibv_query_qp(IBV_QP_AV | IBV_QP_PATH_MTU)``): ``sl``, ``traffic_class``,
+        ``hop_limit``, ``sgid_index``, ``is_global``, ``port_num``, ``path_mtu`` (bytes)."""
+        cdef ibv_qp_attr a
+        cdef ibv_qp_init_attr ia
+        cdef int rc, e
+        memset(&a, 0, sizeof(a))
+        rc = ibv_query_qp(self._live(), &a, IBV_QP_AV | IBV_QP_PATH_MTU, &ia)
+        e = errno
+        if rc:
+            raise _err(f"ibv_query_qp {self.device.name} qpn {self.qp.qp_num}",
+                       rc if rc > 0 else e)
+        mtu = next((b for b, v in MTU_ENUM.items() if v == <int>a.path_mtu), 0)
+        return {"sl": a.ah_attr.sl, "traffic_class": a.ah_attr.grh.traffic_class,
+                "hop_limit": a.ah_attr.grh.hop_limit, "sgid_index": a.ah_attr.grh.sgid_index,
+                "is_global": a.ah_attr.is_global, "port_num": a.ah_attr.port_num,
+                "path_mtu": mtu}
+
     cdef _modify(self, ibv_qp_attr *a, int mask, str what):
         cdef int rc = ibv_modify_qp(self._live(), a, mask)
         cdef int e = errno
@@ -510,9 +529,11 @@ cdef class QP:
                      "RESET->INIT")
 
     def to_rtr(self, uint32_t dest_qpn, bytes dgid not None, int dlid, uint32_t rq_psn, int mtu,
-               int port, int sgid_index, int traffic_class=0, int max_dest_rd_atomic=16):
+               int port, int sgid_index, int traffic_class=0, int max_dest_rd_atomic=16,
+               int service_level=0):
         """INIT -> RTR towards ``dest_qpn``; ``mtu`` in bytes; ``dgid`` 16 bytes (GRH used when
-        it is non-zero, as RoCE needs)."""
+        it is non-zero, as RoCE needs); ``service_level`` (IB SL 0..15) and ``traffic_class``
+        (the GRH's, RoCE's DSCP/ECN byte) on the address vector."""
         cdef ibv_qp_attr a
         cdef bytes g = dgid
         if mtu not in MTU_ENUM:
@@ -526,7 +547,11 @@ cdef class QP:
         a.rq_psn = rq_psn & 0xFFFFFF
         a.max_dest_rd_atomic = max_dest_rd_atomic
         a.min_rnr_timer = 12
+        if not 0 <= service_level <= 15 or not 0 <= traffic_class <= 255:
+            raise ValueError(f"service level {service_level} (0..15) or traffic class "
+                             f"{traffic_class} (0..255) out of range")
         a.ah_attr.dlid = dlid
+        a.ah_attr.sl = service_level
         a.ah_attr.port_num = port
         if g != bytes(16):
             a.ah_attr.is_global = 1

@@ -1366,11 +1366,14 @@ cdef int64_t _rr = 0
 
 
 def submit(Slices s not None, KeyTable local not None, int local_col, KeyTable remote not None,
-           list cols not None, list eps not None, bint roundrobin=False):
+           list cols not None, list eps not None, bint roundrobin=False, list lcols=None):
     """Queue every slice of ``s`` on the endpoints' workers.
 
     ``eps[k]`` is the endpoint to the peer device whose rkeys are column ``cols[k]`` of
-    ``remote``; each slice picks ``k`` round-robin or at random.  A slice outside ``local``
+    ``remote``, from the local device whose lkeys are column ``lcols[k]`` of ``local`` (every
+    path ``local_col`` without ``lcols``): the paths may start at different local devices, so
+    one submit stripes over every NIC pair given.  Each slice picks ``k`` round-robin or at
+    random.  A slice outside ``local``
     fails with MC_E_LOCAL, outside ``remote`` with MC_E_REFUSED, a WRITE into a read-only remote
     range with MC_E_DENIED, all without being posted.  Returns how many failed so.
     """
@@ -1380,10 +1383,13 @@ def submit(Slices s not None, KeyTable local not None, int local_col, KeyTable r
         raise ValueError("need one endpoint per remote column")
     if ne > MAX_PATHS:
         raise ValueError(f"at most {MAX_PATHS} paths per submit")
+    if lcols is not None and len(lcols) != ne:
+        raise ValueError("need one local column per endpoint")
     if n == 0:
         return 0
     cdef vep *veps[MAX_PATHS]
     cdef int vcol[MAX_PATHS]
+    cdef int vlcol[MAX_PATHS]
     cdef int64_t add[MAX_PATHS]
     cdef vslice *heads[MAX_PATHS]
     cdef vslice *tails[MAX_PATHS]
@@ -1395,8 +1401,10 @@ def submit(Slices s not None, KeyTable local not None, int local_col, KeyTable r
         tails[k] = NULL
         if vcol[k] < 0 or vcol[k] >= remote.ncols:
             raise ValueError(f"remote column {vcol[k]} out of range")
-    if local_col < 0 or local_col >= local.ncols:
-        raise ValueError(f"local column {local_col} out of range")
+        vlcol[k] = local_col if lcols is None else lcols[k]
+        if vlcol[k] < 0 or vlcol[k] >= local.ncols:
+            raise ValueError(f"local column {vlcol[k]} out of range")
+
     cdef vjob *job = <vjob *>calloc(1, sizeof(vjob) + n * sizeof(vslice))
     if job == NULL:
         raise MemoryError()
@@ -1429,7 +1437,7 @@ def submit(Slices s not None, KeyTable local not None, int local_col, KeyTable r
             if r < 0 or x.op > C_OP_WRITE or x.length > <uint64_t>2147483648U:
                 x.rkey = MC_E_LOCAL
             else:
-                x.lkey = local.keys[r * local.ncols + local_col]
+                x.lkey = local.keys[r * local.ncols + vlcol[k]]
                 r = remote.find_row(x.remote, x.length)
                 if r < 0:
                     x.rkey = MC_E_REFUSED
