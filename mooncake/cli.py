@@ -1,5 +1,5 @@
 """The ``mooncake`` command: ``config show``, ``transports``, ``doctor``, ``bench``, ``tune``,
-``metadata-server``."""
+``topology``, ``metadata-server``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ def _tune(args: argparse.Namespace) -> int:
     return tune.main(args.rest)
 
 
+def _topology(args: argparse.Namespace) -> int:
+    from mooncake import topology_cli
+
+    return topology_cli.main(args.rest)
+
+
 def _metadata_server(args: argparse.Namespace) -> int:
     from mooncake.metadata import http_server
 
@@ -116,10 +122,14 @@ def _main(argv: list[str] | None) -> int:
                                       "pages, memlock, sysctls, token); --peer tests a peer")
     add_arguments(d)
     d.set_defaults(fn=_doctor)
-    passthrough = {"bench": _bench, "tune": _tune, "metadata-server": _metadata_server}
+    passthrough = {"bench": _bench, "tune": _tune, "metadata-server": _metadata_server,
+                   "topology": _topology}
     for name, fn, hlp in (("bench", _bench, "transfer benchmark (see `mooncake bench -h`)"),
                           ("tune", _tune, "sweep slice size x workers x batch size, write the "
                                           "best config (see `mooncake tune -h`)"),
+                          ("topology", _topology, "show this host's RDMA/NUMA/GPU topology, "
+                                                  "dump TENT's JSON, generate "
+                                                  "cluster-topology.json against a peer"),
                           ("metadata-server", _metadata_server, "HTTP metadata server")):
         b = sub.add_parser(name, help=hlp, add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
