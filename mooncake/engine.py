@@ -662,12 +662,8 @@ class TransferEngine(MooncakeAPI):
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                   length: Sequence[int], timeout: float | None,
                   deadline: float | None = None, priority: str | int | None = None) -> None:
-        try:
-            peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length,
-                                                        timeout, deadline, priority)
-        except MooncakeError:
-            self._count_refused(op, length)
-            raise
+        peer, t, core, slices, tmo = self._validate_counted(segment, op, local, remote, length,
+                                                            timeout, deadline, priority)
         in_time = t.transfer(peer, slices, tmo)
         if in_time and core.first_not_completed() < 0:
             return
@@ -703,12 +699,8 @@ class TransferEngine(MooncakeAPI):
         """Start a batch and return at once; ``wait()`` it, ``await`` it or poll its status.
         ``timeout``/``deadline``/``priority`` as for :meth:`transfer`: past the deadline the
         batch's unfinished tasks end TIMEOUT, and no byte of them lands afterwards."""
-        try:
-            peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length,
-                                                        timeout, deadline, priority)
-        except MooncakeError:
-            self._count_refused(op, length)
-            raise
+        peer, t, core, slices, tmo = self._validate_counted(segment, op, local, remote, length,
+                                                            timeout, deadline, priority)
         b = TransferBatch(core, peer, t, tmo, on_close=self._forget_batch)
         try:
             t.submit(peer, slices)
@@ -732,6 +724,17 @@ class TransferEngine(MooncakeAPI):
     def _forget_batch(self, b: TransferBatch) -> None:
         with self._lock:
             self._batches.pop(getattr(b, "id", None), None)
+
+    def _validate_counted(self, segment: str, op: Any, local: Any, remote: Any, length: Any,
+                          timeout: float | None, deadline: float | None,
+                          priority: str | int | None):
+        """:meth:`_validate`, counting what it refuses (metrics: transport ``unspec``)."""
+        try:
+            return self._validate(segment, op, local, remote, length, timeout, deadline,
+                                  priority)
+        except MooncakeError:
+            self._count_refused(op, length)
+            raise
 
     def _count_refused(self, op: Any, length: Any) -> None:
         """Requests the validator refused: failures of no transport (``unspec``), like TENT."""

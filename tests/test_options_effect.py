@@ -518,6 +518,7 @@ class _FakeEp:
         self.slot = None
         self.aborts = []
         self.requeue = False
+        self.last_status = 0
 
     def abort(self, err, requeue):
         self.aborts.append(err)
@@ -575,7 +576,7 @@ def rdma(monkeypatch):
             t.devs = [R._Dev(index=i, dev=d, port=1, gid_index=1, gid=bytes(16), lid=0,
                              mtu=4096, store=R.EndpointStore(16, "SIEVE"))
                       for i, d in enumerate(fv.devs.values())]
-            t._place = lambda d: (None, SimpleNamespace(cq=None))  # no workers here
+            t._place = lambda d, lane=None: (None, SimpleNamespace(cq=None))  # no workers
         made.append(t)
         return t
 
@@ -911,12 +912,14 @@ def test_partition_matchings_pick_the_measured_pair(rdma, monkeypatch, tmp_path)
     t = rdma(devs=("l0", "l1"), **{"topology/cluster_topology_path": str(f)})
     _connecting(t, monkeypatch)
     buf, _ = _local_buffer(t)
-    t.submit(_numa_peer(("p0", "p1"), (0, 1), 1), _Slices(buf.ctypes.data))
+    near, far = _numa_peer(("p0", "p1"), (0, 1), 1), _numa_peer(("p0", "p1"), (0, 1), 3)
+    far.timestamp = 2  # another descriptor
+    t.submit(near, _Slices(buf.ctypes.data))
     assert t.fk.lcols == [1, 0] and t.fk.submits[-1][0] == [1, 0]
-    why = t.explain(_numa_peer(("p0", "p1"), (0, 1), 1), buf.ctypes.data)
+    why = t.explain(near, buf.ctypes.data)
     assert why["rule"] == f"cluster topology partition {node}-1"
     assert why["pairs"] == ["l1->p1", "l0->p0"]
-    other = t.explain(_numa_peer(("p0", "p1"), (0, 1), 3), buf.ctypes.data)
+    other = t.explain(far, buf.ctypes.data)
     assert "partition" not in other["rule"] and len(other["pairs"]) == 4
     f.write_text('{"partition_matchings": {"0-1": [{"src_dev": 5}]}}')
     with pytest.raises(ConfigError):
@@ -935,10 +938,30 @@ def test_service_level_and_traffic_class_reach_every_qp(rdma):
     assert qp.rtr_kw == {"service_level": 0} and qp.calls[0][1][-1] == 0
 
 
-def test_num_lanes_sets_workers_qps_and_cqs(rdma):
+def test_num_lanes_sets_workers_qps_and_cqs(rdma, monkeypatch):
+    """TENT's lanes: num_lanes workers and CQs per device, and per NIC pair num_lanes
+    endpoints of one QP, lane i on worker i, so one pair is posted to by every worker."""
     t = rdma(start=True, **{"transports/rdma/num_lanes": 3})
-    assert t.workers_per_ctx == t.qp_per_ep == 3
+    assert t.workers_per_ctx == t.lanes == 3 and t.qp_per_ep == 1
     assert len(t.devs[0].workers) == 3 and len(t.devs[0].slots) == 3
+    placed = [t._place(t.devs[0], lane)[0] for lane in range(3)]
+    assert placed == t.devs[0].workers
+    lanes = []
+
+    def connect(d, peer, inst, pdev, lane=0):
+        lanes.append(lane)
+        ep = _FakeEp(users=0)
+        t._install(d, R._ep_key(peer, inst, pdev, lane), ep)
+        return ep
+
+    import mooncake.transports.rdma as R
+
+    monkeypatch.setattr(t, "_connect", connect)
+    t.submit(_peer(("p0",)), _Slices())
+    assert lanes == [0, 1, 2] and t.fk.submits[-1][0] == [0, 0, 0]
+    assert len(set(map(id, t.fk.submits[-1][1]))) == 3  # three endpoints for the one pair
+    t.submit(_peer(("p0",)), _Slices())
+    assert lanes == [0, 1, 2]  # kept
     with pytest.raises(ConfigError, match="inconsistent RDMA lanes.*MC_NUM_QP_PER_EP"):
         rdma(**{"transports/rdma/num_lanes": 3, "MC_NUM_QP_PER_EP": 2})
 
@@ -975,11 +998,17 @@ def test_an_errored_endpoint_counts_against_its_rail(rdma, monkeypatch):
     t = rdma(devs=("l0",))
     _connecting(t, monkeypatch)
     key = ("peer:2", "a" * 32, "p0")
-    bad = _FakeEp(users=0)
-    bad.healthy = 1  # one of its two QPs went to error
-    t._install(t.devs[0], key, bad)
+    for status, counted in ((12, 1), (10, 1), (-5, 2)):  # retries exceeded / refused / post
+        bad = _FakeEp(users=0)
+        bad.healthy, bad.last_status = 1, status  # one of its two QPs went to error
+        t._install(t.devs[0], key, bad)
+        t._endpoint(t.devs[0], *key)
+        assert len(t._rail_errors[("l0", *key)]) == counted, status
+    ours = _FakeEp(users=0)  # our own abort (a timeout) is no fault of the rail
+    ours.healthy, ours.last_status, ours.aborted = 0, 12, True
+    t._install(t.devs[0], key, ours)
     t._endpoint(t.devs[0], *key)
-    assert len(t._rail_errors[("l0", *key)]) == 1
+    assert len(t._rail_errors[("l0", *key)]) == 2
 
 
 def test_every_rail_paused_leaves_the_peer_to_another_transport(rdma):

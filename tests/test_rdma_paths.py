@@ -96,3 +96,33 @@ def test_every_rail_paused_fails_over_to_tcp_and_back(pair, caplog):
     assert init.explain(seg)["chosen"] == "rdma"
     after = init.metrics()["transports"]
     assert after["rdma"]["write"]["bytes"] >= mid["transports"]["rdma"]["write"]["bytes"] + MiB
+
+
+def test_lanes_put_every_worker_on_one_nic_pair():
+    """num_lanes=2: the NIC pair gets two endpoints of one QP each, lane i on worker i, and a
+    striped transfer (MC_PATH_ROUNDROBIN) completes work on both."""
+    target = _engine(**{"transports/rdma/num_lanes": 2})
+    init = _engine(MC_PATH_ROUNDROBIN=True, **{"transports/rdma/num_lanes": 2})
+    try:
+        tbuf = np.zeros(8 * MiB, np.uint8)
+        target.register(tbuf)
+        lbuf = np.random.default_rng(4).integers(0, 256, 8 * MiB, dtype=np.uint8)
+        init.register(lbuf)
+        seg = target.segment_name
+        init.write(seg, lbuf.ctypes.data, tbuf.ctypes.data, 8 * MiB)
+        assert zlib.crc32(tbuf) == zlib.crc32(lbuf)
+        back = np.zeros_like(lbuf)
+        init.register(back)
+        init.read(seg, back.ctypes.data, tbuf.ctypes.data, 8 * MiB)
+        assert zlib.crc32(back) == zlib.crc32(lbuf)
+        rdma = init.transports["rdma"]
+        eps = [ep for _, key, ep in rdma.endpoints() if key[0] == seg]
+        assert len(eps) == 2 and all(len(ep.qps) == 1 for ep in eps)
+        assert {id(ep.worker) for ep in eps} == {id(w) for w in rdma.devs[0].workers}
+        assert all(ep.completions > 0 for ep in eps), [ep.completions for ep in eps]
+        served = [ep for _, key, ep in target.transports["rdma"].endpoints()
+                  if key[0] == init.segment_name]
+        assert len(served) == 2 and len({id(ep.worker) for ep in served}) == 2
+    finally:
+        init.close()
+        target.close()

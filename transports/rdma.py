@@ -104,6 +104,10 @@ MAX_DEVICES = 16
 MAX_QPS = 255
 #: NIC pairs one submit stripes over (the kernel's MAX_PATHS)
 MAX_PATHS = 64
+#: work-completion statuses that say the path failed (ibv_wc_status), as opposed to a peer
+#: refusing a range or our own abort: each counts against its rail
+RAIL_FAULTS = {12: "transport retries exceeded", 13: "RNR retries exceeded", 19: "fatal",
+               20: "response timeout", 21: "general error"}
 _DEV_NAME = r"[A-Za-z0-9_.:-]{1,64}"
 _HEX32 = r"[0-9a-f]{32}"
 _MTUS = (256, 512, 1024, 2048, 4096)
@@ -145,7 +149,18 @@ _CONNECT_FIELDS: dict[str, Field] = {
     "segment": Field("str", max_len=300),
     "src_dev": Field("str", max_len=64, pattern=_DEV_NAME),
     "dst_dev": Field("str", max_len=64, pattern=_DEV_NAME),
+    #: which of the NIC pair's lanes (num_lanes) this endpoint is; absent: 0
+    "lane": Field("int", 0, MAX_PATHS - 1, required=False),
 }
+
+
+def _ep_key(peer: str, inst: str, pdev: str, lane: int = 0) -> tuple:
+    """An endpoint's store key: ``(peer, instance, peer device)``, plus the lane after 0."""
+    return (peer, inst, pdev) if lane == 0 else (peer, inst, pdev, lane)
+
+
+def _lane(key: tuple) -> int:
+    return key[3] if len(key) > 3 else 0
 
 
 def _check_handshake(msg: Any, spec: dict[str, Field], nqp: int | None, where: str) -> None:
@@ -374,8 +389,12 @@ class RdmaTransport(Transport):
         self.workers_per_ctx = int(g("MC_WORKERS_PER_CTX"))
         self.qp_per_ep = int(g("MC_NUM_QP_PER_EP"))
         lanes = g("transports/rdma/num_lanes")
-        if lanes is not None:  # TENT's lanes: workers = QPs per endpoint = CQs per device
-            self.workers_per_ctx = self.qp_per_ep = self.num_cq = int(lanes)
+        #: endpoints per NIC pair, one per worker (TENT's lanes: worker i posts on QP i of the
+        #: pair); 1 without num_lanes: one endpoint of MC_NUM_QP_PER_EP QPs on one worker
+        self.lanes = 1
+        if lanes is not None:  # workers = QPs per NIC pair = CQs per device
+            self.workers_per_ctx = self.num_cq = self.lanes = int(lanes)
+            self.qp_per_ep = 1
         self.max_ep = int(g("MC_MAX_EP_PER_CTX"))
         self.store_type = str(g("MC_ENDPOINT_STORE_TYPE")).upper()
         self.retry_cnt = int(g("MC_RETRY_CNT"))
@@ -585,7 +604,8 @@ class RdmaTransport(Transport):
         self._hub = K.Hub()
         self.devs = [self._open(i, n) for i, n in enumerate(names)]
         try:  # where each NIC sits (its PCI device's NUMA node; rxe: its netdev's)
-            found = {x.name: x.numa_node for x in _topo.discover("/", verbs=False).rdma_devices}
+            topo = _topo.discover("/", verbs=False)  # a one-node host: every NIC on node 0
+            found = {x.name: topo.numa_of(x) for x in topo.rdma_devices}
         except Exception as e:  # a sysfs we cannot read costs the NUMA choice, nothing else
             log.warning("rdma: NIC NUMA nodes unknown (%s): every NIC serves every buffer", e)
             found = {}
@@ -720,10 +740,10 @@ class RdmaTransport(Transport):
             self._by_id[ep.id] = ep
         return ep
 
-    def _place(self, d: _Dev) -> tuple[Any, Any]:
-        """The (worker, CQ slot) of the next endpoint on ``d``."""
+    def _place(self, d: _Dev, lane: int | None = None) -> tuple[Any, Any]:
+        """The (worker, CQ slot) of the next endpoint on ``d``: lane ``i``'s on worker ``i``."""
         d.ep_seq += 1
-        w = d.ep_seq % len(d.workers)
+        w = d.ep_seq % len(d.workers) if lane is None else lane % len(d.workers)
         worker = d.workers[w]
         return worker, worker.slots[(d.ep_seq // len(d.workers)) % len(worker.slots)]
 
@@ -750,8 +770,9 @@ class RdmaTransport(Transport):
             raise ValueError(f"no RDMA device {name!r} here (have: "
                              f"{', '.join(x.name for x in self.devs)})")
         n = len(args["qpns"])
+        lane = int(args.get("lane", 0))
         with self._lock:
-            worker, slot = self._place(d)
+            worker, slot = self._place(d, lane if self.lanes > 1 else None)
         qps = self._new_qps(d, n, slot)
         psns = [random.getrandbits(24) for _ in qps]
         try:
@@ -760,19 +781,21 @@ class RdmaTransport(Transport):
             for q in qps:
                 q.close()
             raise
-        key = (args["segment"], args["instance"], args["src_dev"])
+        key = _ep_key(args["segment"], args["instance"], args["src_dev"], lane)
         self._install(d, key, self._make_ep(d, qps, slot, worker, key))
         return {"instance": self.instance, "gid": d.gid.hex(), "lid": d.lid,
                 "qpns": [q.qp_num for q in qps], "psns": psns, "mtu": d.mtu}
 
-    def _connect(self, d: _Dev, peer_name: str, inst: str, pdev: str) -> Any:
+    def _connect(self, d: _Dev, peer_name: str, inst: str, pdev: str, lane: int = 0) -> Any:
         with self._lock:
-            worker, slot = self._place(d)
+            worker, slot = self._place(d, lane if self.lanes > 1 else None)
         qps = self._new_qps(d, self.qp_per_ep, slot)
         psns = [random.getrandbits(24) for _ in qps]
         args = {"segment": self.ctx.segment_name, "instance": self.instance, "src_dev": d.name,
                 "dst_dev": pdev, "gid": d.gid.hex(), "lid": d.lid,
                 "qpns": [q.qp_num for q in qps], "psns": psns, "mtu": d.mtu}
+        if lane:
+            args["lane"] = lane
         try:
             remote = self.ctx.rpc_call(peer_name, "rdma.connect", args, self.connect_timeout)
         except Exception as e:
@@ -804,13 +827,13 @@ class RdmaTransport(Transport):
             for q in qps:
                 q.close()
             raise
-        key = (peer_name, inst, pdev)
+        key = _ep_key(peer_name, inst, pdev, lane)
         ep = self._make_ep(d, qps, slot, worker, key)
         self._install(d, key, ep)
         return ep
 
-    def _endpoint(self, d: _Dev, peer_name: str, inst: str, pdev: str) -> Any:
-        key = (peer_name, inst, pdev)
+    def _endpoint(self, d: _Dev, peer_name: str, inst: str, pdev: str, lane: int = 0) -> Any:
+        key = _ep_key(peer_name, inst, pdev, lane)
         with self._lock:
             ep = d.store.get(key)
             if ep is not None and ep.healthy == len(ep.qps) and not ep.aborted:
@@ -825,13 +848,18 @@ class RdmaTransport(Transport):
                     return ep
                 if ep is not None:
                     self._retire([d.store.remove(key, ep)])
-                    if ep.healthy != len(ep.qps):  # a QP went to error: a failed completion
+                    status = ep.last_status
+                    if not ep.aborted and (status in RAIL_FAULTS or status < 0):
+                        # the link failed it (not the peer refusing a range, not our abort)
                         self._rail_error(d.name, peer_name, inst, pdev,
-                                         f"{len(ep.qps) - ep.healthy} of its QPs failed")
+                                         f"a work completion failed with status {status} "
+                                         f"({RAIL_FAULTS.get(status, 'post failed')})")
             why = self._paused(d.name, peer_name, inst, pdev, time.monotonic())
             if why:
                 raise PeerUnreachable(f"rdma: not connecting {d.name} -> {peer_name} ({pdev}): "
                                       f"{why}")
+            if lane:
+                return self._connect(d, peer_name, inst, pdev, lane)
             return self._connect(d, peer_name, inst, pdev)
 
     # ------------------------------------------------------------------ pauses
@@ -1057,19 +1085,22 @@ class RdmaTransport(Transport):
         self._last_choice[peer.name] = choice
         eps, cols, lcols, used, why = [], [], [], set(), None
         now = time.monotonic()
-        for d, c in pairs:  # every pair not cooling down that connects: a path
+        for d, c in pairs:  # every pair not cooling down that connects: its lanes are paths
             w = self._paused(d.name, peer.name, inst, pdevs[c], now)
             if w is not None:
                 why = w
                 continue
-            try:
-                eps.append(self._endpoint(d, peer.name, inst, pdevs[c]))
-            except Exception as e:  # the other rails may still work
-                why = str(e)
-                continue
-            cols.append(c)
-            lcols.append(d.index)
-            used.add(d.index)
+            for lane in range(min(self.lanes, MAX_PATHS - len(eps))):
+                try:
+                    ep = self._endpoint(d, peer.name, inst, pdevs[c], lane) if lane else \
+                        self._endpoint(d, peer.name, inst, pdevs[c])
+                except Exception as e:  # the other rails may still work
+                    why = str(e)
+                    break
+                eps.append(ep)
+                cols.append(c)
+                lcols.append(d.index)
+                used.add(d.index)
         if not eps:  # every slice must be reported, failures included
             (log.warning if pairs else log.debug)("rdma: no endpoint to %s: %s", peer.name, why)
             slices.fail_all(_E_PEER)
@@ -1153,7 +1184,7 @@ class RdmaTransport(Transport):
                 self._pinged.pop(k, None)
             for d, key, ep in broken:
                 d.store.remove(key, ep)
-                self._pause_rail(d.name, *key, "its CQ failed to poll")
+                self._pause_rail(d.name, *key[:3], "its CQ failed to poll")
                 self._abort_ep(ep, _E_PEER, False)
             for d, key, ep, idle in expired:  # MC_SLICE_TIMEOUT: its slices end TIMEOUT
                 d.store.remove(key, ep)
@@ -1161,7 +1192,8 @@ class RdmaTransport(Transport):
                             "slices in flight (MC_SLICE_TIMEOUT=%g): they end TIMEOUT",
                             ep.id, key[0], key[2], idle, ep.users, self.slice_timeout)
                 self._abort_ep(ep, _E_TIMEOUT, False)
-        for d, (peer, inst, pdev), ep in stalled:
+        for d, key, ep in stalled:
+            peer, inst, pdev = key[:3]
             try:
                 who = self.ctx.rpc_call(peer, "rdma.ping", {}, max(2.0, self.stall_s))
                 if not inst or who.get("instance") == inst:
@@ -1173,7 +1205,7 @@ class RdmaTransport(Transport):
             log.warning("rdma: peer %s (%s) is gone (%s): failing its endpoint", peer, pdev, why)
             self._pause_peer(peer, inst, f"it is gone ({why})")
             with self._lock:
-                d.store.remove((peer, inst, pdev), ep)
+                d.store.remove(key, ep)
                 self._abort_ep(ep, _E_PEER, False)
 
     def _abort_ep(self, ep: Any, err: int, requeue: bool) -> None:
@@ -1190,9 +1222,10 @@ class RdmaTransport(Transport):
                 old.abort_error if old is not None and old.aborted else _E_PEER)
             orphans.fail(ep_id, err)
             return
-        d, (peer, inst, pdev) = old.info["dev"], old.info["key"]
+        d, key = old.info["dev"], old.info["key"]
+        peer, inst, pdev = key[:3]
         try:
-            new = self._endpoint(d, peer, inst, pdev)
+            new = self._endpoint(d, peer, inst, pdev, _lane(key))
         except Exception as e:  # the peer is gone (or restarted): the slices fail
             log.warning("rdma: cannot rebuild endpoint to %s/%s: %s", peer, pdev, e)
             orphans.fail(ep_id, _E_PEER)
