@@ -707,6 +707,7 @@ def test_slice_timeout_does_not_fire_while_completions_flow(rdma):
 
 def test_rail_pause_skips_a_nic_pair_that_failed_to_come_up(rdma, monkeypatch):
     t = rdma(devs=("l0",), MC_RDMA_RAIL_PAUSE_SECONDS=7)
+    monkeypatch.setattr(type(t), "ROUTE_CACHE_S", 0.0)  # each submit chooses its paths afresh
     tries = []
 
     def connect(d, peer, inst, pdev):
@@ -1009,6 +1010,31 @@ def test_an_errored_endpoint_counts_against_its_rail(rdma, monkeypatch):
     t._install(t.devs[0], key, ours)
     t._endpoint(t.devs[0], *key)
     assert len(t._rail_errors[("l0", *key)]) == 2
+
+
+def test_a_path_choice_is_reused_until_something_changes(rdma, monkeypatch):
+    """submit keeps its last choice per (descriptor, local region, remote buffer): the next
+    small transfer makes no path selection; a pause, a failed or retired endpoint, or
+    ROUTE_CACHE_S passing, makes it choose again."""
+    t = rdma(devs=("l0", "l1"))
+    _connecting(t, monkeypatch)
+    calls = []
+    real = t._paths
+    monkeypatch.setattr(t, "_paths", lambda *a: calls.append(1) or real(*a))
+    peer = _peer(("p0",))
+    t.submit(peer, _Slices())
+    t.submit(peer, _Slices())
+    assert len(calls) == 1 and len(t.fk.submits) == 2
+    t._pause_rail("l0", "peer:2", "a" * 32, "p0", "down")
+    t.submit(peer, _Slices())
+    assert len(calls) == 2 and t.fk.lcols == [1]  # the paused rail is out at once
+    sick = t.fk.submits[-1][1][0]
+    sick.healthy = 1  # a QP of the cached endpoint failed
+    t.submit(peer, _Slices())
+    assert len(calls) == 3
+    monkeypatch.setattr(type(t), "ROUTE_CACHE_S", 0.0)
+    t.submit(peer, _Slices())
+    assert len(calls) == 4
 
 
 def test_every_rail_paused_leaves_the_peer_to_another_transport(rdma):

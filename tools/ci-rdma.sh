@@ -2,7 +2,8 @@
 # tools/ci-rdma.sh — the part of CI that needs the VM's Debian kernel: build the verbs kernel on
 # the host (from mooncake's own declarations, mooncake/_core/mc_ibv.h: no rdma-core headers), run
 # `pytest -m "rdma or netem"` inside the rxe VM (tools/rxe-vm.sh: Soft-RoCE, and the sch_netem
-# qdisc this host's kernel lacks), and exit with pytest's status.
+# qdisc this host's kernel lacks), then tests/test_rdma_numa2.py in the two-NIC NUMA VM
+# (RXE_VM_TOPO=numa2), and exit with the first failing status.
 #
 #   tools/ci-rdma.sh [extra pytest args...]
 #
@@ -57,6 +58,13 @@ set +e
 RXE_VM_TIMEOUT=${RXE_VM_TIMEOUT:-1500} bash tools/rxe-vm.sh -- \
   python -m pytest -q -m "rdma or netem" -p no:cacheprovider --junitxml="${RDMA_JUNIT:-rdma-junit.xml}" "$@"
 rc=$?
+# the two-NIC NUMA VM (RXE_VM_TOPO=numa2): its layout check, then the rails tests that need two
+# devices on two nodes (tests/test_rdma_numa2.py)
+RXE_VM_TOPO=numa2 RXE_VM_TIMEOUT=${RXE_VM_NUMA2_TIMEOUT:-900} bash tools/rxe-vm.sh -- \
+  python -m pytest -q -p no:cacheprovider --junitxml="${RDMA2_JUNIT:-rdma2-junit.xml}" \
+  tests/test_rdma_numa2.py
+rc2=$?
+[ "$rc" = 0 ] && rc=$rc2
 set -e
 say "rdma and netem tests in the VM: exit status $rc, $(( $(date +%s) - t0 ))s in all"
 exit $rc

@@ -12,9 +12,21 @@
 #   tools/rxe-vm.sh [--] command [args...]      exit status = the command's
 #   tools/rxe-vm.sh --check                     ibv_devinfo + ibv_rc_pingpong in the guest
 #
+# RXE_VM_TOPO=numa2 (opt-in) boots two NUMA nodes instead (memory halved, vCPUs split) and two
+# virtio-net NICs, each behind its own PCIe expander bridge (pxb-pcie) on a different node and
+# both on one QEMU hub (a wire between them): 169.254.77.1 on the node-0 NIC carries rxe0,
+# 169.254.77.2 on the node-1 NIC carries rxe1.  Policy routing sends traffic between the two
+# addresses out one NIC and into the other (not through lo), so rxe0 <-> rxe1 really crosses
+# the wire; each device still loops back to itself.  The command also gets
+#     RXE_VM_TOPO=numa2 RXE_DEV0=rxe0 RXE_DEV1=rxe1 RXE_IP0 RXE_IP1 RXE_GID_INDEX0/1
+#     RXE_NETDEV0/1 RXE_NUMA0/1 (the numa_node the NIC's PCI function reports)
+# (RXE_DEV/RXE_IP/RXE_GID_INDEX name rxe0 as in the default mode).  --check then also proves
+# node1 exists, each NIC's numa_node, and RC traffic rxe1 -> rxe0 moving both devices'
+# hw_counters.  Needs RXE_VM_CPUS >= 2.
+#
 # Knobs: RXE_VM_DIR (cache; /tmp/mooncake-rxe-vm), RXE_VM_TIMEOUT (s; 1200), RXE_VM_MEM (2G),
 # RXE_VM_CPUS (nproc), RXE_VM_RWDIRS (dirs the guest may write; $PWD), RXE_VM_ACCEL
-# (auto|tcg|kvm), RXE_VM_NO_APT=1, RXE_VM_VERBOSE=1, RXE_VM_PASS_ENV.
+# (auto|tcg|kvm), RXE_VM_TOPO ("" or numa2), RXE_VM_NO_APT=1, RXE_VM_VERBOSE=1, RXE_VM_PASS_ENV.
 # Other exit codes: 124 the VM hit RXE_VM_TIMEOUT, 2 host setup failed, 3 rxe setup failed in
 # the guest, 255 the VM died.
 #
@@ -30,9 +42,11 @@ mem=${RXE_VM_MEM:-2G}
 cpus=${RXE_VM_CPUS:-$(nproc)}
 rwdirs=${RXE_VM_RWDIRS:-$PWD}
 accel=${RXE_VM_ACCEL:-auto}
+topo=${RXE_VM_TOPO:-}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 vng_version=1.42
 packages="qemu-system-x86 kmod busybox-static file iproute2 udev ibverbs-providers
-  ibverbs-utils rdmacm-utils python3-pyverbs"
+  ibverbs-utils rdmacm-utils python3-pyverbs perftest"
 
 say() { echo "[rxe-vm $(date +%T)] $*" >&2; }
 fail() { say "error: $*"; exit 2; }
@@ -44,6 +58,11 @@ case "${1:-}" in
   --check) mode=check; shift ;;
 esac
 [ "$mode" = check ] || [ $# -gt 0 ] || fail "usage: $0 [--] command [args...] | --check"
+case "$topo" in
+  "") ;;
+  numa2) [ "$cpus" -ge 2 ] 2>/dev/null || fail "RXE_VM_TOPO=numa2 needs RXE_VM_CPUS >= 2" ;;
+  *) fail "RXE_VM_TOPO must be empty (one rxe0 on a dummy netdev) or numa2" ;;
+esac
 
 install_host_packages() {
   local p need=""
@@ -106,9 +125,13 @@ write_guest_script() {   # $1: path; the rest: the command
     done
     printf 'cd %q || exit 2\n' "$PWD"
     printf 'mode=%q\n' "$mode"
+    printf 'topo=%q\n' "$topo"
+    printf 'numa2=%q\n' "$here/rxe-vm-numa2.sh"
     printf 'cmd=('; [ $# -gt 0 ] && printf '%q ' "$@"; printf ')\n'
     cat <<'GUEST'
 t() { echo "[rxe-vm guest $(cut -d' ' -f1 /proc/uptime)s] $*" >&2; }
+[ "$topo" = numa2 ] && { . "$numa2" || exit 3; }
+if [ "$topo" != numa2 ]; then
 t "up; creating rxe0"
 ip link set lo up
 for m in rdma_rxe ib_uverbs rdma_ucm; do modprobe "$m" || { t "modprobe $m failed"; exit 3; }; done
@@ -120,6 +143,12 @@ for _ in $(seq 100); do grep -q ffff:a9fe:4d01 "$gidfile" 2>/dev/null && break; 
 grep -q ffff:a9fe:4d01 "$gidfile" || { t "rxe0 has no IPv4 GID"; exit 3; }
 export IN_RXE_VM=1 RXE_DEV=rxe0 RXE_GID_INDEX=1 RXE_IP=169.254.77.1
 t "rxe0 ready"
+else
+t "up; creating rxe0 and rxe1 (two NUMA nodes, two NICs)"
+numa2_setup || exit 3
+t "rxe0 ($RXE_NETDEV0, node $RXE_NUMA0, GID $RXE_GID_INDEX0), rxe1 ($RXE_NETDEV1, node $RXE_NUMA1, GID $RXE_GID_INDEX1) ready"
+[ "$mode" = check ] && { numa2_check; exit $?; }
+fi
 if [ "$mode" = check ]; then
   ibv_devinfo -d rxe0 | grep -q PORT_ACTIVE || { echo "check: rxe0 port not active"; exit 1; }
   timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 >/dev/null 2>&1 & srv=$!
@@ -155,6 +184,11 @@ fi
 case "$accel" in tcg|kvm) ;; *) fail "RXE_VM_ACCEL must be auto, tcg or kvm" ;; esac
 args=(-r "$kimage" -m "$mem" --cpus "$cpus" --exec "bash $work/guest.sh")
 [ "$accel" = tcg ] && args+=(--disable-kvm)
+if [ "$topo" = numa2 ]; then
+  . "$here/rxe-vm-numa2.sh" || fail "cannot read $here/rxe-vm-numa2.sh"
+  numa2_vng_args "$mem" "$cpus" || fail "RXE_VM_MEM must be a size in M or G (e.g. 2G)"
+  args+=("${numa2_args[@]}")
+fi
 [ "${RXE_VM_VERBOSE:-0}" = 1 ] && args+=(--verbose)
 for d in $rwdirs; do args+=("--rwdir=$d"); done
 

@@ -376,6 +376,8 @@ class RdmaTransport(Transport):
     RAIL_ERROR_THRESHOLD: ClassVar[int] = 3
     RAIL_ERROR_WINDOW_S: ClassVar[float] = 10.0
     RAIL_MAX_COOLDOWN_S: ClassVar[float] = 300.0
+    #: seconds submit reuses a path choice at most (paused rails come back after this)
+    ROUTE_CACHE_S: ClassVar[float] = 1.0
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
@@ -408,6 +410,8 @@ class RdmaTransport(Transport):
         self.gid_index_cfg = int(g("MC_GID_INDEX"))
         tc = int(g("MC_IB_TC"))
         self.tc = 0 if tc < 0 else tc
+        #: seconds a small synchronous call spins on its batch before sleeping
+        self.spin_s = int(g("MC_RDMA_SPIN_US")) / 1e6
         sl = int(g("MC_IB_SL"))
         self.sl = 0 if sl < 0 else sl
         #: TENT's rail_topo_path ({"all": [...], "direct": [...]} pairs of NIC names) and
@@ -421,6 +425,11 @@ class RdmaTransport(Transport):
         self._rnodes: dict[tuple, list] = {}
         #: the last path choice per peer, for explain()
         self._last_choice: dict[str, dict] = {}
+        #: (descriptor, local region, remote buffer) -> (generation, until, remote key table,
+        #: endpoints, remote columns, local columns, descriptor): submit's path choice cache
+        self._choices: dict[tuple, tuple] = {}
+        #: bumped by whatever can change a path choice (pauses, endpoints, registrations)
+        self._gen = 0
         self.relaxed = int(g("MC_IB_PCI_RELAXED_ORDERING"))
         self.parallel_reg = int(g("MC_ENABLE_PARALLEL_REG_MR"))
         self.dest_affinity = bool(g("MC_ENABLE_DEST_DEVICE_AFFINITY"))
@@ -695,6 +704,7 @@ class RdmaTransport(Transport):
         paths may start at any of them."""
         self.ltab = K.KeyTable([(m[0].addr, m[0].length, [x.lkey for x in m])
                                 for m in self._mrs.values()], max(1, len(self.devs)))
+        self._gen += 1
 
     def can_reach(self, peer: SegmentDesc) -> str | None:
         info = peer.transports.get(self.name)
@@ -751,10 +761,11 @@ class RdmaTransport(Transport):
         for ep in eps:
             if ep is not None:
                 self._retired.append(ep)
+                self._gen += 1  # no cached path choice may hand it out again
 
     def _install(self, d: _Dev, key: tuple, ep: Any) -> None:
         with self._lock:
-            self._retire(d.store.insert(key, ep))
+            self._retire(d.store.insert(key, ep))  # an eviction retires: a new generation
 
     def _on_connect(self, args: dict) -> dict:
         """RPC ``rdma.connect``: the passive side of an endpoint handshake."""
@@ -875,6 +886,7 @@ class RdmaTransport(Transport):
             self._rail_level[key] = level + 1
             self._rail_errors.pop(key, None)
             self._paused_rails[key] = (time.monotonic() + pause, why)
+            self._gen += 1
         log.warning("rdma: rail %s -> %s (%s) paused for %gs (MC_RDMA_RAIL_PAUSE_SECONDS, "
                     "doubled per repeated failure): %s", dev, peer, pdev, pause, why)
 
@@ -908,6 +920,7 @@ class RdmaTransport(Transport):
             return
         with self._lock:
             self._paused_peers[(peer, inst)] = (time.monotonic() + self.conn_pause_s, why)
+            self._gen += 1
         log.warning("rdma: reconnects to %s paused for %gs (MC_CONN_PAUSE_TTL_MS): %s", peer,
                     self.conn_pause_s, why)
 
@@ -972,8 +985,7 @@ class RdmaTransport(Transport):
             ent[1] = _numa.node_of(addr, length)
         return ent[1]
 
-    def _remote_node(self, peer: SegmentDesc, addr: int) -> int | None:
-        """The NUMA node the peer published for the buffer holding ``addr``."""
+    def _remote_rows(self, peer: SegmentDesc) -> list:
         ck = (peer.name, id(peer), peer.timestamp, len(peer.buffers))
         rows = self._rnodes.get(ck)
         if rows is None:
@@ -982,10 +994,19 @@ class RdmaTransport(Transport):
             if len(self._rnodes) > 256:
                 self._rnodes.clear()
             self._rnodes[ck] = rows
+        return rows
+
+    def _remote_row(self, peer: SegmentDesc, addr: int) -> int:
+        """The index of the peer's buffer holding ``addr`` (-1: none)."""
+        rows = self._remote_rows(peer)
         k = bisect_right(rows, (addr, _U64, 0)) - 1
-        if k < 0 or addr >= rows[k][0] + rows[k][1] or rows[k][2] < 0:
-            return None
-        return rows[k][2]
+        return k if k >= 0 and addr < rows[k][0] + rows[k][1] else -1
+
+    def _remote_node(self, peer: SegmentDesc, addr: int) -> int | None:
+        """The NUMA node the peer published for the buffer holding ``addr``."""
+        k = self._remote_row(peer, addr)
+        node = self._remote_rows(peer)[k][2] if k >= 0 else -1
+        return None if node < 0 else node
 
     def _paths(self, peer: SegmentDesc, info: dict, pdevs: list[str], laddr: int, llen: int,
                raddr: int) -> tuple[list[tuple[_Dev, int]], dict]:
@@ -1081,6 +1102,19 @@ class RdmaTransport(Transport):
         first = next(iter(slices), None)
         if first is None:
             return
+        # the last choice for this (descriptor, local region, remote buffer), while its
+        # endpoints are healthy and nothing changed (a pause, an endpoint, a registration),
+        # for at most ROUTE_CACHE_S: a small transfer pays no path selection
+        k = bisect_right(self._region_starts, first[2]) - 1
+        ck = (peer.name, id(peer), peer.timestamp, self._region_starts[k] if k >= 0 else -1,
+              self._remote_row(peer, first[3]))
+        hit = self._choices.get(ck)
+        if hit is not None and hit[6] is peer and hit[0] == self._gen and \
+                hit[1] > time.monotonic() and \
+                all(e.healthy == len(e.qps) and not e.aborted for e in hit[3]):
+            K.submit(slices, self.ltab, 0, hit[2], hit[4], hit[3], self.roundrobin, hit[5])
+            return
+        gen = self._gen
         pairs, choice = self._paths(peer, info, pdevs, first[2], first[4], first[3])
         self._last_choice[peer.name] = choice
         eps, cols, lcols, used, why = [], [], [], set(), None
@@ -1115,7 +1149,23 @@ class RdmaTransport(Transport):
             log.warning("rdma: cannot use segment %s: %s", peer.name, e)
             slices.fail_all(_E_PEER)
             return
+        if len(self._choices) > 1024:
+            self._choices.clear()
+        self._choices[ck] = (gen, time.monotonic() + self.ROUTE_CACHE_S, rtab, eps, cols, lcols,
+                             peer)  # the very descriptor: an id() may be reused
         K.submit(slices, self.ltab, 0, rtab, cols, eps, self.roundrobin, lcols)
+
+    #: a synchronous call of at most this many slices spins (MC_RDMA_SPIN_US) before it sleeps
+    SPIN_SLICES: ClassVar[int] = 4
+
+    def transfer(self, peer: SegmentDesc, slices: Any, timeout: float) -> bool:
+        """Submit and wait; a small call first polls its batch for ``MC_RDMA_SPIN_US`` (the
+        completion usually lands within it, sparing two thread wake-ups), never on a thread
+        that has one CPU (it would only delay the worker)."""
+        self.submit(peer, slices)
+        spin = self.spin_s if self.spin_s and len(slices) <= self.SPIN_SLICES and \
+            len(os.sched_getaffinity(0)) > 1 else 0.0
+        return slices.batch.wait(timeout, spin)
 
     def _join_quota(self, d: _Dev) -> None:
         """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;

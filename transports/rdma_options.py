@@ -102,6 +102,11 @@ OPTIONS: tuple[Option, ...] = (
        doc="service level (IB SL) on every QP's address vector (unset: 0)",
        hint="map transfer-engine traffic to its own lane/queue on IB fabrics with QoS",
        reads=("transports/rdma.py",)),
+    _O("MC_RDMA_SPIN_US", int, 30, range=(0, 10000), unit="µs", owner="rdma",
+       doc="a synchronous rdma call of a few slices polls its batch this long before sleeping "
+           "(mooncake's; 0: never; never on a thread with one CPU)",
+       hint="lower small-transfer latency for a little CPU; 0 on oversubscribed hosts",
+       reads=("transports/rdma.py",)),
     _O("MC_IB_PCI_RELAXED_ORDERING", int, 0, choices=(0, 1, 2), owner="rdma",
        doc="PCIe relaxed ordering of MRs: 0 off, 1 on if supported, 2 auto "
            "(Mooncake's code defaults to 1, its tuning guide to 0)",
