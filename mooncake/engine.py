@@ -835,11 +835,16 @@ class TransferEngine(MooncakeAPI):
         ``transports`` → transport → ``read``/``write`` → ``bytes``, ``requests``,
         ``failures``, ``inflight``, ``inflight_bytes``, log2 ``latency_ns``/``size`` buckets;
         ``peers`` → peer → transport → opcode → bytes/requests/failures; ``failovers``;
-        ``deadline_infeasible``.  Requests the validator refused count under ``unspec``.
-        After :meth:`close` it still answers (the final counts)."""
+        ``deadline_infeasible``; ``rails`` → transport → per-rail rows (rdma: each NIC pair's
+        work completions, counted by the kernel, its errors and pauses).  Requests the
+        validator refused count under ``unspec``.  After :meth:`close` it still answers (the
+        final counts)."""
         if getattr(self, "meters", None) is None:
             self._check_started()
-        return self.meters.snapshot(tuple(getattr(self, "transports", ())))
+        out = self.meters.snapshot(tuple(getattr(self, "transports", ())))
+        out["rails"] = {n: rows for n, t in getattr(self, "transports", {}).items()
+                        if (rows := t.rails())}
+        return out
 
     def _metric_loop(self) -> None:
         """MC_TE_METRIC: one throughput line every MC_TE_METRIC_INTERVAL_SECONDS, on the

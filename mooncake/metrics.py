@@ -57,7 +57,8 @@ METRIC_NAMES = (
     "tent_deadline_infeasible", "tent_read_latency_us", "tent_write_latency_us",
     "tent_read_size_bytes", "tent_write_size_bytes", "mooncake_peer_bytes",
     "mooncake_peer_requests", "mooncake_peer_failures", "mooncake_inflight_requests",
-    "mooncake_inflight_bytes", "mooncake_engine_info",
+    "mooncake_inflight_bytes", "mooncake_engine_info", "mooncake_rail_completions",
+    "mooncake_rail_errors", "mooncake_rail_pauses", "mooncake_rail_paused",
 )
 INSTALL_HINT = "pip install 'mooncake[metrics]' (or prometheus_client>=0.17)"
 
@@ -209,6 +210,21 @@ class EngineCollector:
                                 o["bytes"])
             yield lat
             yield size
+        rail_labels = ["transport", "local", "peer", "remote"]
+        rail_fams = {k: CounterMetricFamily(f"mooncake_rail_{k}", doc, labels=rail_labels)
+                     for k, doc in (("completions", "Work completions per rail (NIC pair)"),
+                                    ("errors", "Path faults the rail monitor counted"),
+                                    ("pauses", "Times the rail was paused"))}
+        paused = GaugeMetricFamily("mooncake_rail_paused", "1 while the rail is paused",
+                                   labels=rail_labels)
+        for tname, rows in snap.get("rails", {}).items():
+            for r in rows:
+                labels = [tname, r["local"], r["peer"], r["remote"]]
+                for k, fam in rail_fams.items():
+                    fam.add_metric(labels, r[k])
+                paused.add_metric(labels, 1 if r["paused"] else 0)
+        yield from rail_fams.values()
+        yield paused
         fo = CounterMetricFamily("tent_transport_failover",
                                  "Failed batches retried over another transport",
                                  labels=["from", "to"])

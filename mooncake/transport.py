@@ -210,6 +210,11 @@ class Transport:
         lanes it would use and the rule that chose them); {} when there is nothing to say."""
         return {}
 
+    def rails(self) -> list[dict]:
+        """Per-rail counters (e.g. rdma's NIC pairs): dicts with ``local``, ``peer``,
+        ``remote``, ``completions``, ``errors``, ``pauses``, ``paused``; [] for none."""
+        return []
+
     def submit(self, peer: SegmentDesc, slices: Slices) -> None:
         """Start moving ``slices``; report every slice through the batch table.  Must not block
         for long; must report every slice exactly once (failures included)."""

@@ -1037,6 +1037,25 @@ def test_a_path_choice_is_reused_until_something_changes(rdma, monkeypatch):
     assert len(calls) == 4
 
 
+def test_rail_counters_survive_retired_endpoints(rdma, monkeypatch):
+    """rails(): per NIC pair, the kernel's work completions (live and retired endpoints), the
+    errors the monitor counted, pauses and whether paused now (what /metrics exports)."""
+    t = rdma(devs=("l0",))
+    key = ("peer:2", "a" * 32, "p0")
+    ep = _FakeEp(users=0)
+    ep.completions, ep.info = 7, {"dev": t.devs[0], "key": key}
+    t._install(t.devs[0], key, ep)
+    assert t.rails() == [{"local": "l0", "peer": "peer:2", "remote": "p0", "completions": 7,
+                          "errors": 0, "pauses": 0, "paused": False}]
+    with t._lock:
+        t._retire([t.devs[0].store.remove(key, ep)])
+    for _ in range(3):
+        t._rail_error("l0", *key, "retries exceeded")
+    row = t.rails()[0]
+    assert row["completions"] == 7 and row["errors"] == 3 and row["pauses"] == 1
+    assert row["paused"]
+
+
 def test_every_rail_paused_leaves_the_peer_to_another_transport(rdma):
     t = rdma(devs=("l0", "l1"))
     peer = _peer(("p0",))

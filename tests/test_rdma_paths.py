@@ -80,6 +80,9 @@ def test_descriptor_publishes_numa_and_explain_names_the_rails(pair):
     assert why["chosen"] == "rdma"
     assert why["path"]["pairs"] == [f"{RXE_DEV}->{RXE_DEV}"]
     assert "NIC" in why["path"]["rule"] and why["path"]["paused"] == {}
+    rails = init.metrics()["rails"]["rdma"]  # the NIC pair's work completions, from the kernel
+    assert any(r["local"] == RXE_DEV and r["remote"] == RXE_DEV and r["completions"] > 0
+               for r in rails), rails
 
 
 def test_every_rail_paused_fails_over_to_tcp_and_back(pair, caplog):

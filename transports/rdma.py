@@ -489,6 +489,9 @@ class RdmaTransport(Transport):
         #: NIC pair -> recent error times / how many times in a row it was paused
         self._rail_errors: dict[tuple, deque] = {}
         self._rail_level: dict[tuple, int] = {}
+        #: (local dev, peer, peer dev) -> completions of retired endpoints / errors / pauses
+        self._rail_done: dict[tuple, int] = {}
+        self._rail_counts: dict[tuple, list[int]] = {}
         #: (peer segment, instance) -> (until, why): peers not to reconnect to yet
         #: (MC_CONN_PAUSE_TTL_MS)
         self._paused_peers: dict[tuple, tuple[float, str]] = {}
@@ -762,6 +765,10 @@ class RdmaTransport(Transport):
             if ep is not None:
                 self._retired.append(ep)
                 self._gen += 1  # no cached path choice may hand it out again
+                info = getattr(ep, "info", None) or {}
+                if "dev" in info:  # its completions stay on its rail's count
+                    rail = (info["dev"].name, *info["key"][:1], info["key"][2])
+                    self._rail_done[rail] = self._rail_done.get(rail, 0) + ep.completions
 
     def _install(self, d: _Dev, key: tuple, ep: Any) -> None:
         with self._lock:
@@ -885,6 +892,7 @@ class RdmaTransport(Transport):
                         max(self.RAIL_MAX_COOLDOWN_S, self.rail_pause_s))
             self._rail_level[key] = level + 1
             self._rail_errors.pop(key, None)
+            self._rail_counts.setdefault((dev, peer, pdev), [0, 0])[1] += 1
             self._paused_rails[key] = (time.monotonic() + pause, why)
             self._gen += 1
         log.warning("rdma: rail %s -> %s (%s) paused for %gs (MC_RDMA_RAIL_PAUSE_SECONDS, "
@@ -895,6 +903,7 @@ class RdmaTransport(Transport):
         RAIL_ERROR_WINDOW_S pause it (TENT's defaults: 3 in 10 s)."""
         key, now = (dev, peer, inst, pdev), time.monotonic()
         with self._lock:
+            self._rail_counts.setdefault((dev, peer, pdev), [0, 0])[0] += 1
             q = self._rail_errors.setdefault(key, deque())
             q.append(now)
             while q and q[0] < now - self.RAIL_ERROR_WINDOW_S:
@@ -905,6 +914,26 @@ class RdmaTransport(Transport):
         if n >= self.RAIL_ERROR_THRESHOLD:
             self._pause_rail(dev, peer, inst, pdev,
                              f"{n} errors within {self.RAIL_ERROR_WINDOW_S:g}s, the last: {why}")
+
+    def rails(self) -> list[dict]:
+        """Each NIC pair used: work completions (the kernel's count, live endpoints and retired
+        ones), errors the rail monitor counted, pauses, and whether it is paused now."""
+        with self._lock:
+            done = dict(self._rail_done)
+            for d in self.devs:
+                for key, ep in zip(d.store.keys(), d.store.values(), strict=True):
+                    rail = (d.name, key[0], key[2])
+                    done[rail] = done.get(rail, 0) + ep.completions
+            counts = {k: list(v) for k, v in self._rail_counts.items()}
+            now = time.monotonic()
+            paused = {(k[0], k[1], k[3]) for k, v in self._paused_rails.items() if v[0] > now}
+        rows = []
+        for rail in sorted(set(done) | set(counts)):
+            errors, pauses = counts.get(rail, (0, 0))
+            rows.append({"local": rail[0], "peer": rail[1], "remote": rail[2],
+                         "completions": done.get(rail, 0), "errors": errors, "pauses": pauses,
+                         "paused": rail in paused})
+        return rows
 
     def _rail_ok(self, dev: str, peer: str, inst: str, pdev: str) -> None:
         """The NIC pair completed work: forget its errors and its cooldown doubling."""
