@@ -1056,6 +1056,20 @@ def test_rail_counters_survive_retired_endpoints(rdma, monkeypatch):
     assert row["paused"]
 
 
+def test_a_rail_that_just_failed_is_avoided_while_a_clean_one_remains(rdma, monkeypatch):
+    """TENT's fallback: the retry of a failed transfer goes over the other rails; with no clean
+    rail left, every rail is tried again."""
+    t = rdma(devs=("l0", "l1"))
+    _connecting(t, monkeypatch)
+    peer = _peer(("p0",))
+    t._rail_error("l0", "peer:2", "a" * 32, "p0", "retries exceeded")
+    t.submit(peer, _Slices())
+    assert t.fk.lcols == [1]
+    t._rail_error("l1", "peer:2", "a" * 32, "p0", "retries exceeded")
+    t.submit(peer, _Slices())
+    assert t.fk.lcols == [0, 1]
+
+
 def test_every_rail_paused_leaves_the_peer_to_another_transport(rdma):
     t = rdma(devs=("l0", "l1"))
     peer = _peer(("p0",))

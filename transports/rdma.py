@@ -904,6 +904,7 @@ class RdmaTransport(Transport):
         key, now = (dev, peer, inst, pdev), time.monotonic()
         with self._lock:
             self._rail_counts.setdefault((dev, peer, pdev), [0, 0])[0] += 1
+            self._gen += 1  # the next submit avoids it while another rail is clean
             q = self._rail_errors.setdefault(key, deque())
             q.append(now)
             while q and q[0] < now - self.RAIL_ERROR_WINDOW_S:
@@ -1145,6 +1146,13 @@ class RdmaTransport(Transport):
             return
         gen = self._gen
         pairs, choice = self._paths(peer, info, pdevs, first[2], first[4], first[3])
+        if self._rail_errors:  # a rail that just failed is left out while a clean one remains
+            clean = [(d, c) for d, c in pairs
+                     if not self._rail_errors.get((d.name, peer.name, inst, pdevs[c]))]
+            if clean and len(clean) < len(pairs):
+                choice["avoided"] = [f"{d.name}->{pdevs[c]}" for d, c in pairs
+                                     if (d, c) not in clean]
+                pairs = clean
         self._last_choice[peer.name] = choice
         eps, cols, lcols, used, why = [], [], [], set(), None
         now = time.monotonic()
