@@ -109,6 +109,8 @@ class TransferEngine(MooncakeAPI):
         self._max_notify_bytes = cfg["MC_MAX_NOTIFY_BYTES"]
         self._stuck: dict[int, Region] = {}  # unregistered while something still held them
         self._routes: dict[str, tuple[Transport, dict]] = {}
+        #: segment -> the transport of a route dropped after a failure (for the failover log)
+        self._was_routed: dict[str, str] = {}
         self._warned: set[str] = set()
         self._kinds: set[str] = set()  # memory kinds registered here ("cpu", "cuda", ...)
         #: transfer counters, kept in C per (transport, peer) (mooncake.metrics)
@@ -467,11 +469,12 @@ class TransferEngine(MooncakeAPI):
         if chosen is None:
             raise TransportUnavailable(info["reason"])
         log.debug("segment %s via %s (%s)", peer.name, chosen, info["candidates"])
-        if hit is not None and hit[0].name != chosen:  # a failover, or back after one
+        before = hit[0].name if hit is not None else self._was_routed.pop(peer.name, None)
+        if before is not None and before != chosen:  # a failover, or back after one
             why = "; ".join(f"{c['transport']}: {c['reason']}" for c in info["candidates"]
                             if not c["reachable"])
             log.warning("segment %s: now via %s instead of %s (%s)", peer.name, chosen,
-                        hit[0].name, why or "it is preferred again")
+                        before, why or "it is preferred again")
         if peer.host_id == self.host_id and peer.name not in self._warned:
             for c in info["candidates"]:  # a same-host path that should have worked did not
                 t = self.transports[c["transport"]]
@@ -750,7 +753,9 @@ class TransferEngine(MooncakeAPI):
     def _forget_peer(self, segment: str) -> None:
         """A lane or RPC failure: the cached descriptor, route and RPC connections are stale."""
         self._segments.drop(segment)
-        self._routes.pop(segment, None)
+        gone = self._routes.pop(segment, None)
+        if gone is not None:  # the next route says when it is another transport
+            self._was_routed[segment] = gone[0].name
         self._rpc_client.forget(segment)
 
     def _after_failure(self, peer: SegmentDesc, b: TransferBatch) -> None:

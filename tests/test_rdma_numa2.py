@@ -41,8 +41,7 @@ def _buffer(node: int, seed: int) -> np.ndarray:
     numa.bind(buf.ctypes.data, SIZE, node)
     buf[:] = np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8)
     assert numa.node_of(buf.ctypes.data, SIZE) == node
-    buf.base_keep = raw  # type: ignore[attr-defined]
-    return buf
+    return buf  # a view: it keeps ``raw`` alive
 
 
 def _pair(node: int, **cfg):
