@@ -229,7 +229,7 @@ class CxlTransport(Transport):
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.close()
+            self.pool.close(_batch.E_CLOSED)  # queued copies end FAILED: closed
             self.pool = None
         self._tables.clear()
 

@@ -400,7 +400,7 @@ class ShmTransport(Transport):
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.close()  # queued copies end FAILED (ECANCELED)
+            self.pool.close(_batch.E_CLOSED)  # queued copies end FAILED: closed
             self.pool = None
         with self._lock:
             links = list(self._links.values())

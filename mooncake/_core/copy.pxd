@@ -110,4 +110,4 @@ cdef class CopyPool:
     cdef readonly int nworkers
     cdef int _copy(self, Slices s, Peer peer, Table table, uint64_t inline_max, uint64_t chunk,
                    int sync, double timeout) except -1
-    cdef void _stop(self) noexcept
+    cdef void _stop(self, int err=*) noexcept

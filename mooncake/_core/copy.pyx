@@ -392,14 +392,15 @@ cdef class CopyPool:
     def __dealloc__(self):
         self._stop()
 
-    cdef void _stop(self) noexcept:
-        """Stop the workers, fail what is queued, free the pool once no caller is inside."""
+    cdef void _stop(self, int err=ECANCELED) noexcept:
+        """Stop the workers, fail what is queued with ``err``, free the pool once no caller is
+        inside."""
         cdef mc_pool_t *p = self.p
         if p == NULL:
             return
         self.p = NULL   # under the GIL: no new caller enters
         with nogil:
-            mc_pool_stop(p, ECANCELED)
+            mc_pool_stop(p, err)
             mc_pool_wait_users(p)
         PyMem_RawFree(p)
 
@@ -466,7 +467,8 @@ cdef class CopyPool:
             mc_pool_exit(p)
         return rc == 0
 
-    def close(self):
-        """Stop the workers; ops not started yet end FAILED (ECANCELED)."""
-        self._stop()
+    def close(self, int err=ECANCELED):
+        """Stop the workers; ops not started yet end FAILED with ``err`` (a transport closing
+        under its engine passes the engine's MC_E_CLOSED)."""
+        self._stop(err)
 
