@@ -57,8 +57,9 @@ OPTIONS: tuple[Option, ...] = (
        reads=("transports/rdma.py",)),
     _O("MC_CUSTOM_TOPO_JSON", str, "", tent="topology/custom_json_path", owner="rdma",
        doc="path of a custom NIC priority matrix (JSON)",
-       pending="per-buffer NIC choice from a priority matrix is issue 9 (topology, item 3); the "
-               "rdma transport uses every device today"),
+       pending="TENT's NIC priority matrix is not read yet (issue 9): NIC pairs come from "
+               "rail_topo_path, topology/cluster_topology_path's partition_matchings and the "
+               "buffers' NUMA nodes instead"),
     _O("MC_FORCE_HCA", bool, False, owner="rdma", doc="install RDMA even when no HCA is found",
        no_effect="Mooncake needs it where its sysfs topology scan finds no HCA; here discovery "
                  "is ibv_get_device_list itself, so rdma starts whenever verbs lists a device "
