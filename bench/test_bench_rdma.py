@@ -33,12 +33,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import LAT_N, WSET, KiB, MiB, percentile, stats_of
+from conftest import LAT_N, WSET, KiB, MiB, Pair, percentile, stats_of
 
 DEV = os.environ.get("RXE_DEV", "")
 GIDX = int(os.environ.get("RXE_GID_INDEX", "1"))
@@ -210,14 +209,6 @@ def targets() -> Iterator[dict[str, Any]]:
     finally:
         for p in got.values():
             p.close()
-
-
-@dataclass
-class Pair:
-    eng: Any
-    segment: str
-    local: int
-    remote: int
 
 
 @pytest.fixture(scope="module")

@@ -661,7 +661,7 @@ def test_max_mr_size_refuses_larger_registrations_and_is_clamped(rdma):
 
 def _stuck_endpoint(t, peer="peer:2", inst="a" * 32, pdev="p0"):
     ep = _FakeEp(users=3)
-    t.devs[0].store.insert((peer, inst, pdev), ep)
+    t.devs[0].store.insert((peer, inst, pdev, 0), ep)
     return ep
 
 
@@ -710,13 +710,13 @@ def test_rail_pause_skips_a_nic_pair_that_failed_to_come_up(rdma, monkeypatch):
     monkeypatch.setattr(type(t), "ROUTE_CACHE_S", 0.0)  # each submit chooses its paths afresh
     tries = []
 
-    def connect(d, peer, inst, pdev):
+    def connect(d, peer, inst, pdev, lane=0):
         tries.append(pdev)
         if pdev == "p1":  # as _connect does when _bring_up raises
             t._pause_rail(d.name, peer, inst, pdev, "its QPs did not come up: test")
             raise PeerUnreachable("bring-up failed")
         ep = _FakeEp(users=0)
-        t._install(d, (peer, inst, pdev), ep)
+        t._install(d, (peer, inst, pdev, lane), ep)
         return ep
 
     monkeypatch.setattr(t, "_connect", connect)
@@ -794,9 +794,9 @@ def test_conn_pause_off_by_default(rdma):
 
 
 def _submit_cols(t, monkeypatch, pdevs):
-    def connect(d, peer, inst, pdev):
+    def connect(d, peer, inst, pdev, lane=0):
         ep = _FakeEp(users=0)
-        t._install(d, (peer, inst, pdev), ep)
+        t._install(d, (peer, inst, pdev, lane), ep)
         return ep
 
     monkeypatch.setattr(t, "_connect", connect)
@@ -823,9 +823,9 @@ def test_hca_peer_affinity_falls_back_loudly(rdma, monkeypatch, caplog):
 
 
 def _connecting(t, monkeypatch):
-    def connect(d, peer, inst, pdev):
+    def connect(d, peer, inst, pdev, lane=0):
         ep = _FakeEp(users=0)
-        t._install(d, (peer, inst, pdev), ep)
+        t._install(d, (peer, inst, pdev, lane), ep)
         return ep
 
     monkeypatch.setattr(t, "_connect", connect)
@@ -952,10 +952,9 @@ def test_num_lanes_sets_workers_qps_and_cqs(rdma, monkeypatch):
     def connect(d, peer, inst, pdev, lane=0):
         lanes.append(lane)
         ep = _FakeEp(users=0)
-        t._install(d, R._ep_key(peer, inst, pdev, lane), ep)
+        t._install(d, (peer, inst, pdev, lane), ep)
         return ep
 
-    import mooncake.transports.rdma as R
 
     monkeypatch.setattr(t, "_connect", connect)
     t.submit(_peer(("p0",)), _Slices())
@@ -998,18 +997,18 @@ def test_rail_monitor_pauses_after_three_errors_in_ten_seconds(rdma, monkeypatch
 def test_an_errored_endpoint_counts_against_its_rail(rdma, monkeypatch):
     t = rdma(devs=("l0",))
     _connecting(t, monkeypatch)
-    key = ("peer:2", "a" * 32, "p0")
+    rail, key = ("l0", "peer:2", "a" * 32, "p0"), ("peer:2", "a" * 32, "p0", 0)
     for status, counted in ((12, 1), (10, 1), (-5, 2)):  # retries exceeded / refused / post
         bad = _FakeEp(users=0)
         bad.healthy, bad.last_status = 1, status  # one of its two QPs went to error
         t._install(t.devs[0], key, bad)
         t._endpoint(t.devs[0], *key)
-        assert len(t._rail_errors[("l0", *key)]) == counted, status
+        assert len(t._rail_errors[rail]) == counted, status
     ours = _FakeEp(users=0)  # our own abort (a timeout) is no fault of the rail
     ours.healthy, ours.last_status, ours.aborted = 0, 12, True
     t._install(t.devs[0], key, ours)
     t._endpoint(t.devs[0], *key)
-    assert len(t._rail_errors[("l0", *key)]) == 2
+    assert len(t._rail_errors[rail]) == 2
 
 
 def test_a_path_choice_is_reused_until_something_changes(rdma, monkeypatch):
@@ -1041,7 +1040,7 @@ def test_rail_counters_survive_retired_endpoints(rdma, monkeypatch):
     """rails(): per NIC pair, the kernel's work completions (live and retired endpoints), the
     errors the monitor counted, pauses and whether paused now (what /metrics exports)."""
     t = rdma(devs=("l0",))
-    key = ("peer:2", "a" * 32, "p0")
+    key = ("peer:2", "a" * 32, "p0", 0)
     ep = _FakeEp(users=0)
     ep.completions, ep.info = 7, {"dev": t.devs[0], "key": key}
     t._install(t.devs[0], key, ep)
@@ -1050,7 +1049,7 @@ def test_rail_counters_survive_retired_endpoints(rdma, monkeypatch):
     with t._lock:
         t._retire([t.devs[0].store.remove(key, ep)])
     for _ in range(3):
-        t._rail_error("l0", *key, "retries exceeded")
+        t._rail_error("l0", *key[:3], "retries exceeded")
     row = t.rails()[0]
     assert row["completions"] == 7 and row["errors"] == 3 and row["pauses"] == 1
     assert row["paused"]

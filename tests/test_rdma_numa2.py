@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +45,29 @@ def _buffer(node: int, seed: int) -> np.ndarray:
     return buf  # a view: it keeps ``raw`` alive
 
 
+@contextmanager
 def _pair(node: int, **cfg):
+    """An initiator and a target engine (rdma, every device), each with a buffer on ``node``;
+    closed afterwards."""
     from mooncake.engine import TransferEngine
 
     kw = {"transports/shm/enable": False, "transports/cxl/enable": False, **cfg}
     target = TransferEngine("127.0.0.1", metadata="p2p", protocol="rdma", **kw)
-    init = TransferEngine("127.0.0.1", metadata="p2p", protocol="rdma", **kw)
-    tbuf, lbuf = _buffer(node, 1), _buffer(node, 2)
-    target.register(tbuf)
-    init.register(lbuf)
-    return init, target, lbuf, tbuf
+    try:
+        init = TransferEngine("127.0.0.1", metadata="p2p", protocol="rdma", **kw)
+        try:
+            tbuf, lbuf = _buffer(node, 1), _buffer(node, 2)
+            target.register(tbuf)
+            init.register(lbuf)
+            yield init, target, lbuf, tbuf
+        finally:
+            init.close()
+    finally:
+        target.close()
+
+
+def _rails(init, target, lbuf, tbuf) -> dict:
+    return init.explain(target.segment_name, lbuf.ctypes.data, tbuf.ctypes.data)["path"]
 
 
 def _moved(init, target, lbuf, tbuf) -> dict[str, int]:
@@ -77,15 +91,11 @@ def test_the_two_nics_sit_on_two_nodes():
 
 
 def test_a_node1_buffer_goes_through_the_node1_nic():
-    init, target, lbuf, tbuf = _pair(1, MC_ENABLE_DEST_DEVICE_AFFINITY=True)
-    try:
-        why = init.explain(target.segment_name, lbuf.ctypes.data, tbuf.ctypes.data)["path"]
+    with _pair(1, MC_ENABLE_DEST_DEVICE_AFFINITY=True) as engines:
+        why = _rails(*engines)
         assert why["pairs"] == ["rxe1->rxe1"], why
-        moved = _moved(init, target, lbuf, tbuf)
+        moved = _moved(*engines)
         assert moved["rxe1"] > 0 and moved["rxe0"] == 0, moved
-    finally:
-        init.close()
-        target.close()
 
 
 def test_partition_matchings_name_the_pair(tmp_path):
@@ -93,28 +103,21 @@ def test_partition_matchings_name_the_pair(tmp_path):
     f.write_text(json.dumps({"partition_matchings": {"1-1": [
         {"src_dev": "rxe0", "dst_dev": "rxe0", "src_numa": 1, "dst_numa": 1,
          "bandwidth": 1000.0, "latency": 10.0}]}}))
-    init, target, lbuf, tbuf = _pair(1, **{"topology/cluster_topology_path": str(f)})
-    try:
-        why = init.explain(target.segment_name, lbuf.ctypes.data, tbuf.ctypes.data)["path"]
+    with _pair(1, **{"topology/cluster_topology_path": str(f)}) as engines:
+        why = _rails(*engines)
         assert why["pairs"] == ["rxe0->rxe0"] and why["rule"] == "cluster topology partition 1-1"
-        moved = _moved(init, target, lbuf, tbuf)
+        moved = _moved(*engines)
         assert moved["rxe0"] > 0 and moved["rxe1"] == 0, moved
-    finally:
-        init.close()
-        target.close()
 
 
 def test_direct_rails_stripe_one_transfer_over_both_nics(tmp_path):
     f = tmp_path / "rails.json"
     f.write_text(json.dumps({"direct": [{"local": "rxe0", "remote": "rxe0"},
                                         {"local": "rxe1", "remote": "rxe1"}]}))
-    init, target, lbuf, tbuf = _pair(0, MC_PATH_ROUNDROBIN=True,
-                                     **{"transports/rdma/workers/rail_topo_path": str(f)})
-    try:
-        moved = _moved(init, target, lbuf, tbuf)
+    with _pair(0, MC_PATH_ROUNDROBIN=True,
+               **{"transports/rdma/workers/rail_topo_path": str(f)}) as engines:
+        assert _rails(*engines)["rule"] == "rail_topo_path direct pairs"
+        moved = _moved(*engines)
         assert moved["rxe0"] > 0 and moved["rxe1"] > 0, moved
         share = moved["rxe0"] / (moved["rxe0"] + moved["rxe1"])
         assert 0.3 < share < 0.7, moved  # round robin: about half each
-    finally:
-        init.close()
-        target.close()

@@ -154,15 +154,6 @@ _CONNECT_FIELDS: dict[str, Field] = {
 }
 
 
-def _ep_key(peer: str, inst: str, pdev: str, lane: int = 0) -> tuple:
-    """An endpoint's store key: ``(peer, instance, peer device)``, plus the lane after 0."""
-    return (peer, inst, pdev) if lane == 0 else (peer, inst, pdev, lane)
-
-
-def _lane(key: tuple) -> int:
-    return key[3] if len(key) > 3 else 0
-
-
 def _check_handshake(msg: Any, spec: dict[str, Field], nqp: int | None, where: str) -> None:
     """FieldError unless ``msg`` is a well-formed handshake (``nqp``: the QP count it must
     carry, None: 1..MAX_QPS)."""
@@ -423,8 +414,6 @@ class RdmaTransport(Transport):
         self._region_numa: dict[int, list] = {}
         self._region_starts: list[int] = []
         self._rnodes: dict[tuple, list] = {}
-        #: the last path choice per peer, for explain()
-        self._last_choice: dict[str, dict] = {}
         #: (descriptor, local region, remote buffer) -> (generation, until, remote key table,
         #: endpoints, remote columns, local columns, descriptor): submit's path choice cache
         self._choices: dict[tuple, tuple] = {}
@@ -799,7 +788,7 @@ class RdmaTransport(Transport):
             for q in qps:
                 q.close()
             raise
-        key = _ep_key(args["segment"], args["instance"], args["src_dev"], lane)
+        key = (args["segment"], args["instance"], args["src_dev"], lane)
         self._install(d, key, self._make_ep(d, qps, slot, worker, key))
         return {"instance": self.instance, "gid": d.gid.hex(), "lid": d.lid,
                 "qpns": [q.qp_num for q in qps], "psns": psns, "mtu": d.mtu}
@@ -845,13 +834,13 @@ class RdmaTransport(Transport):
             for q in qps:
                 q.close()
             raise
-        key = _ep_key(peer_name, inst, pdev, lane)
+        key = (peer_name, inst, pdev, lane)
         ep = self._make_ep(d, qps, slot, worker, key)
         self._install(d, key, ep)
         return ep
 
     def _endpoint(self, d: _Dev, peer_name: str, inst: str, pdev: str, lane: int = 0) -> Any:
-        key = _ep_key(peer_name, inst, pdev, lane)
+        key = (peer_name, inst, pdev, lane)
         with self._lock:
             ep = d.store.get(key)
             if ep is not None and ep.healthy == len(ep.qps) and not ep.aborted:
@@ -876,9 +865,7 @@ class RdmaTransport(Transport):
             if why:
                 raise PeerUnreachable(f"rdma: not connecting {d.name} -> {peer_name} ({pdev}): "
                                       f"{why}")
-            if lane:
-                return self._connect(d, peer_name, inst, pdev, lane)
-            return self._connect(d, peer_name, inst, pdev)
+            return self._connect(d, peer_name, inst, pdev, lane)
 
     # ------------------------------------------------------------------ pauses
     def _pause_rail(self, dev: str, peer: str, inst: str, pdev: str, why: str) -> None:
@@ -1153,7 +1140,6 @@ class RdmaTransport(Transport):
                 choice["avoided"] = [f"{d.name}->{pdevs[c]}" for d, c in pairs
                                      if (d, c) not in clean]
                 pairs = clean
-        self._last_choice[peer.name] = choice
         eps, cols, lcols, used, why = [], [], [], set(), None
         now = time.monotonic()
         for d, c in pairs:  # every pair not cooling down that connects: its lanes are paths
@@ -1163,8 +1149,7 @@ class RdmaTransport(Transport):
                 continue
             for lane in range(min(self.lanes, MAX_PATHS - len(eps))):
                 try:
-                    ep = self._endpoint(d, peer.name, inst, pdevs[c], lane) if lane else \
-                        self._endpoint(d, peer.name, inst, pdevs[c])
+                    ep = self._endpoint(d, peer.name, inst, pdevs[c], lane)
                 except Exception as e:  # the other rails may still work
                     why = str(e)
                     break
@@ -1197,12 +1182,10 @@ class RdmaTransport(Transport):
 
     def transfer(self, peer: SegmentDesc, slices: Any, timeout: float) -> bool:
         """Submit and wait; a small call first polls its batch for ``MC_RDMA_SPIN_US`` (the
-        completion usually lands within it, sparing two thread wake-ups), never on a thread
-        that has one CPU (it would only delay the worker)."""
+        completion usually lands within it, sparing two thread wake-ups; the kernel never spins
+        on a thread that has one CPU)."""
         self.submit(peer, slices)
-        spin = self.spin_s if self.spin_s and len(slices) <= self.SPIN_SLICES and \
-            len(os.sched_getaffinity(0)) > 1 else 0.0
-        return slices.batch.wait(timeout, spin)
+        return slices.batch.wait(timeout, self.spin_s if len(slices) <= self.SPIN_SLICES else 0.0)
 
     def _join_quota(self, d: _Dev) -> None:
         """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;
@@ -1310,11 +1293,10 @@ class RdmaTransport(Transport):
             orphans.fail(ep_id, err)
             return
         d, key = old.info["dev"], old.info["key"]
-        peer, inst, pdev = key[:3]
         try:
-            new = self._endpoint(d, peer, inst, pdev, _lane(key))
+            new = self._endpoint(d, *key)
         except Exception as e:  # the peer is gone (or restarted): the slices fail
-            log.warning("rdma: cannot rebuild endpoint to %s/%s: %s", peer, pdev, e)
+            log.warning("rdma: cannot rebuild endpoint to %s/%s: %s", key[0], key[2], e)
             orphans.fail(ep_id, _E_PEER)
             return
         orphans.resubmit(ep_id, new)

@@ -116,7 +116,8 @@ cdef class Batch:
         mc_batch_cancel(self.b, err)
 
     def wait(self, double timeout, double spin=0.0):
-        """Block (without the GIL) until all tasks finished; False on timeout."""
+        """Block (without the GIL) until all tasks finished, polling for ``spin`` seconds first
+        (not on a thread with one CPU); False on timeout."""
         cdef int rc
         with nogil:
             rc = mc_batch_wait(self.b, timeout, spin)

@@ -206,10 +206,19 @@ static inline int mc_grace_round(unsigned k, double until) {
 }
 
 /* Wait until every task finished, spinning `spin_s` seconds first.  0 = done, ETIMEDOUT. */
+/* CPUs the calling thread may run on (1 when unknown). */
+static inline int mc_own_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
+    return CPU_COUNT(&set);
+}
+
+/* Wait for every task of `b`: first polling for `spin_s` seconds (never on a thread that has
+ * one CPU: it would only keep the thread that must finish the work off it), then sleeping. */
 static inline int mc_batch_wait(mc_batch_t *b, double timeout_s, double spin_s) {
     if (atomic_load(&b->open_tasks) == 0) return 0;
     double start = mc_now();
-    if (spin_s > 0) {
+    if (spin_s > 0 && mc_own_cpus() > 1) {
         double until = start + (spin_s < timeout_s ? spin_s : timeout_s);
         while (mc_now() < until) {
             for (int i = 0; i < 64; i++) {

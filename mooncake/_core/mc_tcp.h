@@ -202,13 +202,6 @@ static inline int mc_send_iov(int fd, struct iovec *iov, int cnt, double stall_s
 
 /* ---------- target side ---------- */
 
-/* CPUs the calling thread may run on (1 when unknown). */
-static inline int mc_own_cpus(void) {
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
-    return CPU_COUNT(&set);
-}
-
 
 #define MC_ST_DENIED 2
 
