@@ -215,11 +215,13 @@ class TransferEngine(MooncakeAPI):
         if getattr(self, "_metrics_server", None) is not None:
             self._metrics_server.close()
             self._metrics_server = None
+        # Batches are cancelled before their memory is revoked, so what is in flight ends with
+        # the reason "closed", not "unregistered"; again after, for one submitted meanwhile.
+        self._cancel_batches(E_CLOSED)
         regions = list(getattr(self, "_regions", {}).values())
         for r in regions:
             r.handle.revoke()
-        for b in list(getattr(self, "_batches", {}).values()):
-            b.core.cancel(E_CLOSED)
+        self._cancel_batches(E_CLOSED)
         for t in getattr(self, "transports", {}).values():
             try:
                 t.close()
@@ -246,6 +248,10 @@ class TransferEngine(MooncakeAPI):
             if addr not in held and addr not in getattr(self, "_stuck", {}):
                 m.close()
         self._managed = {}
+
+    def _cancel_batches(self, code: int) -> None:
+        for b in list(getattr(self, "_batches", {}).values()):
+            b.core.cancel(code)
 
     def __enter__(self) -> TransferEngine:
         return self
