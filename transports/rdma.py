@@ -71,6 +71,7 @@ from mooncake._core import batch as _batch
 from mooncake.errors import ConfigError, MooncakeError, PeerUnreachable, TransportUnavailable
 from mooncake.fields import Field, FieldError, check_fields
 from mooncake.options import Option
+from mooncake.rpc import RemoteError
 from mooncake.transport import (
     LOCAL_WRITE,
     REMOTE_READ,
@@ -106,7 +107,8 @@ MAX_QPS = 255
 MAX_PATHS = 64
 #: work-completion statuses that say the path failed (ibv_wc_status), as opposed to a peer
 #: refusing a range or our own abort: each counts against its rail
-RAIL_FAULTS = {12: "transport retries exceeded", 13: "RNR retries exceeded", 19: "fatal",
+RAIL_FAULTS = {2: "local QP operation error (Soft-RoCE: its port went down)",
+               12: "transport retries exceeded", 13: "RNR retries exceeded", 19: "fatal",
                20: "response timeout", 21: "general error"}
 _DEV_NAME = r"[A-Za-z0-9_.:-]{1,64}"
 _HEX32 = r"[0-9a-f]{32}"
@@ -116,6 +118,11 @@ _U64 = (1 << 64) - 1
 _U24 = (1 << 24) - 1
 #: seconds between two tries to join a quota table that had no slot left for a device's NIC
 QUOTA_RETRY_S = 5.0
+
+
+class RailDown(MooncakeError):
+    """The passive side of a handshake could not bring its QPs up (its NIC's link is down,
+    say): the rail is at fault, not the peer."""
 
 
 def _dev_fields(i: int) -> dict[str, Field]:
@@ -456,6 +463,9 @@ class RdmaTransport(Transport):
         self._retired: list = []
         self._mrs: dict[int, list] = {}
         self._rtabs: dict[tuple, Any] = {}
+        #: (peer segment, instance) -> (remote key table, peer device names) of the newest
+        #: descriptor submitted to: what a failed rail's slices are re-keyed with
+        self._last_rtab: dict[tuple, tuple[Any, list[str]]] = {}
         self._ep_ids = 0
         self._rr = 0
         self._hub = None
@@ -522,7 +532,8 @@ class RdmaTransport(Transport):
                                        f"(have: {', '.join(have) or 'none'})")
         return list(self.device_filter)
 
-    def _open(self, index: int, name: str) -> _Dev:
+    def _open(self, index: int, name: str, numa: int) -> _Dev:
+        """Open ``name``; its CQs (like its QPs later) are allocated on its NUMA node."""
         dev = V.Device(name)
         lim = dev.limits
         if self.port < 1 or self.port > lim["phys_port_cnt"]:
@@ -553,15 +564,16 @@ class RdmaTransport(Transport):
         gid = dev.query_gid(self.port, gidx)
         mtu = min(self.mtu, port["active_mtu"] or self.mtu)
         d = _Dev(index=index, dev=dev, port=self.port, gid_index=gidx, gid=gid,
-                 lid=port["lid"], mtu=mtu)
+                 lid=port["lid"], mtu=mtu, numa=numa)
         d.channels = [V.CompChannel(dev) for _ in range(self.num_chan)]
         # a CQ belongs to one worker (it posts and polls its endpoints alone): at least one each
         ncq = max(self.num_cq, self.workers_per_ctx)
         if ncq > self.num_cq:
             log.debug("rdma: %s: %d CQs for %d workers (MC_NUM_CQ_PER_CTX=%d)", name, ncq,
                       self.workers_per_ctx, self.num_cq)
-        d.slots = [K.CQSlot(V.CQ(dev, self.max_cqe, d.channels[i % self.num_chan], i))
-                   for i in range(ncq)]
+        with _numa.preferred(numa):
+            d.slots = [K.CQSlot(V.CQ(dev, self.max_cqe, d.channels[i % self.num_chan], i))
+                       for i in range(ncq)]
         for w in range(self.workers_per_ctx):
             mine = [s for i, s in enumerate(d.slots) if i % self.workers_per_ctx == w]
             d.workers.append(K.Worker(mine, self._hub, self.retry_cnt, grace=self.grace))
@@ -603,15 +615,13 @@ class RdmaTransport(Transport):
             log.warning("rdma: using the first %d of %d devices", MAX_DEVICES, len(names))
             names = names[:MAX_DEVICES]
         self._hub = K.Hub()
-        self.devs = [self._open(i, n) for i, n in enumerate(names)]
         try:  # where each NIC sits (its PCI device's NUMA node; rxe: its netdev's)
             topo = _topo.discover("/", verbs=False)  # a one-node host: every NIC on node 0
             found = {x.name: topo.numa_of(x) for x in topo.rdma_devices}
         except Exception as e:  # a sysfs we cannot read costs the NUMA choice, nothing else
             log.warning("rdma: NIC NUMA nodes unknown (%s): every NIC serves every buffer", e)
             found = {}
-        for d in self.devs:
-            d.numa = int(found.get(d.name, -1))
+        self.devs = [self._open(i, n, int(found.get(n, -1))) for i, n in enumerate(names)]
         self._rebuild_ltabs()
         cpus = _node_cpus()
         for d in self.devs:
@@ -691,6 +701,14 @@ class RdmaTransport(Transport):
         for m in mrs or []:
             m.close()
 
+    def _allowed_pairs(self, pdevs: list[str]) -> list[tuple[_Dev, str]]:
+        """Every (local device, peer device) pair a transfer may use: ``rail_topo_path``'s
+        pairs where one is given, else all of them."""
+        if self.rail_topo:
+            allowed = set(self.rail_topo["all"]) | set(self.rail_topo["direct"])
+            return [(d, p) for d in self.devs for p in pdevs if (d.name, p) in allowed]
+        return [(d, p) for d in self.devs for p in pdevs]
+
     def _rebuild_ltabs(self) -> None:
         """One local key table, a column per device (a region has an MR on each): a submit's
         paths may start at any of them."""
@@ -707,21 +725,21 @@ class RdmaTransport(Transport):
             return "rdma transport not started"
         if self._paused_rails or self._paused_peers:  # every rail down: another transport
             now, inst, why = time.monotonic(), info.get("instance", ""), ""
-            for d in self.devs:
-                for pdev in pdevs:
-                    why = self._paused(d.name, peer.name, inst, pdev, now)
-                    if why is None:
-                        return None
+            for d, pdev in self._allowed_pairs(pdevs):
+                why = self._paused(d.name, peer.name, inst, pdev, now)
+                if why is None:
+                    return None
             return f"every RDMA rail to {peer.name} is paused (the last: {why})"
         return None
 
     # ------------------------------------------------------------------ endpoints
     def _new_qps(self, d: _Dev, n: int, slot: Any) -> list:
         qps = []
-        for _ in range(n):
-            qp = V.QP(d.dev, slot.cq, self.max_wr, self.max_sge, self.max_inline)
-            qp.to_init(d.port, V.ACCESS_RW, self.pkey_index)
-            qps.append(qp)
+        with _numa.preferred(d.numa):  # the queues on the NIC's node
+            for _ in range(n):
+                qp = V.QP(d.dev, slot.cq, self.max_wr, self.max_sge, self.max_inline)
+                qp.to_init(d.port, V.ACCESS_RW, self.pkey_index)
+                qps.append(qp)
         return qps
 
     def _bring_up(self, d: _Dev, qps: list, remote: dict, my_psns: list) -> None:
@@ -784,9 +802,11 @@ class RdmaTransport(Transport):
         psns = [random.getrandbits(24) for _ in qps]
         try:
             self._bring_up(d, qps, args, psns)
-        except BaseException:
+        except BaseException as e:
             for q in qps:
                 q.close()
+            if isinstance(e, Exception):
+                raise RailDown(f"{name}: its QPs did not come up: {e}") from e
             raise
         key = (args["segment"], args["instance"], args["src_dev"], lane)
         self._install(d, key, self._make_ep(d, qps, slot, worker, key))
@@ -808,7 +828,11 @@ class RdmaTransport(Transport):
         except Exception as e:
             for q in qps:
                 q.close()
-            self._pause_peer(peer_name, inst, f"its rdma.connect RPC failed: {e}")
+            if isinstance(e, RemoteError) and e.type == RailDown.__name__:
+                self._pause_rail(d.name, peer_name, inst, pdev, f"the peer's side did not come "
+                                 f"up: {e}")
+            else:
+                self._pause_peer(peer_name, inst, f"its rdma.connect RPC failed: {e}")
             raise PeerUnreachable(f"rdma handshake with {peer_name} ({pdev}) failed: {e}") from e
         try:
             _check_handshake(remote, _HANDSHAKE_FIELDS, len(qps), "rdma.connect reply")
@@ -854,18 +878,24 @@ class RdmaTransport(Transport):
                 if ep is not None and ep.healthy == len(ep.qps) and not ep.aborted:
                     return ep
                 if ep is not None:
-                    self._retire([d.store.remove(key, ep)])
-                    status = ep.last_status
-                    if not ep.aborted and (status in RAIL_FAULTS or status < 0):
-                        # the link failed it (not the peer refusing a range, not our abort)
-                        self._rail_error(d.name, peer_name, inst, pdev,
-                                         f"a work completion failed with status {status} "
-                                         f"({RAIL_FAULTS.get(status, 'post failed')})")
+                    self._drop_failed(d, key, ep)
             why = self._paused(d.name, peer_name, inst, pdev, time.monotonic())
             if why:
                 raise PeerUnreachable(f"rdma: not connecting {d.name} -> {peer_name} ({pdev}): "
                                       f"{why}")
             return self._connect(d, peer_name, inst, pdev, lane)
+
+    def _drop_failed(self, d: _Dev, key: tuple, ep: Any) -> None:
+        """Retire an endpoint whose QPs failed; a link fault (not the peer refusing a range,
+        not our abort) counts once as an error of its rail."""
+        with self._lock:
+            gone = d.store.remove(key, ep)
+            self._retire([gone])
+        status = ep.last_status
+        if gone is not None and not ep.aborted and (status in RAIL_FAULTS or status < 0):
+            self._rail_error(d.name, key[0], key[1], key[2],
+                             f"a work completion failed with status {status} "
+                             f"({RAIL_FAULTS.get(status, 'post failed')})")
 
     # ------------------------------------------------------------------ pauses
     def _pause_rail(self, dev: str, peer: str, inst: str, pdev: str, why: str) -> None:
@@ -1175,6 +1205,9 @@ class RdmaTransport(Transport):
             self._choices.clear()
         self._choices[ck] = (gen, time.monotonic() + self.ROUTE_CACHE_S, rtab, eps, cols, lcols,
                              peer)  # the very descriptor: an id() may be reused
+        if len(self._last_rtab) > 256:
+            self._last_rtab.clear()
+        self._last_rtab[(peer.name, inst)] = (rtab, pdevs)
         K.submit(slices, self.ltab, 0, rtab, cols, eps, self.roundrobin, lcols)
 
     #: a synchronous call of at most this many slices spins (MC_RDMA_SPIN_US) before it sleeps
@@ -1293,13 +1326,69 @@ class RdmaTransport(Transport):
             orphans.fail(ep_id, err)
             return
         d, key = old.info["dev"], old.info["key"]
+        if not old.aborted and self._move_off(orphans, ep_id, old, d, key):
+            return
         try:
             new = self._endpoint(d, *key)
-        except Exception as e:  # the peer is gone (or restarted): the slices fail
+        except Exception as e:  # the peer is gone (or restarted), or every rail is down
+            if not old.aborted and self._move_off(orphans, ep_id, old, d, key, any_rail=True):
+                return
             log.warning("rdma: cannot rebuild endpoint to %s/%s: %s", key[0], key[2], e)
             orphans.fail(ep_id, _E_PEER)
             return
         orphans.resubmit(ep_id, new)
+
+    def _other_rails(self, d: _Dev, key: tuple, pdevs: list[str],
+                     any_rail: bool) -> list[tuple[Any, _Dev, str]]:
+        """Healthy endpoints to the peer instance of ``key`` on rails other than ``d ->
+        key's peer device`` that are not cooling down and (unless ``any_rail``) did not just
+        fail; when there is none, one connected on the first such rail that connects
+        (``rail_topo_path``'s pairs only, where one is given; a rail that does not pauses)."""
+        peer, inst, pdev = key[:3]
+        now = time.monotonic()
+
+        def usable(d2: _Dev, p2: str) -> bool:
+            return (d2 is not d or p2 != pdev) and p2 in pdevs and \
+                (any_rail or not self._rail_errors.get((d2.name, peer, inst, p2))) and \
+                self._paused(d2.name, peer, inst, p2, now) is None
+
+        with self._lock:
+            live = [(ep, d2, k2[2]) for d2 in self.devs
+                    for k2, ep in zip(d2.store.keys(), d2.store.values(), strict=True)
+                    if k2[0] == peer and k2[1] == inst and not ep.aborted and
+                    ep.healthy == len(ep.qps)]
+        out = [x for x in live if usable(x[1], x[2])]
+        if out:
+            return out[:MAX_PATHS]
+        for d2, p2 in self._allowed_pairs(pdevs):
+            if usable(d2, p2):
+                try:
+                    return [(self._endpoint(d2, peer, inst, p2, 0), d2, p2)]
+                except Exception as e:
+                    log.info("rdma: %s -> %s (%s) cannot take over: %s", d2.name, peer, p2, e)
+        return []
+
+    def _move_off(self, orphans: Any, ep_id: int, old: Any, d: _Dev, key: tuple,
+                  any_rail: bool = False) -> bool:
+        """Re-post the slices of ``old`` (its QPs failed: the NIC is done with them and their
+        tasks were not reported) on the other rails to the same peer, re-keyed for each; the
+        failed rail counts an error.  False when no other rail is usable: first the caller
+        rebuilds the same one, and if that fails asks again with ``any_rail`` (rails that just
+        failed too, as long as they are not cooling down)."""
+        got = self._last_rtab.get(key[:2])
+        if got is None:
+            return False
+        rtab, pdevs = got
+        self._drop_failed(d, key, old)
+        alt = self._other_rails(d, key, pdevs, any_rail)
+        if not alt:
+            return False
+        n = orphans.move(ep_id, [ep for ep, _, _ in alt], self.ltab, [x.index for _, x, _ in alt],
+                         rtab, [pdevs.index(p) for _, _, p in alt])
+        log.warning("rdma: rail %s -> %s (%s) failed (status %d): %d slices re-posted on %s",
+                    d.name, key[0], key[2], old.last_status, n,
+                    ", ".join(sorted({f"{x.name}->{p}" for _, x, p in alt})))
+        return True
 
     def _reclaim(self) -> None:
         with self._lock:

@@ -1000,6 +1000,82 @@ cdef class Orphans:
         return n
 
 
+    def move(self, int64_t ep_id, list eps not None, KeyTable local not None,
+             list lcols not None, KeyTable remote not None, list rcols not None):
+        """Move the slices of endpoint ``ep_id`` onto other rails, round-robin: ``eps[k]``
+        leaves the local device whose lkeys are column ``lcols[k]`` of ``local`` for the peer
+        device whose rkeys are column ``rcols[k]`` of ``remote``, and each slice is re-keyed
+        for the endpoint it lands on.  A slice whose batch was cancelled (or region revoked)
+        ends with that code, one whose range is in neither table ends MC_E_LOCAL /
+        MC_E_REFUSED (MC_E_DENIED: a WRITE into a range now read-only), all unposted.  How
+        many moved."""
+        cdef int ne = len(eps), k, r, err
+        if ne == 0 or ne > MAX_PATHS or len(lcols) != ne or len(rcols) != ne:
+            raise ValueError(f"need 1..{MAX_PATHS} endpoints, one local and one remote column "
+                             "each")
+        cdef vep *veps[MAX_PATHS]
+        cdef int vl[MAX_PATHS]
+        cdef int vr[MAX_PATHS]
+        cdef vslice *heads[MAX_PATHS]
+        cdef vslice *tails[MAX_PATHS]
+        cdef int64_t add[MAX_PATHS]
+        for k in range(ne):
+            veps[k] = (<Endpoint?>eps[k]).ep
+            vl[k] = lcols[k]
+            vr[k] = rcols[k]
+            if not 0 <= vl[k] < local.ncols or not 0 <= vr[k] < remote.ncols:
+                raise ValueError(f"path {k}: column out of range")
+            heads[k] = NULL
+            tails[k] = NULL
+            add[k] = 0
+        cdef vslice *s = self.head
+        cdef vslice *prev = NULL
+        cdef vslice *nxt
+        cdef int64_t moved = 0
+        while s != NULL:
+            nxt = s.next
+            if s.ep.id != ep_id:
+                prev = s
+                s = nxt
+                continue
+            if prev == NULL:
+                self.head = nxt
+            else:
+                prev.next = nxt
+            s.next = NULL
+            k = <int>(moved % ne)
+            err = mc_slice_live(s.job.batch, s.task)
+            if not err:
+                r = local.find_row(s.local, s.length)
+                if r < 0:
+                    err = MC_E_LOCAL
+                else:
+                    s.lkey = local.keys[r * local.ncols + vl[k]]
+                    r = remote.find_row(s.remote, s.length)
+                    if r < 0:
+                        err = MC_E_REFUSED
+                    elif s.op == C_OP_WRITE and not remote.writable[r]:
+                        err = MC_E_DENIED
+                    else:
+                        s.rkey = remote.keys[r * remote.ncols + vr[k]]
+            if err:
+                _complete(s, err)
+                s = nxt
+                continue
+            mcv_add(&veps[k].refs, 1)
+            _ep_unref(s.ep)
+            s.ep = veps[k]
+            s.qp = -1
+            _append(s, &heads[k], &tails[k])
+            add[k] += 1
+            moved += 1
+            s = nxt
+        for k in range(ne):
+            if add[k]:
+                _push(veps[k].worker, heads[k], tails[k], add[k])
+        return moved
+
+
 @cython.no_gc_clear
 cdef class Worker:
     """One worker thread's state; ``run()`` (in a thread) loops without the GIL until
