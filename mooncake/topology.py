@@ -924,6 +924,39 @@ def _document(doc: Any, src_host: str | None, dst_host: str | None
     return chosen[0][1]
 
 
+def _load_json(path: str, where: str, limit: int) -> Any:
+    """A JSON file read as data from a stranger: at most ``limit`` bytes of UTF-8, no NaN, no
+    duplicate keys; a :class:`~mooncake.errors.ConfigError` (prefixed ``where``) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise _cerr(where, f"cannot read it: {e.strerror or e}") from None
+    if len(raw) > limit:
+        raise _cerr(where, f"too large; allowed: at most {limit} bytes")
+
+    def no_dups(pairs: list[tuple[str, Any]]) -> dict:
+        d: dict = {}
+        for k, v in pairs:
+            if k in d:
+                raise ValueError(f"key {k!r:.40} appears twice in one object")
+            d[k] = v
+        return d
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_dups,
+                          parse_constant=no_constant)
+    except UnicodeDecodeError as e:
+        raise _cerr(where, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise _cerr(where, "nested too deeply") from None
+    except ValueError as e:
+        raise _cerr(where, f"not JSON: {str(e)[:160]}") from None
+
+
 def load_cluster_topology(path: str, *, src_host: str | None = None,
                           dst_host: str | None = None) -> dict[tuple[int, int], list[Matching]]:
     """TENT's ``cluster-topology.json`` (``topology/cluster_topology_path``): ``{(src NUMA
@@ -940,32 +973,98 @@ def load_cluster_topology(path: str, *, src_host: str | None = None,
     ``dst_dev`` (NIC names), ``src_numa``, ``dst_numa`` (its partition's), ``bandwidth`` (MB/s)
     and ``latency`` (µs), both positive and bounded, no pair twice in a partition."""
     where = f"cluster topology {path}"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CLUSTER_TOPOLOGY_BYTES + 1)
-    except OSError as e:
-        raise _cerr(where, f"cannot read it: {e.strerror or e}") from None
-    if len(raw) > MAX_CLUSTER_TOPOLOGY_BYTES:
-        raise _cerr(where, f"too large; allowed: at most {MAX_CLUSTER_TOPOLOGY_BYTES} bytes")
-
-    def no_dups(pairs: list[tuple[str, Any]]) -> dict:
-        d: dict = {}
-        for k, v in pairs:
-            if k in d:
-                raise ValueError(f"key {k!r:.40} appears twice in one object")
-            d[k] = v
-        return d
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not a number JSON allows")
-
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dups,
-                         parse_constant=no_constant)
-    except UnicodeDecodeError as e:
-        raise _cerr(where, f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    except RecursionError:
-        raise _cerr(where, "nested too deeply to be a cluster topology") from None
-    except ValueError as e:
-        raise _cerr(where, f"not JSON: {str(e)[:160]}") from None
+    doc = _load_json(path, where, MAX_CLUSTER_TOPOLOGY_BYTES)
     return parse_cluster_topology(doc, where, src_host=src_host, dst_host=dst_host)
+
+
+#: the largest NIC priority matrix file read (MC_CUSTOM_TOPO_JSON)
+MAX_PRIORITY_MATRIX_BYTES = 1 << 20
+#: a memory location a priority matrix names: "*" (any), "cpu:N", or an accelerator's "kind:N"
+_LOCATION = re.compile(r"\*|(cpu|cuda|hip|musa|maca|npu):\d{1,4}")
+_MAX_LOCATIONS = 4096
+_MAX_MATRIX_NICS = 64
+
+
+def _nic_list(v: Any, where: str) -> list[str]:
+    if not isinstance(v, list) or len(v) > _MAX_MATRIX_NICS:
+        raise _cerr(where, f"must be a list of at most {_MAX_MATRIX_NICS} NIC names")
+    out: list[str] = []
+    for k, n in enumerate(v):
+        if not isinstance(n, str) or not _NIC_NAME.fullmatch(n):
+            raise _cerr(f"{where}[{k}]", f"{n!r:.40} is not a NIC name (1-64 of A-Z a-z 0-9 _ . "
+                        ": -)")
+        if n in out:
+            raise _cerr(f"{where}[{k}]", f"{n} is listed twice")
+        out.append(n)
+    return out
+
+
+def parse_priority_matrix(doc: Any, label: str = "priority matrix"
+                          ) -> dict[str, tuple[list[str], list[str]]]:
+    """A NIC priority matrix (``MC_CUSTOM_TOPO_JSON`` / TENT's ``topology/custom_json_path``):
+    ``{location: ([preferred NICs], [available NICs])}``, each list in the file's order.
+
+    Two shapes load, the two :class:`Topology` writes: the classic Transfer Engine's
+    ``{"cpu:0": [[preferred...], [available...]], ...}`` (:meth:`Topology.to_priority_matrix`)
+    and TENT's ``{"nics": [{"name": ...}, ...], "mems": [{"name": "cpu:0", "device_list":
+    {"rank0": [...], "rank1": [...], "rank2": [...]}}]}`` (:meth:`Topology.to_tent_json`;
+    rank0 is preferred, rank1 then rank2 available, entries index ``nics``).  Locations are
+    ``*``, ``cpu:N`` or ``cuda:N``-like names; a NIC preferred is not also available.  A
+    :class:`~mooncake.errors.ConfigError` names the first thing wrong."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+
+    def put(loc: Any, pref: list[str], avail: list[str], where: str) -> None:
+        if not isinstance(loc, str) or not _LOCATION.fullmatch(loc):
+            raise _cerr(where, f"{loc!r:.40} is not a memory location (*, cpu:N, cuda:N...)")
+        if loc in out:
+            raise _cerr(where, f"location {loc} appears twice")
+        if len(out) >= _MAX_LOCATIONS:
+            raise _cerr(where, f"more than {_MAX_LOCATIONS} locations")
+        out[loc] = (pref, [n for n in avail if n not in pref])
+
+    if not isinstance(doc, dict):
+        raise _cerr(label, "must be a JSON object")
+    if "nics" in doc or "mems" in doc:  # TENT's shape
+        extra = set(doc) - {"nics", "mems"}
+        if extra:
+            raise _cerr(label, f"unknown key {sorted(extra)[0]!r:.40}; allowed: nics, mems")
+        nics = doc.get("nics")
+        if not isinstance(nics, list) or len(nics) > _MAX_MATRIX_NICS:
+            raise _cerr(_at(label, "nics"), f"must be a list of at most {_MAX_MATRIX_NICS} NICs")
+        names = _nic_list([n.get("name") if isinstance(n, dict) else n for n in nics],
+                          _at(label, "nics"))
+        mems = doc.get("mems")
+        if not isinstance(mems, list) or len(mems) > _MAX_LOCATIONS:
+            raise _cerr(_at(label, "mems"), f"must be a list of at most {_MAX_LOCATIONS} "
+                        "memory locations")
+        for k, m in enumerate(mems):
+            where = f"{_at(label, 'mems')}[{k}]"
+            dl = m.get("device_list") if isinstance(m, dict) else None
+            if not isinstance(dl, dict) or not set(dl) <= {"rank0", "rank1", "rank2"}:
+                raise _cerr(where, 'needs "name" and "device_list": {"rank0": [...], "rank1": '
+                            '[...], "rank2": [...]} (indices into nics)')
+            ranks = []
+            for r in ("rank0", "rank1", "rank2"):
+                v = dl.get(r, [])
+                if not isinstance(v, list) or not all(
+                        type(i) is int and 0 <= i < len(names) for i in v):
+                    raise _cerr(f"{where}.device_list.{r}",
+                                f"must list indices 0..{len(names) - 1} into nics")
+                ranks.append([names[i] for i in v])
+            put(m.get("name"), ranks[0], ranks[1] + [n for n in ranks[2] if n not in ranks[1]],
+                where)
+        return out
+    for loc, row in doc.items():
+        where = _at(label, str(loc)[:40])
+        if not isinstance(row, list) or not 1 <= len(row) <= 2:
+            raise _cerr(where, "must be [[preferred NICs], [available NICs]]")
+        put(loc, _nic_list(row[0], f"{where}[0]"),
+            _nic_list(row[1], f"{where}[1]") if len(row) > 1 else [], where)
+    return out
+
+
+def load_priority_matrix(path: str) -> dict[str, tuple[list[str], list[str]]]:
+    """:func:`parse_priority_matrix` of the file at ``path`` (at most
+    ``MAX_PRIORITY_MATRIX_BYTES`` of strict UTF-8 JSON)."""
+    where = f"MC_CUSTOM_TOPO_JSON={path}"
+    return parse_priority_matrix(_load_json(path, where, MAX_PRIORITY_MATRIX_BYTES), where)

@@ -6,6 +6,8 @@ file there).  The kernel's own per-device counters (``hw_counters``) say which N
   ``MC_ENABLE_DEST_DEVICE_AFFINITY``, goes through rxe1 and never touches rxe0;
 * a ``cluster-topology.json`` partition naming rxe0 -> rxe0 wins for node-1 buffers;
 * ``rail_topo_path`` direct pairs rxe0->rxe0 and rxe1->rxe1 stripe one transfer over both;
+* an ``MC_CUSTOM_TOPO_JSON`` priority matrix picks the local NIC (and the NICs opened);
+* each NIC's CQs and QPs sit on its NUMA node (``/proc/self/numa_maps``);
 * taking rxe1's netdev down in the middle of such a transfer: its failed slices are re-posted on
   rxe0 (re-keyed for it) and the batch completes; with both netdevs down a synchronous transfer
   completes over tcp (every rail paused, a failover in the metrics).
@@ -128,6 +130,24 @@ def test_direct_rails_stripe_one_transfer_over_both_nics(tmp_path):
         share = moved["rxe0"] / (moved["rxe0"] + moved["rxe1"])
         assert 0.3 < share < 0.7, moved  # round robin: about half each
 
+
+def test_a_custom_priority_matrix_picks_the_local_nic(tmp_path):
+    """MC_CUSTOM_TOPO_JSON (the classic format) reverses the NUMA rule: node-1 buffers leave
+    through rxe0; a matrix naming only rxe0 (TENT's format) opens only rxe0."""
+    f = tmp_path / "matrix.json"
+    f.write_text(json.dumps({"cpu:0": [["rxe1"], ["rxe0"]], "cpu:1": [["rxe0"], ["rxe1"]]}))
+    paired = {"MC_ENABLE_HCA_PEER_AFFINITY": True, "MC_NIC_PEER_AFFINITY": "rxe0=rxe0;rxe1=rxe1"}
+    with _pair(1, MC_CUSTOM_TOPO_JSON=str(f), **paired) as engines:
+        why = _rails(*engines)
+        assert why["pairs"] == ["rxe0->rxe0"], why
+        assert why["rule"].startswith("MC_CUSTOM_TOPO_JSON cpu:1: its preferred NICs"), why
+        moved = _moved(*engines)
+        assert moved["rxe0"] > 0 and moved["rxe1"] == 0, moved
+    f.write_text(json.dumps({"nics": [{"name": "rxe0"}], "mems": [
+        {"name": "*", "device_list": {"rank0": [0]}}]}))
+    with _pair(1, MC_CUSTOM_TOPO_JSON=str(f)) as (init, target, lbuf, tbuf):
+        assert [d.name for d in init.transports["rdma"].devs] == ["rxe0"]
+        assert _rails(init, target, lbuf, tbuf)["rule"].startswith("MC_CUSTOM_TOPO_JSON *")
 
 def _direct_rails(tmp_path) -> dict:
     f = tmp_path / "rails.json"

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from mooncake import topology as T
+from mooncake.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -427,3 +428,50 @@ def test_dump_tool_on_this_machine():
     r = _dump()
     assert r.returncode == 0, r.stderr
     _check_tent_shape(json.loads(r.stdout))
+
+
+# ---- MC_CUSTOM_TOPO_JSON: the NIC priority matrix --------------------------------------------
+
+def test_priority_matrix_reads_both_formats_the_dump_writes(hgx8, tmp_path):
+    classic = hgx8.to_priority_matrix()
+    got = T.parse_priority_matrix(classic)
+    assert got == {k: (v[0], v[1]) for k, v in classic.items()}
+    tent = T.parse_priority_matrix(hgx8.to_tent_json())
+    for loc, (pref, avail) in got.items():  # the same ranking; TENT's adds "*"
+        assert tent[loc][0] == pref and set(tent[loc][1]) == set(avail), loc
+    assert tent["*"] == ([], [d.name for d in hgx8.rdma_devices])
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps(classic))
+    assert T.load_priority_matrix(str(f)) == got
+    assert got["cpu:1"][0] and all(hgx8.numa_of(next(d for d in hgx8.rdma_devices if d.name == n))
+                                   == 1 for n in got["cpu:1"][0])
+
+
+@pytest.mark.parametrize("doc,what", [
+    ([["mlx5_0"]], "must be a JSON object"),
+    ({"gpu0": [["mlx5_0"], []]}, "is not a memory location"),
+    ({"cpu:0": "mlx5_0"}, r"must be \[\[preferred NICs\], \[available NICs\]\]"),
+    ({"cpu:0": [["mlx5_0", "mlx5_0"], []]}, "listed twice"),
+    ({"cpu:0": [["bad name"], []]}, "is not a NIC name"),
+    ({"cpu:0": [["mlx5_0"] * 65, []]}, "at most 64 NIC names"),
+    ({"nics": [{"name": "mlx5_0"}], "mems": [{"name": "cpu:0",
+                                              "device_list": {"rank0": [1]}}]},
+     r"mems\[0\].device_list.rank0: must list indices 0..0 into nics"),
+    ({"nics": [], "mems": [{"name": "cpu:0"}]}, "needs \"name\" and \"device_list\""),
+    ({"nics": [], "mems": [], "extra": 1}, "unknown key 'extra'"),
+])
+def test_priority_matrix_refuses_what_it_cannot_use(doc, what):
+    with pytest.raises(ConfigError, match=what):
+        T.parse_priority_matrix(doc)
+
+
+def test_priority_matrix_file_checks(tmp_path):
+    f = tmp_path / "m.json"
+    f.write_text('{"cpu:0": [["a"], []], "cpu:0": [["b"], []]}')
+    with pytest.raises(ConfigError, match="MC_CUSTOM_TOPO_JSON=.*appears twice"):
+        T.load_priority_matrix(str(f))
+    f.write_bytes(b"{" + b" " * T.MAX_PRIORITY_MATRIX_BYTES + b"}")
+    with pytest.raises(ConfigError, match="too large"):
+        T.load_priority_matrix(str(f))
+    with pytest.raises(ConfigError, match="cannot read it"):
+        T.load_priority_matrix(str(tmp_path / "missing.json"))

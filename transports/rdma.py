@@ -28,8 +28,10 @@ handshake RPC fails) is not reconnected to for ``MC_CONN_PAUSE_TTL_MS``.  With
 Rails (issue 9): every submit stripes its slices over NIC pairs (``MC_PATH_ROUNDROBIN``:
 in turn, else at random), chosen per buffer: a ``rail_topo_path``'s direct pairs; else the
 ``topology/cluster_topology_path`` partition_matchings for (local buffer's NUMA node, remote
-buffer's node); else the local NICs on the local buffer's node (``move_pages``; every NIC when
-none is there or the node is unknown) towards the peer NICs ``MC_NIC_PEER_AFFINITY`` maps, or
+buffer's node); else the local NICs an ``MC_CUSTOM_TOPO_JSON`` priority matrix prefers for the
+buffer's ``cpu:<node>`` (its available ones when none of those is open), or without one the
+NICs on the local buffer's node (``move_pages``; every NIC when none is there or the node is
+unknown), towards the peer NICs ``MC_NIC_PEER_AFFINITY`` maps, or
 with ``MC_ENABLE_DEST_DEVICE_AFFINITY`` those on the remote buffer's node (the peer publishes
 ``numa<i>`` per NIC and ``numa`` per buffer).  :meth:`RdmaTransport.explain` says which and why.
 Workers run pinned to their NIC's NUMA node CPUs; TENT's ``num_lanes`` sets workers = QPs per
@@ -417,6 +419,9 @@ class RdmaTransport(Transport):
         self.rail_topo = _read_rail_topo(str(g("transports/rdma/workers/rail_topo_path")))
         cpath = str(g("topology/cluster_topology_path"))
         self.matchings = _topo.load_cluster_topology(cpath) if cpath else {}
+        #: MC_CUSTOM_TOPO_JSON: location -> (preferred NICs, available NICs), read at start
+        ppath = str(g("MC_CUSTOM_TOPO_JSON"))
+        self.priority = _topo.load_priority_matrix(ppath) if ppath else {}
         #: region start -> (length, NUMA node or None while its pages are not yet placed)
         self._region_numa: dict[int, list] = {}
         self._region_starts: list[int] = []
@@ -521,10 +526,19 @@ class RdmaTransport(Transport):
 
     # ------------------------------------------------------------------ lifecycle
     def _pick_devices(self) -> list[str]:
+        """The devices to open: ``device_name``'s; else every one verbs lists (the NICs of an
+        MC_CUSTOM_TOPO_JSON only, where one is given) that MC_TE_FILTERS keep."""
         have = V.device_names()
         allow = set(self._cfg("MC_TE_FILTERS") or ())
         deny = set(self._cfg("MC_TE_FILTERS_EXCLUDE") or ())
         if not self.device_filter:
+            if self.priority:
+                named = {n for pref, avail in self.priority.values() for n in pref + avail}
+                if not named & set(have):
+                    raise TransportUnavailable(
+                        f"rdma: MC_CUSTOM_TOPO_JSON names {', '.join(sorted(named)) or 'no NIC'}"
+                        f", none of which is here (have: {', '.join(have) or 'none'})")
+                have = [d for d in have if d in named]
             return [d for d in have if (not allow or d in allow) and d not in deny]
         missing = [d for d in self.device_filter if d not in have]
         if missing:
@@ -1078,11 +1092,7 @@ class RdmaTransport(Transport):
             if pairs:
                 rule = f"cluster topology partition {lnode}-{rnode}"
         if not pairs:
-            near = [d for d in self.devs if lnode is not None and d.numa == lnode]
-            local = near or self.devs
-            why_local = (f"the NICs on the local buffer's node {lnode}" if near else
-                         "every NIC (the local buffer's node is unknown)" if lnode is None else
-                         f"every NIC (none on the local buffer's node {lnode})")
+            local, why_local = self._local_nics(lnode)
             col_rules = set()
             for d in local:
                 cols, why = self._cols(d, pdevs, peer.name, info, rnode)
@@ -1092,6 +1102,28 @@ class RdmaTransport(Transport):
         choice = {"local_numa": lnode, "remote_numa": rnode, "rule": rule,
                   "pairs": [f"{d.name}->{pdevs[c]}" for d, c in pairs]}
         return pairs[:MAX_PATHS], choice
+
+    def _local_nics(self, lnode: int | None) -> tuple[list[_Dev], str]:
+        """The local NICs for a buffer on NUMA node ``lnode`` (None: unknown), and why: an
+        MC_CUSTOM_TOPO_JSON's row for ``cpu:<node>`` (else its ``*`` row), its preferred NICs
+        that are open here, else its available ones; without one (or with none of its NICs
+        open), the NICs on the buffer's node, else every NIC."""
+        names = {d.name: d for d in self.devs}
+        loc = "*" if lnode is None else f"cpu:{lnode}"
+        row = self.priority.get(loc) or self.priority.get("*")
+        if row is not None:
+            at = loc if loc in self.priority else "*"
+            for tier, what in ((row[0], "preferred"), (row[1], "available")):
+                got = [names[n] for n in tier if n in names]
+                if got:
+                    return got, f"MC_CUSTOM_TOPO_JSON {at}: its {what} NICs"
+        near = [d for d in self.devs if lnode is not None and d.numa == lnode]
+        why = (f"the NICs on the local buffer's node {lnode}" if near else
+               "every NIC (the local buffer's node is unknown)" if lnode is None else
+               f"every NIC (none on the local buffer's node {lnode})")
+        if self.priority:
+            why += f" (MC_CUSTOM_TOPO_JSON has no row for {loc} naming a NIC open here)"
+        return near or self.devs, why
 
     def explain(self, peer: SegmentDesc, local: int | None = None,
                 remote: int | None = None) -> dict:

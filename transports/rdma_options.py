@@ -56,10 +56,10 @@ OPTIONS: tuple[Option, ...] = (
        doc="never use these RDMA devices (comma-separated)",
        reads=("transports/rdma.py",)),
     _O("MC_CUSTOM_TOPO_JSON", str, "", tent="topology/custom_json_path", owner="rdma",
-       doc="path of a custom NIC priority matrix (JSON)",
-       pending="TENT's NIC priority matrix is not read yet (issue 9): NIC pairs come from "
-               "rail_topo_path, topology/cluster_topology_path's partition_matchings and the "
-               "buffers' NUMA nodes instead"),
+       doc="path of a custom NIC priority matrix (JSON: the classic {\"cpu:0\": [[preferred], "
+           "[available]]} or TENT's nics/mems/device_list): which local NICs serve a buffer on "
+           "each NUMA node, and which NICs the transport opens",
+       reads=("transports/rdma.py",)),
     _O("MC_FORCE_HCA", bool, False, owner="rdma", doc="install RDMA even when no HCA is found",
        no_effect="Mooncake needs it where its sysfs topology scan finds no HCA; here discovery "
                  "is ibv_get_device_list itself, so rdma starts whenever verbs lists a device "
