@@ -504,6 +504,9 @@ class _FakeK:
         self.submits.append((list(cols), list(eps)))
         self.lcols = list(lcols) if lcols is not None else None
 
+    def usable(self, eps):  # verbs_kernel.usable: none aborted, no QP in error
+        return all(e.healthy == len(e.qps) and not e.aborted for e in eps)
+
 
 class _FakeEp:
     """What ``_watch`` and the store see of a ``verbs_kernel.Endpoint``."""
@@ -533,6 +536,7 @@ class _Slices:
     def __init__(self, local=0x1000, remote=0x2000):
         self.failed = None
         self.local, self.remote = local, remote
+        self.batch = SimpleNamespace(priority=0)  # the engine's quota class
 
     def __iter__(self):  # one slice: (task, op, local, remote, length)
         yield (0, 1, self.local, self.remote, 4096)

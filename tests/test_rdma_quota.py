@@ -6,6 +6,8 @@ for all of them) each keep DEPTH batches of BLOCK bytes of RDMA WRITEs in flight
 
 * alone, a writer with the quota gets at least 0.9x the rate of one without it (A/B rounds);
 * two writers at weights 1 and 4 share the bytes 1 : 4 within 15 % while both are busy;
+* so do a writer at weight 1 and one whose engine is at weight 1 but whose batches ask for 4
+  (``submit(..., priority=4)``: that class gets a worker and quota slot of its own);
 * SIGKILL of the heavier one gives its share back to the other within a second;
 * an engine in this process held back by a heavier rival slot: its WRITEs and READs (sync and
   async) wait for the quota and land intact; with no slot left it runs unregulated (a warning).
@@ -47,7 +49,7 @@ STALE = 0.2
 
 
 def _writer(seg: str, raddr: int, dev: str, qpath: str | None, weight: int | None, counter,
-            go, stop, ready, busy) -> None:
+            go, stop, ready, busy, batch_priority: int | None = None) -> None:
     """Keep DEPTH writes of BLOCK bytes to ``seg`` in flight while ``go``; ``counter``: bytes
     completed; ``busy``: batches outstanding."""
     warnings.simplefilter("ignore")
@@ -60,7 +62,8 @@ def _writer(seg: str, raddr: int, dev: str, qpath: str | None, weight: int | Non
     buf = np.full(BLOCK, 7, np.uint8)
     e.register(buf)
     src = buf.ctypes.data
-    e.write(seg, src, raddr, BLOCK, timeout=120)      # the endpoint (and the quota slot)
+    e.write(seg, src, raddr, BLOCK, timeout=120,      # the endpoint (and the quota slot)
+            priority=batch_priority)
     ready.value = 1
     q: deque = deque()
     while not stop.value:
@@ -73,7 +76,7 @@ def _writer(seg: str, raddr: int, dev: str, qpath: str | None, weight: int | Non
             continue
         busy.value = 1
         while len(q) < DEPTH:
-            q.append(e.submit(seg, "write", [src], [raddr], [BLOCK]))
+            q.append(e.submit(seg, "write", [src], [raddr], [BLOCK], priority=batch_priority))
         q.popleft().wait(60)
         counter.value += BLOCK
     while q:
@@ -85,14 +88,14 @@ class _Proc:
     """One writer process and its lock-free flags (a SIGKILLed process may die anywhere)."""
 
     def __init__(self, ctx, name: str, seg: str, raddr: int, qpath: str | None,
-                 weight: int | None) -> None:
+                 weight: int | None, batch_priority: int | None = None) -> None:
         self.name = name
         self.go, self.stop = ctx.RawValue("i", 0), ctx.RawValue("i", 0)
         self.ready, self.busy = ctx.RawValue("i", 0), ctx.RawValue("i", 0)
         self.bytes = ctx.RawValue("Q", 0)
         self.proc = ctx.Process(target=_writer, name=f"rdma-quota-{name}", daemon=True,
                                 args=(seg, raddr, RXE_DEV, qpath, weight, self.bytes, self.go,
-                                      self.stop, self.ready, self.busy))
+                                      self.stop, self.ready, self.busy, batch_priority))
         self.proc.start()
 
     @property
@@ -124,9 +127,10 @@ class Rig:
         self.table = Q.open_table(qpath)
         self.nic = Q.nic_key_for_rdma(RXE_DEV)
 
-    def slot(self, name: str) -> dict:
+    def slot(self, name: str, weight: int | None = None) -> dict:
         pid = self.p[name].pid
-        got = [s for s in self.table.slots(self.nic) if s["pid"] == pid]
+        got = [s for s in self.table.slots(self.nic) if s["pid"] == pid and
+               (weight is None or s["weight"] == weight)]
         assert got, f"{name} holds no quota slot on {self.nic}: {self.table.slots(self.nic)}"
         return got[0]
 
@@ -155,15 +159,15 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    """The target (this process) and three writers: ``light`` (weight 1) and ``heavy``
-    (weight 4) with the quota, ``bare`` without one."""
+    """The target (this process) and four writers: ``light`` (weight 1) and ``heavy``
+    (weight 4) with the quota, ``bare`` without one, ``classed`` (weight 1, its batches 4)."""
     from mooncake.engine import TransferEngine
 
     warnings.simplefilter("ignore")
     qpath = str(tmp_path_factory.mktemp("rdma-quota") / "quota")
     Q.open_table(qpath, stale=STALE)
     target = TransferEngine("127.0.0.1", metadata="p2p", protocol="rdma", device_name=RXE_DEV)
-    tbuf = np.zeros(3 * BLOCK + INTACT, np.uint8)
+    tbuf = np.zeros(4 * BLOCK + INTACT, np.uint8)
     target.register(tbuf)
     ctx = mp.get_context("forkserver")   # one interpreter start (TCG is slow), then forks
     ctx.set_forkserver_preload(["numpy", "pytest", "mooncake.engine", "mooncake.quota",
@@ -171,9 +175,10 @@ def rig(tmp_path_factory):
     t0 = time.monotonic()
     procs: dict[str, _Proc] = {}
     try:
-        for i, (name, w) in enumerate([("light", 1), ("heavy", 4), ("bare", None)]):
+        for i, (name, w, bp) in enumerate([("light", 1, None), ("heavy", 4, None),
+                                           ("bare", None, None), ("classed", 1, 4)]):
             procs[name] = _Proc(ctx, name, target.segment_name, tbuf.ctypes.data + i * BLOCK,
-                                qpath if w else None, w)
+                                qpath if w else None, w, bp)
         for p in procs.values():
             assert _wait_flag(p.ready, 180), f"writer {p.name} did not come up"
         print(f"\nwriters up in {time.monotonic() - t0:.1f}s")
@@ -230,6 +235,20 @@ def test_two_processes_share_by_weight(rig):
     assert granted == pytest.approx(4, rel=0.15)
 
 
+def test_a_batch_priority_is_its_own_quota_class(rig):
+    """Engines both at weight 1; one's batches ask for priority 4: its class has a slot of
+    weight 4 on the NIC and takes 4 : 1 of the bytes within 15 %."""
+    rig.park_all()
+    rig.start("light", "classed", warm=1.0)
+    rl, rc = rig.rates(SHARE_S, "light", "classed")
+    rig.park_all()
+    own = rig.slot("classed", 4)
+    print(f"engine weight 1 vs batches at 4: MB/s {rl / 1e6:.1f} : {rc / 1e6:.1f} = 1 : "
+          f"{rc / rl:.2f}; the class's slot {own}")
+    assert own["bytes"] > 0
+    assert rc / rl == pytest.approx(4, rel=0.15)
+
+
 def test_sigkilled_participant_frees_its_share_within_a_second(rig):
     """SIGKILL of the heavy writer mid-stream: within a second (after the table's stale time)
     the light one is no longer held back, and for the rest of that second runs at several
@@ -283,7 +302,7 @@ def test_refused_windows_wait_and_complete_intact(rig):
 
     th = threading.Thread(target=compete, daemon=True)
     th.start()
-    off = 3 * BLOCK
+    off = 4 * BLOCK
     raddr = rig.tbuf.ctypes.data + off
     try:
         t_up = time.monotonic()
@@ -335,7 +354,7 @@ def test_full_table_runs_unregulated(rig, tmp_path, caplog):
     path = str(tmp_path / "q1")
     t = Q.open_table(path, slots=1)
     hog = t.join(rig.nic, 1)                    # this process holds the NIC's only slot
-    off = 3 * BLOCK
+    off = 4 * BLOCK
     try:
         e = _engine(shared_quota_shm_path=path)
         try:

@@ -183,6 +183,10 @@ if [ "$accel" = auto ]; then
 fi
 case "$accel" in tcg|kvm) ;; *) fail "RXE_VM_ACCEL must be auto, tcg or kvm" ;; esac
 args=(-r "$kimage" -m "$mem" --cpus "$cpus" --exec "bash $work/guest.sh")
+# TSC as the clocksource (as on real machines): under TCG the kernel's watchdog otherwise moves
+# to the HPET, where every clock_gettime is an emulated MMIO read of ~2 us (perftest reads the
+# TSC itself, our kernels and Python call clock_gettime: the HPET would charge only us)
+args+=(--append "clocksource=tsc tsc=reliable")
 [ "$accel" = tcg ] && args+=(--disable-kvm)
 if [ "$topo" = numa2 ]; then
   . "$here/rxe-vm-numa2.sh" || fail "cannot read $here/rxe-vm-numa2.sh"

@@ -107,6 +107,8 @@ MAX_DEVICES = 16
 MAX_QPS = 255
 #: NIC pairs one submit stripes over (the kernel's MAX_PATHS)
 MAX_PATHS = 64
+#: quota classes besides the engine's that get workers of their own (more share the last)
+MAX_CLASSES = 7
 #: work-completion statuses that say the path failed (ibv_wc_status), as opposed to a peer
 #: refusing a range or our own abort: each counts against its rail
 RAIL_FAULTS = {2: "local QP operation error (Soft-RoCE: its port went down)",
@@ -159,7 +161,7 @@ _CONNECT_FIELDS: dict[str, Field] = {
     "src_dev": Field("str", max_len=64, pattern=_DEV_NAME),
     "dst_dev": Field("str", max_len=64, pattern=_DEV_NAME),
     #: which of the NIC pair's lanes (num_lanes) this endpoint is; absent: 0
-    "lane": Field("int", 0, MAX_PATHS - 1, required=False),
+    "lane": Field("int", 0, MAX_PATHS * (MAX_CLASSES + 1) - 1, required=False),
 }
 
 
@@ -301,10 +303,33 @@ class _Dev:
     qretry: float = 0.0
     #: the NUMA node of its PCI device (-1: unknown)
     numa: int = -1
+    #: quota classes other than the engine's (a batch's ``priority``): class index (1..) ->
+    #: its own worker, CQ and quota slot on this device, made on first use
+    classes: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.dev.name
+
+    def all_workers(self) -> list:
+        return self.workers + [c.worker for c in self.classes.values()]
+
+    def all_slots(self) -> list:
+        return self.slots + [c.slot for c in self.classes.values()]
+
+
+@dataclass
+class _Class:
+    """A quota class's worker on one device: its endpoints are its own (their lanes are
+    ``lane + MAX_PATHS * index``), so a class the quota holds back never delays another's
+    slices queued behind it."""
+
+    index: int
+    weight: int
+    worker: Any
+    slot: Any
+    thread: threading.Thread
+    qslot: Any = None
 
 
 class RdmaTransport(Transport):
@@ -412,6 +437,8 @@ class RdmaTransport(Transport):
         self.tc = 0 if tc < 0 else tc
         #: seconds a small synchronous call spins on its batch before sleeping
         self.spin_s = int(g("MC_RDMA_SPIN_US")) / 1e6
+        #: how long small synchronous calls took lately (s, an average; 0: none yet)
+        self._sync_rtt = 0.0
         sl = int(g("MC_IB_SL"))
         self.sl = 0 if sl < 0 else sl
         #: TENT's rail_topo_path ({"all": [...], "direct": [...]} pairs of NIC names) and
@@ -775,7 +802,11 @@ class RdmaTransport(Transport):
         return ep
 
     def _place(self, d: _Dev, lane: int | None = None) -> tuple[Any, Any]:
-        """The (worker, CQ slot) of the next endpoint on ``d``: lane ``i``'s on worker ``i``."""
+        """The (worker, CQ slot) of the next endpoint on ``d``: lane ``i``'s on worker ``i``;
+        a quota class's lanes (``i + MAX_PATHS * index``) on that class's worker."""
+        if lane is not None and lane >= MAX_PATHS:
+            c = d.classes[lane // MAX_PATHS]
+            return c.worker, c.slot
         d.ep_seq += 1
         w = d.ep_seq % len(d.workers) if lane is None else lane % len(d.workers)
         worker = d.workers[w]
@@ -810,8 +841,8 @@ class RdmaTransport(Transport):
                              f"{', '.join(x.name for x in self.devs)})")
         n = len(args["qpns"])
         lane = int(args.get("lane", 0))
-        with self._lock:
-            worker, slot = self._place(d, lane if self.lanes > 1 else None)
+        with self._lock:  # (a passive endpoint carries no work: any worker polls it)
+            worker, slot = self._place(d, lane % MAX_PATHS if self.lanes > 1 else None)
         qps = self._new_qps(d, n, slot)
         psns = [random.getrandbits(24) for _ in qps]
         try:
@@ -829,7 +860,7 @@ class RdmaTransport(Transport):
 
     def _connect(self, d: _Dev, peer_name: str, inst: str, pdev: str, lane: int = 0) -> Any:
         with self._lock:
-            worker, slot = self._place(d, lane if self.lanes > 1 else None)
+            worker, slot = self._place(d, lane if self.lanes > 1 or lane >= MAX_PATHS else None)
         qps = self._new_qps(d, self.qp_per_ep, slot)
         psns = [random.getrandbits(24) for _ in qps]
         args = {"segment": self.ctx.segment_name, "instance": self.instance, "src_dev": d.name,
@@ -1169,15 +1200,9 @@ class RdmaTransport(Transport):
         return t
 
     def submit(self, peer: SegmentDesc, slices: Any) -> None:
-        info = peer.transports.get(self.name) or {}
-        pdevs = peer_devices(info)
         if self._closing or not self.devs:
             slices.fail_all(_E_CLOSED)
             return
-        if not pdevs:
-            slices.fail_all(_E_PEER)
-            return
-        inst = info.get("instance", "")
         first = next(iter(slices), None)
         if first is None:
             return
@@ -1185,14 +1210,21 @@ class RdmaTransport(Transport):
         # endpoints are healthy and nothing changed (a pause, an endpoint, a registration),
         # for at most ROUTE_CACHE_S: a small transfer pays no path selection
         k = bisect_right(self._region_starts, first[2]) - 1
+        w = slices.batch.priority  # another quota class than the engine's: its own workers
+        weight = w if w and self.quota.table is not None and w != self.quota.weight else 0
         ck = (peer.name, id(peer), peer.timestamp, self._region_starts[k] if k >= 0 else -1,
-              self._remote_row(peer, first[3]))
+              self._remote_row(peer, first[3]), weight)
         hit = self._choices.get(ck)
         if hit is not None and hit[6] is peer and hit[0] == self._gen and \
-                hit[1] > time.monotonic() and \
-                all(e.healthy == len(e.qps) and not e.aborted for e in hit[3]):
+                hit[1] > time.monotonic() and K.usable(hit[3]):
             K.submit(slices, self.ltab, 0, hit[2], hit[4], hit[3], self.roundrobin, hit[5])
             return
+        info = peer.transports.get(self.name) or {}
+        pdevs = peer_devices(info)
+        if not pdevs:
+            slices.fail_all(_E_PEER)
+            return
+        inst = info.get("instance", "")
         gen = self._gen
         pairs, choice = self._paths(peer, info, pdevs, first[2], first[4], first[3])
         if self._rail_errors:  # a rail that just failed is left out while a clean one remains
@@ -1209,9 +1241,14 @@ class RdmaTransport(Transport):
             if w is not None:
                 why = w
                 continue
+            try:
+                base = MAX_PATHS * self._class_of(d, weight).index if weight else 0
+            except Exception as e:  # closing, or no CQ left for a class worker
+                why = str(e)
+                continue
             for lane in range(min(self.lanes, MAX_PATHS - len(eps))):
                 try:
-                    ep = self._endpoint(d, peer.name, inst, pdevs[c], lane)
+                    ep = self._endpoint(d, peer.name, inst, pdevs[c], base + lane)
                 except Exception as e:  # the other rails may still work
                     why = str(e)
                     break
@@ -1223,7 +1260,7 @@ class RdmaTransport(Transport):
             (log.warning if pairs else log.debug)("rdma: no endpoint to %s: %s", peer.name, why)
             slices.fail_all(_E_PEER)
             return
-        if self.quota.table is not None:
+        if self.quota.table is not None and not weight:  # (a class joins as it is made)
             for k in used:
                 if self.devs[k].qslot is None:
                     self._join_quota(self.devs[k])
@@ -1246,11 +1283,21 @@ class RdmaTransport(Transport):
     SPIN_SLICES: ClassVar[int] = 4
 
     def transfer(self, peer: SegmentDesc, slices: Any, timeout: float) -> bool:
-        """Submit and wait; a small call first polls its batch for ``MC_RDMA_SPIN_US`` (the
-        completion usually lands within it, sparing two thread wake-ups; the kernel never spins
-        on a thread that has one CPU)."""
+        """Submit and wait; a small call first polls its batch for twice as long as small calls
+        took lately (an average over the last few), at most ``MC_RDMA_SPIN_US``: the
+        completion usually lands within it, sparing the caller's wake-up, and a fast fabric
+        spins for microseconds only (the kernel never spins on a thread that has one CPU)."""
+        if self.spin_s <= 0 or len(slices) > self.SPIN_SLICES:
+            self.submit(peer, slices)
+            return slices.batch.wait(timeout, 0.0)
+        t0 = time.monotonic()
         self.submit(peer, slices)
-        return slices.batch.wait(timeout, self.spin_s if len(slices) <= self.SPIN_SLICES else 0.0)
+        rtt = self._sync_rtt
+        ok = slices.batch.wait(timeout, min(self.spin_s, 2.0 * rtt) if rtt else self.spin_s)
+        if ok:  # a call that ran into its timeout says nothing about the fabric
+            dt = time.monotonic() - t0
+            self._sync_rtt = dt if not rtt else 0.875 * rtt + 0.125 * dt
+        return ok
 
     def _join_quota(self, d: _Dev) -> None:
         """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;
@@ -1267,6 +1314,37 @@ class RdmaTransport(Transport):
             for w in d.workers:
                 w.set_quota(slot.core, slot.sid)
             d.qslot = slot
+
+    def _class_of(self, d: _Dev, weight: int) -> _Class:
+        """The worker of quota class ``weight`` on ``d``: made on first use (a CQ on the NIC's
+        node, a pinned thread, a quota slot at that weight; no room in the table: the class
+        runs unregulated, as the engine's would).  Past MAX_CLASSES classes, the last one
+        made carries the rest."""
+        with self._qlock:
+            for c in d.classes.values():
+                if c.weight == weight:
+                    return c
+            if self._closing:
+                raise PeerUnreachable("rdma transport is closing")
+            if len(d.classes) >= MAX_CLASSES:
+                return d.classes[len(d.classes)]
+            index = len(d.classes) + 1
+            with _numa.preferred(d.numa):
+                slot = K.CQSlot(V.CQ(d.dev, self.max_cqe, d.channels[index % len(d.channels)],
+                                     index))
+            worker = K.Worker([slot], self._hub, self.retry_cnt, grace=self.grace)
+            q = self.quota.get(_quota.nic_key_for_rdma(d.name, d.port), weight)
+            if q is not None:
+                worker.set_quota(q.core, q.sid)
+            t = threading.Thread(target=_run_pinned,
+                                 args=(worker, _node_cpus().get(d.numa, set()), d.name),
+                                 name=f"mc-rdma-{d.name}-c{weight}", daemon=True)
+            c = _Class(index, weight, worker, slot, t, q)
+            d.classes[index] = c
+            t.start()
+            log.debug("rdma: %s: quota class %d has its own worker (slot %s)", d.name, weight,
+                      None if q is None else q.sid)
+            return c
 
     def _repair_loop(self) -> None:
         while not self._closing:
@@ -1293,7 +1371,7 @@ class RdmaTransport(Transport):
             live = set()
             bad_slots = set()
             for d in self.devs:
-                for sl in d.slots:
+                for sl in d.all_slots():
                     n = sl.errors
                     if n != self._cq_errors.get(id(sl), 0):
                         self._cq_errors[id(sl)] = n
@@ -1475,9 +1553,11 @@ class RdmaTransport(Transport):
                     break
             time.sleep(0.01)
         for d in self.devs:
-            for w in d.workers:
+            with self._qlock:  # no class is made from now on (the lock orders it)
+                classes = list(d.classes.values())
+            for w in d.all_workers():
                 w.stop()
-            for t in d.threads:
+            for t in d.threads + [c.thread for c in classes]:
                 t.join(5)
         with self._qlock:   # the workers left their slots; give them back
             for d in self.devs:
@@ -1509,7 +1589,7 @@ class RdmaTransport(Transport):
 
     def stats(self) -> dict:
         """Per-device worker counters, CQ poll errors, endpoint counts and clamped knobs."""
-        return {d.name: {"workers": [w.stats() for w in d.workers], "endpoints": len(d.store),
-                         "evictions": d.store.evictions,
-                         "cq_errors": sum(sl.errors for sl in d.slots)} for d in self.devs} | {
-            "clamped": dict(self.clamped), "retired": len(self._retired)}
+        per = {d.name: {"workers": [w.stats() for w in d.all_workers()],
+                        "endpoints": len(d.store), "evictions": d.store.evictions,
+                        "cq_errors": sum(sl.errors for sl in d.all_slots())} for d in self.devs}
+        return per | {"clamped": dict(self.clamped), "retired": len(self._retired)}

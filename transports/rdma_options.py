@@ -103,9 +103,10 @@ OPTIONS: tuple[Option, ...] = (
        doc="service level (IB SL) on every QP's address vector (unset: 0)",
        hint="map transfer-engine traffic to its own lane/queue on IB fabrics with QoS",
        reads=("transports/rdma.py",)),
-    _O("MC_RDMA_SPIN_US", int, 30, range=(0, 10000), unit="µs", owner="rdma",
-       doc="a synchronous rdma call of a few slices polls its batch this long before sleeping "
-           "(mooncake's; 0: never; never on a thread with one CPU)",
+    _O("MC_RDMA_SPIN_US", int, 1000, range=(0, 10000), unit="µs", owner="rdma",
+       doc="a synchronous rdma call of a few slices polls its batch before sleeping: twice "
+           "as long as such calls took lately, at most this (mooncake's; 0: never; never on a "
+           "thread with one CPU)",
        hint="lower small-transfer latency for a little CPU; 0 on oversubscribed hosts",
        reads=("transports/rdma.py",)),
     _O("MC_IB_PCI_RELAXED_ORDERING", int, 0, choices=(0, 1, 2), owner="rdma",

@@ -1438,6 +1438,21 @@ cdef class KeyTable:
         return None if r < 0 else bool(self.writable[r])
 
 
+def usable(list eps not None):
+    """Whether every endpoint of ``eps`` may take work now: not aborted, no QP in error (what
+    a cached path choice checks before each submit, without a Python loop)."""
+    cdef Endpoint e
+    cdef int i
+    for x in eps:
+        e = <Endpoint?>x
+        if mcv_load(&e.ep.state) == EP_ABORTED:
+            return False
+        for i in range(e.ep.nqp):
+            if mcv_load(&e.ep.qp_bad[i]):
+                return False
+    return True
+
+
 cdef int64_t _rr = 0
 
 
