@@ -108,7 +108,8 @@ class TransferEngine(MooncakeAPI):
         self._max_notifies = cfg["MC_MAX_NOTIFIES"]
         self._max_notify_bytes = cfg["MC_MAX_NOTIFY_BYTES"]
         self._stuck: dict[int, Region] = {}  # unregistered while something still held them
-        self._routes: dict[str, tuple[Transport, dict]] = {}
+        #: segment -> (transport, the descriptor's timestamp, look again after: monotonic)
+        self._routes: dict[str, tuple[Transport, float, float]] = {}
         #: segment -> the transport of a route dropped after a failure (for the failover log)
         self._was_routed: dict[str, str] = {}
         self._warned: set[str] = set()
@@ -467,8 +468,8 @@ class TransferEngine(MooncakeAPI):
 
     def _route(self, peer: SegmentDesc) -> Transport:
         hit = self._routes.get(peer.name)
-        if hit is not None and hit[1].get("ts") == peer.timestamp and \
-                hit[1]["until"] > time.monotonic():
+        if hit is not None and hit[1] == peer.timestamp and \
+                (hit[2] == _FOREVER or hit[2] > time.monotonic()):
             return hit[0]
         info = self.explain_desc(peer)
         chosen = info["chosen"]
@@ -495,8 +496,8 @@ class TransferEngine(MooncakeAPI):
         # rail paused...) is looked at again after ROUTE_RECHECK_S: back once it can
         fallback = any(not c["reachable"] and c["priority"] < t.auto_priority
                        for c in info["candidates"])
-        until = time.monotonic() + self.ROUTE_RECHECK_S if fallback else float("inf")
-        self._routes[peer.name] = (t, {"ts": peer.timestamp, "until": until})
+        until = time.monotonic() + self.ROUTE_RECHECK_S if fallback else _FOREVER
+        self._routes[peer.name] = (t, peer.timestamp, until)
         return t
 
     def explain(self, segment: str, local: int | None = None, remote: int | None = None) -> dict:
@@ -548,7 +549,7 @@ class TransferEngine(MooncakeAPI):
             opc = OPS[op]
         except (KeyError, TypeError):
             raise InvalidAddress(f"op must be 'read' or 'write' (or 0/1), got {op!r}") from None
-        tmo = _check_timeout(timeout)
+        tmo = None if timeout is None else _check_timeout(timeout)
         weight = 0 if priority is None else _priority_weight(priority)
         expired = False
         if deadline is not None:
@@ -565,10 +566,14 @@ class TransferEngine(MooncakeAPI):
             entry = self._peer(segment)
             if not entry.table.contains(ra, n):
                 entry = self._segments.get(segment, refresh=True)
-            _check_remote(entry, segment, opc, (ra,), (n,))
+                _check_remote(entry, segment, opc, (ra,), (n,))
+            elif opc == OPS["write"] and entry.read_only:
+                _check_remote(entry, segment, opc, (ra,), (n,))
             peer = entry.desc
             t = self._route(peer)
-            self._check_kinds(t, entry, (la,), (ra,), (n,))
+            kinds = t.memory_kinds
+            if not (self._kinds <= kinds and entry.kinds <= kinds):
+                self._check_kinds(t, entry, (la,), (ra,), (n,))
             core = _core.Batch(1)
             meter = self.meters.get(t.name, peer.name)  # the kernel counts each task there
             try:
@@ -671,8 +676,12 @@ class TransferEngine(MooncakeAPI):
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                   length: Sequence[int], timeout: float | None,
                   deadline: float | None = None, priority: str | int | None = None) -> None:
-        peer, t, core, slices, tmo = self._validate_counted(segment, op, local, remote, length,
-                                                            timeout, deadline, priority)
+        try:  # (not through _validate_counted: one frame less on the small-call path)
+            peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length,
+                                                        timeout, deadline, priority)
+        except MooncakeError:
+            self._count_refused(op, length)
+            raise
         in_time = t.transfer(peer, slices, tmo)
         if in_time and core.first_not_completed() < 0:
             return
@@ -688,7 +697,7 @@ class TransferEngine(MooncakeAPI):
 
     def _check_kinds(self, t: Transport, entry, local, remote, length) -> None:
         """TransportUnavailable when a range is memory ``t`` cannot move (e.g. CUDA over tcp)."""
-        if self._kinds | entry.kinds <= t.memory_kinds:
+        if self._kinds <= t.memory_kinds and entry.kinds <= t.memory_kinds:
             return
         for i, (a, r, n) in enumerate(zip(local, remote, length, strict=True)):
             lk = memory_kind(next((x.location for x in self._regions.values()
@@ -1014,6 +1023,9 @@ def _warn_open_once(bind: str) -> None:
                 "read and write registered memory; set MC_CLUSTER_TOKEN on every engine (or "
                 "bind to a trusted network)", bind)
 
+
+#: a route that is never looked at again (until its descriptor changes)
+_FOREVER = float("inf")
 
 def _check_timeout(timeout: Any) -> float | None:
     if timeout is None:

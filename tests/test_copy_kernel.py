@@ -523,3 +523,30 @@ def test_sync_caller_and_pool_close_race():
         t.join(30)
         assert not t.is_alive()
     assert not errors, errors
+
+
+def test_slices_head_and_a_spun_wait_learn_the_call_time(pool):
+    """``Slices.head`` names the first slice; ``Batch.wait_spun`` polls at most its gauge's cap
+    and averages the waits that end in time (what rdma's small synchronous calls use)."""
+    from mooncake._core.batch import SpinGauge
+
+    src, dst = np.arange(8192, dtype=np.uint8), np.zeros(8192, np.uint8)
+    table = kc.Table([direct(dst)])
+    b = Batch(1)
+    s = slice_requests(b, WRITE, [addr(src)], [addr(dst)], [8192], 4096, 4)
+    assert s.head() == (addr(src), addr(dst), 4096)
+    g = SpinGauge(0.002)
+    assert (g.cap, g.avg) == (0.002, 0.0)
+    pool.submit(s, kc.Peer(os.getpid()), table, 0)
+    assert b.wait_spun(30, g) and 0 < g.avg < 30
+    assert np.array_equal(src, dst)
+    first = g.avg
+    b2 = Batch(1)
+    pool.submit(slice_requests(b2, WRITE, [addr(src)], [addr(dst)], [8192], 4096, 4),
+                kc.Peer(os.getpid()), table, 0)
+    assert b2.wait_spun(30, g) and g.avg != first  # 7/8 of the old average, 1/8 of the new
+    late = Batch(1)  # a wait that times out leaves the average alone
+    slice_requests(late, WRITE, [addr(src)], [addr(dst)], [8192], 4096, 4)
+    before = g.avg
+    assert not late.wait_spun(0.01, g) and g.avg == before
+    assert SpinGauge(-1).cap == 0.0

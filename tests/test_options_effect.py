@@ -541,6 +541,9 @@ class _Slices:
     def __iter__(self):  # one slice: (task, op, local, remote, length)
         yield (0, 1, self.local, self.remote, 4096)
 
+    def head(self):
+        return (self.local, self.remote, 4096)
+
     def fail_all(self, err):
         self.failed = err
 

@@ -437,8 +437,8 @@ class RdmaTransport(Transport):
         self.tc = 0 if tc < 0 else tc
         #: seconds a small synchronous call spins on its batch before sleeping
         self.spin_s = int(g("MC_RDMA_SPIN_US")) / 1e6
-        #: how long small synchronous calls took lately (s, an average; 0: none yet)
-        self._sync_rtt = 0.0
+        #: how long small synchronous calls waited lately: they poll twice that, at most spin_s
+        self._spin = _batch.SpinGauge(self.spin_s)
         sl = int(g("MC_IB_SL"))
         self.sl = 0 if sl < 0 else sl
         #: TENT's rail_topo_path ({"all": [...], "direct": [...]} pairs of NIC names) and
@@ -456,6 +456,9 @@ class RdmaTransport(Transport):
         #: (descriptor, local region, remote buffer) -> (generation, until, remote key table,
         #: endpoints, remote columns, local columns, descriptor): submit's path choice cache
         self._choices: dict[tuple, tuple] = {}
+        #: (descriptor, local region start, end, peer buffer start, end, class, choice): the
+        #: choice used last, checked before the dict
+        self._hot: tuple | None = None
         #: bumped by whatever can change a path choice (pauses, endpoints, registrations)
         self._gen = 0
         self.relaxed = int(g("MC_IB_PCI_RELAXED_ORDERING"))
@@ -1203,20 +1206,31 @@ class RdmaTransport(Transport):
         if self._closing or not self.devs:
             slices.fail_all(_E_CLOSED)
             return
-        first = next(iter(slices), None)
+        first = slices.head()
         if first is None:
             return
-        # the last choice for this (descriptor, local region, remote buffer), while its
-        # endpoints are healthy and nothing changed (a pause, an endpoint, a registration),
-        # for at most ROUTE_CACHE_S: a small transfer pays no path selection
-        k = bisect_right(self._region_starts, first[2]) - 1
+        la, ra, ln = first
         w = slices.batch.priority  # another quota class than the engine's: its own workers
         weight = w if w and self.quota.table is not None and w != self.quota.weight else 0
+        # the last choice for this (descriptor, local region, remote buffer), while its
+        # endpoints are healthy and nothing changed (a pause, an endpoint, a registration),
+        # for at most ROUTE_CACHE_S: a small transfer pays no path selection; the newest one
+        # used is checked first by identity and address bounds alone
+        hot = self._hot
+        if hot is not None and hot[0] is peer and hot[1] <= la < hot[2] and \
+                hot[3] <= ra < hot[4] and hot[5] == weight:
+            hit = hot[6]
+            if hit[0] == self._gen and hit[1] > time.monotonic() and K.usable(hit[3]):
+                K.submit(slices, self.ltab, 0, hit[2], hit[4], hit[3], self.roundrobin, hit[5])
+                return
+        k = bisect_right(self._region_starts, la) - 1
+        row = self._remote_row(peer, ra)
         ck = (peer.name, id(peer), peer.timestamp, self._region_starts[k] if k >= 0 else -1,
-              self._remote_row(peer, first[3]), weight)
+              row, weight)
         hit = self._choices.get(ck)
         if hit is not None and hit[6] is peer and hit[0] == self._gen and \
                 hit[1] > time.monotonic() and K.usable(hit[3]):
+            self._remember(peer, k, row, weight, hit)
             K.submit(slices, self.ltab, 0, hit[2], hit[4], hit[3], self.roundrobin, hit[5])
             return
         info = peer.transports.get(self.name) or {}
@@ -1226,7 +1240,7 @@ class RdmaTransport(Transport):
             return
         inst = info.get("instance", "")
         gen = self._gen
-        pairs, choice = self._paths(peer, info, pdevs, first[2], first[4], first[3])
+        pairs, choice = self._paths(peer, info, pdevs, la, ln, ra)
         if self._rail_errors:  # a rail that just failed is left out while a clean one remains
             clean = [(d, c) for d, c in pairs
                      if not self._rail_errors.get((d.name, peer.name, inst, pdevs[c]))]
@@ -1272,12 +1286,28 @@ class RdmaTransport(Transport):
             return
         if len(self._choices) > 1024:
             self._choices.clear()
-        self._choices[ck] = (gen, time.monotonic() + self.ROUTE_CACHE_S, rtab, eps, cols, lcols,
-                             peer)  # the very descriptor: an id() may be reused
+        hit = self._choices[ck] = (gen, time.monotonic() + self.ROUTE_CACHE_S, rtab, eps, cols,
+                                   lcols, peer)  # the very descriptor: an id() may be reused
+        self._remember(peer, k, row, weight, hit)
         if len(self._last_rtab) > 256:
             self._last_rtab.clear()
         self._last_rtab[(peer.name, inst)] = (rtab, pdevs)
         K.submit(slices, self.ltab, 0, rtab, cols, eps, self.roundrobin, lcols)
+
+    def _remember(self, peer: SegmentDesc, k: int, row: int, weight: int, hit: tuple) -> None:
+        """Make ``hit`` the choice checked first: for the local region ``k`` and the peer's
+        buffer ``row`` (none when either is unknown)."""
+        if k < 0 or row < 0:
+            self._hot = None
+            return
+        start = self._region_starts[k]
+        ent = self._region_numa.get(start)
+        rows = self._remote_rows(peer)
+        if ent is None or row >= len(rows):
+            self._hot = None
+            return
+        self._hot = (peer, start, start + ent[0], rows[row][0], rows[row][0] + rows[row][1],
+                     weight, hit)
 
     #: a synchronous call of at most this many slices spins (MC_RDMA_SPIN_US) before it sleeps
     SPIN_SLICES: ClassVar[int] = 4
@@ -1287,17 +1317,10 @@ class RdmaTransport(Transport):
         took lately (an average over the last few), at most ``MC_RDMA_SPIN_US``: the
         completion usually lands within it, sparing the caller's wake-up, and a fast fabric
         spins for microseconds only (the kernel never spins on a thread that has one CPU)."""
-        if self.spin_s <= 0 or len(slices) > self.SPIN_SLICES:
-            self.submit(peer, slices)
-            return slices.batch.wait(timeout, 0.0)
-        t0 = time.monotonic()
         self.submit(peer, slices)
-        rtt = self._sync_rtt
-        ok = slices.batch.wait(timeout, min(self.spin_s, 2.0 * rtt) if rtt else self.spin_s)
-        if ok:  # a call that ran into its timeout says nothing about the fabric
-            dt = time.monotonic() - t0
-            self._sync_rtt = dt if not rtt else 0.875 * rtt + 0.125 * dt
-        return ok
+        if len(slices) > self.SPIN_SLICES:
+            return slices.batch.wait(timeout, 0.0)
+        return slices.batch.wait_spun(timeout, self._spin)
 
     def _join_quota(self, d: _Dev) -> None:
         """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;

@@ -58,6 +58,17 @@ OP_READ = 0
 OP_WRITE = 1
 
 
+cdef class SpinGauge:
+    """How long synchronous waits of one kind took lately (an average over the last few), and
+    the longest a wait may poll (``cap`` seconds; 0: never poll)."""
+    cdef public double cap
+    cdef public double avg
+
+    def __cinit__(self, double cap):
+        self.cap = cap if cap > 0 else 0.0
+        self.avg = 0.0
+
+
 cdef class Batch:
     """Completion counters of one batch of ``ntasks`` requests (owned by the engine)."""
 
@@ -122,6 +133,21 @@ cdef class Batch:
         with nogil:
             rc = mc_batch_wait(self.b, timeout, spin)
         return rc == 0
+
+    def wait_spun(self, double timeout, SpinGauge gauge not None):
+        """:meth:`wait`, polling first for twice as long as the waits ``gauge`` saw lately (at
+        most its cap); a wait that ends in time goes into its average."""
+        cdef int rc
+        cdef double t0, avg = gauge.avg
+        cdef double spin = gauge.cap if avg <= 0 else min(gauge.cap, 2.0 * avg)
+        with nogil:
+            t0 = mc_now()
+            rc = mc_batch_wait(self.b, timeout, spin)
+            if rc == 0:
+                t0 = mc_now() - t0
+                gauge.avg = t0 if avg <= 0 else 0.875 * avg + 0.125 * t0
+        return rc == 0
+
 
 
 #: log2 buckets per histogram of a :class:`Meter`: bucket ``i`` counts values ``v <= 2**i``
@@ -227,6 +253,13 @@ cdef class Slices:
 
     def __len__(self):
         return self.n
+
+    def head(self):
+        """``(local, remote, length)`` of the first slice (what a transport picks a path by),
+        or None when there is none."""
+        if self.n == 0:
+            return None
+        return (self.local[0], self.remote[0], self.length[0])
 
     def __iter__(self):
         cdef Py_ssize_t i

@@ -941,11 +941,13 @@ cdef class Orphans:
             s = s.next
         return d
 
-    cdef int _fail(self, int64_t ep_id, int err) noexcept:
+    cdef vslice *_take(self, int64_t ep_id) noexcept:
+        """Unlink the slices of endpoint ``ep_id`` (-1: all), in order, as one chain."""
         cdef vslice *s = self.head
         cdef vslice *prev = NULL
         cdef vslice *nxt
-        cdef int n = 0
+        cdef vslice *h = NULL
+        cdef vslice *t = NULL
         while s != NULL:
             nxt = s.next
             if ep_id < 0 or s.ep.id == ep_id:
@@ -954,10 +956,21 @@ cdef class Orphans:
                 else:
                     prev.next = nxt
                 s.next = NULL
-                _complete(s, err)
-                n += 1
+                _append(s, &h, &t)
             else:
                 prev = s
+            s = nxt
+        return h
+
+    cdef int _fail(self, int64_t ep_id, int err) noexcept:
+        cdef vslice *s = self._take(ep_id)
+        cdef vslice *nxt
+        cdef int n = 0
+        while s != NULL:
+            nxt = s.next
+            s.next = NULL
+            _complete(s, err)
+            n += 1
             s = nxt
         return n
 
@@ -968,37 +981,21 @@ cdef class Orphans:
     def resubmit(self, int64_t ep_id, Endpoint ep not None):
         """Move the slices of endpoint ``ep_id`` onto ``ep`` (same peer device: rkeys stay).
         A cancelled batch's slices end on the new endpoint's worker without being posted."""
-        cdef vslice *s = self.head
-        cdef vslice *prev = NULL
-        cdef vslice *nxt
-        cdef vslice *h = NULL
+        cdef vslice *h = self._take(ep_id)
+        cdef vslice *s = h
         cdef vslice *t = NULL
         cdef int64_t n = 0
         while s != NULL:
-            nxt = s.next
-            if s.ep.id == ep_id:
-                if prev == NULL:
-                    self.head = nxt
-                else:
-                    prev.next = nxt
-                mcv_add(&ep.ep.refs, 1)
-                _ep_unref(s.ep)
-                s.ep = ep.ep
-                s.qp = -1
-                s.next = NULL
-                if t == NULL:
-                    h = s
-                else:
-                    t.next = s
-                t = s
-                n += 1
-            else:
-                prev = s
-            s = nxt
+            mcv_add(&ep.ep.refs, 1)
+            _ep_unref(s.ep)
+            s.ep = ep.ep
+            s.qp = -1
+            t = s
+            n += 1
+            s = s.next
         if n:
             _push(ep.ep.worker, h, t, n)
         return n
-
 
     def move(self, int64_t ep_id, list eps not None, KeyTable local not None,
              list lcols not None, KeyTable remote not None, list rcols not None):
@@ -1028,20 +1025,11 @@ cdef class Orphans:
             heads[k] = NULL
             tails[k] = NULL
             add[k] = 0
-        cdef vslice *s = self.head
-        cdef vslice *prev = NULL
+        cdef vslice *s = self._take(ep_id)
         cdef vslice *nxt
         cdef int64_t moved = 0
         while s != NULL:
             nxt = s.next
-            if s.ep.id != ep_id:
-                prev = s
-                s = nxt
-                continue
-            if prev == NULL:
-                self.head = nxt
-            else:
-                prev.next = nxt
             s.next = NULL
             k = <int>(moved % ne)
             err = mc_slice_live(s.job.batch, s.task)
