@@ -437,8 +437,9 @@ class RdmaTransport(Transport):
         self.tc = 0 if tc < 0 else tc
         #: seconds a small synchronous call spins on its batch before sleeping
         self.spin_s = int(g("MC_RDMA_SPIN_US")) / 1e6
-        #: how long small synchronous calls waited lately: they poll twice that, at most spin_s
-        self._spin = _batch.SpinGauge(self.spin_s)
+        #: how long small synchronous calls waited lately, per size (up to 16 KiB, 256 KiB,
+        #: more): they poll twice that, at most spin_s
+        self._spin = [_batch.SpinGauge(self.spin_s) for _ in range(3)]
         sl = int(g("MC_IB_SL"))
         self.sl = 0 if sl < 0 else sl
         #: TENT's rail_topo_path ({"all": [...], "direct": [...]} pairs of NIC names) and
@@ -1314,13 +1315,15 @@ class RdmaTransport(Transport):
 
     def transfer(self, peer: SegmentDesc, slices: Any, timeout: float) -> bool:
         """Submit and wait; a small call first polls its batch for twice as long as small calls
-        took lately (an average over the last few), at most ``MC_RDMA_SPIN_US``: the
+        of about its size waited lately (an average), at most ``MC_RDMA_SPIN_US``: the
         completion usually lands within it, sparing the caller's wake-up, and a fast fabric
         spins for microseconds only (the kernel never spins on a thread that has one CPU)."""
         self.submit(peer, slices)
         if len(slices) > self.SPIN_SLICES:
             return slices.batch.wait(timeout, 0.0)
-        return slices.batch.wait_spun(timeout, self._spin)
+        b = slices.batch
+        n = b.total_bytes
+        return b.wait_spun(timeout, self._spin[0 if n <= 16384 else 1 if n <= 262144 else 2])
 
     def _join_quota(self, d: _Dev) -> None:
         """Hand ``d``'s workers this engine's quota slot on ``d``'s NIC, joined on first use;
