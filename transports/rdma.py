@@ -329,7 +329,6 @@ class _Class:
     worker: Any
     slot: Any
     thread: threading.Thread
-    qslot: Any = None
 
 
 class RdmaTransport(Transport):
@@ -1365,7 +1364,7 @@ class RdmaTransport(Transport):
             t = threading.Thread(target=_run_pinned,
                                  args=(worker, _node_cpus().get(d.numa, set()), d.name),
                                  name=f"mc-rdma-{d.name}-c{weight}", daemon=True)
-            c = _Class(index, weight, worker, slot, t, q)
+            c = _Class(index, weight, worker, slot, t)
             d.classes[index] = c
             t.start()
             log.debug("rdma: %s: quota class %d has its own worker (slot %s)", d.name, weight,
