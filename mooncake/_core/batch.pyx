@@ -149,7 +149,6 @@ cdef class Batch:
         return rc == 0
 
 
-
 #: log2 buckets per histogram of a :class:`Meter`: bucket ``i`` counts values ``v <= 2**i``
 #: (bucket 0: ``v <= 1``)
 METER_BUCKETS = MC_M_BUCKETS
