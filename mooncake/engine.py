@@ -153,10 +153,15 @@ class TransferEngine(MooncakeAPI):
             self._segments.schemas = {n: (t.segment_fields, t.buffer_fields)
                                       for n, t in self.transports.items()}
             self._started = True
-            if cfg["MC_METRICS_PORT"]:
+            port = cfg["MC_METRICS_PORT"] or (cfg["metrics/http_port"] if
+                                              cfg["metrics/enabled"] else 0)
+            if port:  # MC_METRICS_PORT, or TENT's metrics/enabled + http_port (+ http_host)
                 from mooncake.metrics import start_exporter
 
-                self._metrics_server = start_exporter(self, bind, cfg["MC_METRICS_PORT"])
+                mc = bool(cfg["MC_METRICS_PORT"])
+                host = bind if mc else cfg["metrics/http_host"] or bind
+                self._metrics_server = start_exporter(
+                    self, host, port, "MC_METRICS_PORT" if mc else "metrics/http_port")
             self._publish()
         except BaseException:
             self._shutdown()

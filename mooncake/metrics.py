@@ -348,18 +348,19 @@ class MetricsServer(ThreadingHTTPServer):
         self._thread.join(timeout=5)
 
 
-def start_exporter(engine: TransferEngine, host: str, port: int) -> MetricsServer:
-    """Serve ``engine``'s metrics on ``host:port``; :class:`ConfigError` when prometheus_client
-    is missing or the port cannot be bound."""
+def start_exporter(engine: TransferEngine, host: str, port: int,
+                   knob: str = "MC_METRICS_PORT") -> MetricsServer:
+    """Serve ``engine``'s metrics on ``host:port``; :class:`ConfigError` (naming ``knob``, the
+    option that asked for it) when prometheus_client is missing or the port cannot be bound."""
     try:
         import prometheus_client  # noqa: F401
     except ImportError:
-        raise ConfigError(f"MC_METRICS_PORT={port}: the Prometheus exporter needs "
+        raise ConfigError(f"{knob}={port}: the Prometheus exporter needs "
                           f"prometheus_client, which is not installed: {INSTALL_HINT}") from None
     try:
         srv = MetricsServer(engine, host, port)
     except OSError as e:
-        raise ConfigError(f"MC_METRICS_PORT={port}: cannot listen on {host}:{port}: "
+        raise ConfigError(f"{knob}={port}: cannot listen on {host}:{port}: "
                           f"{e.strerror or e}; choose a free port (0 = off)") from None
     log.info("metrics: http://%s:%d/metrics and /health", host, srv.port)
     return srv

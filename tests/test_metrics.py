@@ -308,3 +308,20 @@ def test_missing_prometheus_client_names_the_extra_and_only_the_exporter_needs_i
         TransferEngine("127.0.0.1", protocol="tcp", MC_METRICS_PORT=free_port())
     with TransferEngine("127.0.0.1", protocol="tcp") as e:  # port unset: counters still there
         assert e.metrics()["transports"]["tcp"]["write"]["requests"] == 0
+
+
+def test_tent_metrics_keys_start_the_exporter(tmp_path):
+    """TENT's ``metrics`` block: ``enabled`` with ``http_port``/``http_host`` serves the same
+    exporter; ``enabled: false`` serves nothing; a taken port is a ConfigError naming the key."""
+    port = free_port()
+    conf = tmp_path / "tent.json"
+    conf.write_text(json.dumps({"metrics": {"enabled": True, "http_port": port,
+                                            "http_host": "127.0.0.1"}}))
+    with TransferEngine("127.0.0.1", protocol="tcp", MC_TENT_CONF=str(conf)) as e:
+        code, _, body = get(port, "/health")
+        assert code == 200 and json.loads(body)["segment"] == e.segment_name
+        with pytest.raises(ConfigError, match=f"metrics/http_port={port}: cannot listen"):
+            TransferEngine("127.0.0.1", protocol="tcp", MC_TENT_CONF=str(conf))
+    conf.write_text(json.dumps({"metrics": {"enabled": False, "http_port": port}}))
+    with TransferEngine("127.0.0.1", protocol="tcp", MC_TENT_CONF=str(conf)) as e:
+        assert e._metrics_server is None
