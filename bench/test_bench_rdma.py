@@ -39,6 +39,8 @@ import numpy as np
 import pytest
 from conftest import LAT_N, WSET, KiB, MiB, Pair, percentile, stats_of
 
+from mooncake.testing.verbs import loopback_qps
+
 DEV = os.environ.get("RXE_DEV", "")
 GIDX = int(os.environ.get("RXE_GID_INDEX", "1"))
 DEV1 = os.environ.get("RXE_DEV1", "")
@@ -298,13 +300,7 @@ def _raw_rtt(n: int) -> float:
 
     dev = V.Device(DEV)
     cq = V.CQ(dev, 64)
-    qa, qb = V.QP(dev, cq, 16), V.QP(dev, cq, 16)
-    gid = dev.query_gid(1, GIDX)
-    for q in (qa, qb):
-        q.to_init(1)
-    for me, other in ((qa, qb), (qb, qa)):
-        me.to_rtr(other.qp_num, gid, 0, 0, 4096, 1, GIDX)
-        me.to_rts(0)
+    qa, _qb = loopback_qps(dev, cq, GIDX, 16, mtu=4096)
     buf = np.zeros(16 * KiB, np.uint8)
     mr = V.MR(dev, buf.ctypes.data, buf.nbytes, V.ACCESS_RW)
     done, errors, secs = K.post_poll_loop(qa, cq, V.WR_RDMA_WRITE, buf.ctypes.data, mr.lkey,

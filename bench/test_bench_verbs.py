@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from mooncake.testing.verbs import loopback_qps
+
 RXE_DEV = os.environ.get("RXE_DEV", "")
 GIDX = int(os.environ.get("RXE_GID_INDEX", "1"))
 pytestmark = [
@@ -34,14 +36,7 @@ WR_BYTES = 64
 
 
 def _our_pair(dev, cq):
-    qa, qb = V.QP(dev, cq, DEPTH), V.QP(dev, cq, DEPTH)
-    gid = dev.query_gid(1, GIDX)
-    for q in (qa, qb):
-        q.to_init(1)
-    for me, other in ((qa, qb), (qb, qa)):
-        me.to_rtr(other.qp_num, gid, 0, 0, 1024, 1, GIDX)
-        me.to_rts(0)
-    return qa, qb
+    return loopback_qps(dev, cq, GIDX, DEPTH)
 
 
 def _pyverbs_loop(n: int) -> float:

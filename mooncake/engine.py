@@ -576,9 +576,7 @@ class TransferEngine(MooncakeAPI):
                 _check_remote(entry, segment, opc, (ra,), (n,))
             peer = entry.desc
             t = self._route(peer)
-            kinds = t.memory_kinds
-            if not (self._kinds <= kinds and entry.kinds <= kinds):
-                self._check_kinds(t, entry, (la,), (ra,), (n,))
+            self._check_kinds(t, entry, (la,), (ra,), (n,))
             core = _core.Batch(1)
             meter = self.meters.get(t.name, peer.name)  # the kernel counts each task there
             try:
@@ -681,12 +679,8 @@ class TransferEngine(MooncakeAPI):
     def _transfer(self, segment: str, op: Any, local: Sequence[int], remote: Sequence[int],
                   length: Sequence[int], timeout: float | None,
                   deadline: float | None = None, priority: str | int | None = None) -> None:
-        try:  # (not through _validate_counted: one frame less on the small-call path)
-            peer, t, core, slices, tmo = self._validate(segment, op, local, remote, length,
-                                                        timeout, deadline, priority)
-        except MooncakeError:
-            self._count_refused(op, length)
-            raise
+        peer, t, core, slices, tmo = self._validate_counted(segment, op, local, remote, length,
+                                                            timeout, deadline, priority)
         in_time = t.transfer(peer, slices, tmo)
         if in_time and core.first_not_completed() < 0:
             return

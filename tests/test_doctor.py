@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from mooncake import doctor as D
-from mooncake.testing.peer import Peer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -392,14 +391,7 @@ def test_this_machine():
 # ---- --peer --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def peer():
-    p = Peer(protocol="tcp")
-    yield p
-    p.close()
-
-
-def test_peer_probe_and_checked_roundtrip(peer):
+def test_peer_probe_and_checked_roundtrip(peer):  # conftest's tcp peer
     addr = peer.alloc(1 << 20, seed=7)
     before = peer.sha(addr, 1 << 20)
     try:

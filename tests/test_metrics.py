@@ -70,13 +70,6 @@ def val(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def tcp_peer():
-    p = Peer(protocol="tcp")
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
 def shm_peer():
     p = Peer(protocol="shm")
     yield p
@@ -120,15 +113,15 @@ def test_a_batch_abandoned_in_flight_ends_as_a_failure_of_its_meter():
     assert snap["write"]["inflight_bytes"] == snap["read"]["inflight_bytes"] == 0
 
 
-def test_scrape_counts_exactly_what_moved_over_tcp_and_shm(tcp_peer, shm_peer, buf, caplog):
+def test_scrape_counts_exactly_what_moved_over_tcp_and_shm(peer, shm_peer, buf, caplog):
     port = free_port()
     with caplog.at_level(logging.INFO, logger=METRIC_LOGGER), \
             TransferEngine("127.0.0.1", protocol="auto", MC_METRICS_PORT=port, MC_TE_METRIC=True,
                            MC_TE_METRIC_INTERVAL_SECONDS=0.1) as e:
         e.register(buf)
         la = buf.ctypes.data
-        ta, sa = tcp_peer.alloc(2 * MiB, seed=1), shm_peer.alloc(2 * MiB, kind="managed")
-        tseg, sseg = tcp_peer.segment, shm_peer.segment
+        ta, sa = peer.alloc(2 * MiB, seed=1), shm_peer.alloc(2 * MiB, kind="managed")
+        tseg, sseg = peer.segment, shm_peer.segment
         assert e.explain(tseg)["chosen"] == "tcp" and e.explain(sseg)["chosen"] == "shm"
 
         t0 = time.monotonic()
@@ -137,10 +130,10 @@ def test_scrape_counts_exactly_what_moved_over_tcp_and_shm(tcp_peer, shm_peer, b
         with e.submit(tseg, "write", [la + i * 4 * KiB for i in range(3)],   # lane workers
                       [ta + i * 4 * KiB for i in range(3)], [4 * KiB] * 3) as b:
             b.wait(30)
-        stale = tcp_peer.alloc(4 * KiB, seed=2)
+        stale = peer.alloc(4 * KiB, seed=2)
         e.write(tseg, la, stale, 4 * KiB)                # ok, and our descriptor now caches it
         tcp_elapsed = time.monotonic() - t0
-        tcp_peer.free(stale)
+        peer.free(stale)
         with pytest.raises(InvalidAddress):  # the target refuses (tcp failure), the retry on a
             e.write(tseg, la, stale, 4 * KiB)  # fresh descriptor is refused by the validator
         with pytest.raises(InvalidAddress):

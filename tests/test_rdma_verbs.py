@@ -10,6 +10,8 @@ import pytest
 from rdma_peer import pattern, sha
 from rdma_util import RXE_DEV, RXE_GID_INDEX, Peer, needs_rxe
 
+from mooncake.testing.verbs import loopback_qps
+
 pytestmark = needs_rxe
 
 V = pytest.importorskip("mooncake._core.verbs")
@@ -36,13 +38,7 @@ def test_device_port_and_gid(dev):
 
 
 def _pair(dev, cq, depth=64):
-    qa, qb = V.QP(dev, cq, depth, 1, 64), V.QP(dev, cq, depth, 1, 64)
-    gid = dev.query_gid(1, RXE_GID_INDEX)
-    for q in (qa, qb):
-        q.to_init(1)
-    for me, other in ((qa, qb), (qb, qa)):
-        me.to_rtr(other.qp_num, gid, 0, 0, 1024, 1, RXE_GID_INDEX)
-        me.to_rts(0)
+    qa, qb = loopback_qps(dev, cq, RXE_GID_INDEX, depth, max_inline=64)
     assert qa.state == V.QPS_RTS
     return qa, qb
 
